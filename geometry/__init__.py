@@ -1,0 +1,1 @@
+"""Geometry: cameras, SfM, Gaussian splatting, depth, view relations, alignment baselines."""

@@ -1,0 +1,1 @@
+"""Scenes the project generates itself (the embedded default)."""
