@@ -1,0 +1,85 @@
+"""Alignment baselines and the masked metrics of the alignment comparison."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from geometry.align_baselines import METHODS, align, homography_positions
+
+W, H = 256, 192
+
+
+def texture(x: np.ndarray, y: np.ndarray, seed: int = 0) -> np.ndarray:
+    """An analytic RGB texture (Gaussian blobs on waves) evaluable at any continuous position."""
+    rng = np.random.default_rng(seed)
+    n = 400
+    cx, cy = rng.uniform(-40, W + 40, n), rng.uniform(-40, H + 40, n)
+    s = rng.uniform(1.5, 5.0, n)
+    amp = rng.uniform(-1, 1, (n, 3))
+    out = 0.5 + 0.1 * np.stack([np.sin(0.11 * x + 0.05 * y), np.cos(0.07 * y - 0.03 * x),
+                                np.sin(0.05 * (x + y))], -1)
+    for k in range(n):
+        g = np.exp(-((x - cx[k]) ** 2 + (y - cy[k]) ** 2) / (2 * s[k] ** 2))
+        out += 0.35 * g[..., None] * amp[k]
+    return (np.clip(out, 0, 1) * 255).round().astype(np.uint8)
+
+
+def centres():
+    return np.meshgrid(np.arange(W) + 0.5, np.arange(H) + 0.5)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return texture(*centres())
+
+
+def apply_h(Hm, x, y):
+    p = np.stack([x, y, np.ones_like(x)], -1) @ Hm.T
+    return p[..., 0] / p[..., 2], p[..., 1] / p[..., 2]
+
+
+def test_homography_recovers_known_mapping(reference):
+    # Target pixel q shows the reference content at Hm(q) (continuous, centres at +0.5).
+    Hm = np.array([[1.08, 0.04, -9.0], [-0.03, 1.05, 4.0], [1e-4, -5e-5, 1.0]])
+    xt, yt = apply_h(Hm, *centres())
+    target = texture(xt, yt)
+    pos = homography_positions(target, reference)
+    err = np.hypot(pos[..., 0] - xt, pos[..., 1] - yt)
+    assert np.median(err) < 0.25 and err.max() < 1.5
+    warped, valid = align("homography", target, reference)
+    inside = (xt >= 0) & (xt <= W) & (yt >= 0) & (yt <= H)
+    assert (valid == inside).mean() > 0.995
+    mse = np.mean((warped[valid] - target[valid] / 255.0) ** 2)
+    assert -10 * np.log10(mse) > 28
+
+
+@pytest.mark.parametrize("method", ["dis", "farneback"])
+def test_flow_recovers_translation(reference, method):
+    dx, dy = 3.0, -2.0
+    x, y = centres()
+    target = texture(x + dx, y + dy)  # target(q) = reference(q + (dx, dy))
+    warped, valid = align(method, target, reference)
+    interior = (x > 20) & (x < W - 20) & (y > 20) & (y < H - 20)
+    assert valid[interior].all()
+    mse = np.mean((warped[interior] - target[interior] / 255.0) ** 2)
+    assert -10 * np.log10(mse) > 27
+    pos = METHODS[method](target, reference)
+    err = np.hypot(pos[..., 0] - (x + dx), pos[..., 1] - (y + dy))
+    assert np.median(err[interior]) < 0.3
+    # Valid means "the estimated position lies inside the reference".
+    px, py = pos[..., 0], pos[..., 1]
+    assert np.array_equal(valid, (px >= 0) & (px <= W) & (py >= 0) & (py <= H))
+    if method == "dis":  # DIS extrapolates the shift to the border: the last column leaves the image
+        assert not valid[:, -1].any()
+
+
+def test_failures_are_reported_not_raised(reference):
+    flat = np.full_like(reference, 128)
+    with pytest.warns(UserWarning, match="homography"):
+        warped, valid = align("homography", flat, reference)
+    assert not valid.any() and not warped.any()
+    with pytest.raises(ValueError, match="unknown"):
+        align("sift-flow", reference, reference)
+    with pytest.raises(ValueError, match="one size"):
+        align("dis", reference, reference[:100])
