@@ -1,0 +1,377 @@
+"""The scene container: one file holding every coded view of a scene, with random access per view.
+
+Layout (all integers little-endian, ``str8``/``str16`` = u8/u16 byte length + UTF-8)::
+
+    magic          4 bytes  b"LMVC"
+    version        u16      lmvic.FORMAT_VERSION
+    header_length  u32      bytes of the header body
+    header body:
+        mode           u8       0 joint, 1 distributed, 2 single
+        model_id       str8
+        quality        u16
+        view_count     u16      (≥ 1)
+        per view:      name str16, height u32, width u32,
+                       K 9×f64 (3×3 row-major), T 16×f64 (4×4 world-to-camera, row-major)
+        order          view_count × u16   coding order (a permutation of the view indexes)
+        per view:      reference count u16, then that many u16 view indexes
+        per view:      record length u64  (bytes of that view's record body)
+    header CRC32   u32      over every byte from the magic to the end of the header body
+    per view, in view-index order:
+        record body:
+            stream_count  u16
+            per stream:   name str8, ndim u8, ndim × u32 shape,
+                          chunk_count u32, per chunk: u32 length + bytes
+        record CRC32  u32  over the record body
+
+The header CRC covers the record table, so a reader can seek to any view's record, check its own
+CRC and decode it without reading the other records (distributed mode decodes any subset). The file
+size must equal the end of the last record: truncation anywhere is detected when the file is
+opened. Every length is checked against the bytes that remain before anything is read or
+allocated, so no field can make the reader allocate or loop beyond the file's size.
+"""
+from __future__ import annotations
+
+import io
+import os
+import struct
+import tempfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Collection, Mapping, Sequence
+
+import numpy as np
+
+from lmvic import FORMAT_VERSION
+from pipelines.errors import LmvicError
+
+MAGIC = b"LMVC"
+MODES = ("joint", "distributed", "single")
+#: Largest image side and latent dimension a file may declare.
+MAX_SIDE = 1 << 16
+MAX_NDIM = 8
+
+_PREAMBLE = struct.Struct("<4sHI")
+_CRC = struct.Struct("<I")
+
+
+class BitstreamError(LmvicError):
+    """A scene file that cannot be read (or a scene that cannot be written), in one line."""
+
+
+@dataclass(frozen=True, eq=False)
+class ViewInfo:
+    """One view's name, original image size and camera (``K`` 3×3, world-to-camera ``T`` 4×4)."""
+
+    name: str
+    height: int
+    width: int
+    intrinsics: np.ndarray
+    world_to_camera: np.ndarray
+
+    def __post_init__(self) -> None:
+        for field, shape in (("intrinsics", (3, 3)), ("world_to_camera", (4, 4))):
+            value = np.array(getattr(self, field), dtype=np.float64)
+            if value.shape != shape:
+                raise BitstreamError(f"view {self.name!r}: {field} has shape {value.shape}, expected {shape}")
+            value.setflags(write=False)
+            object.__setattr__(self, field, value)
+
+
+@dataclass(frozen=True, eq=False)
+class SceneHeader:
+    """Everything but the coded bytes: mode, model, views, coding order and references.
+
+    ``references[i]`` are the views whose decoded data view ``i`` uses (for ``joint`` they must
+    come before ``i`` in ``order``).
+    """
+
+    mode: str
+    model_id: str
+    quality: int
+    views: tuple[ViewInfo, ...]
+    order: tuple[int, ...]
+    references: tuple[tuple[int, ...], ...]
+
+
+@dataclass(frozen=True)
+class LatentStream:
+    """The coded bytes of one latent (e.g. CompressAI's ``strings`` for ``y``) and its shape."""
+
+    chunks: tuple[bytes, ...]
+    shape: tuple[int, ...]
+
+
+#: One view's coded data: named streams such as ``"image.y"``, ``"image.z"``, ``"depth.y"``.
+ViewRecord = Mapping[str, LatentStream]
+
+
+def _check_header(header: SceneHeader, models: Collection[str] | None = None) -> None:
+    """Raise ``BitstreamError`` unless the header is consistent (used on writing and reading)."""
+    if header.mode not in MODES:
+        raise BitstreamError(f"unknown mode {header.mode!r} (expected one of {', '.join(MODES)})")
+    if models is not None and header.model_id not in models:
+        raise BitstreamError(f"unknown model {header.model_id!r} (known: {', '.join(sorted(models)) or 'none'})")
+    if not 0 <= header.quality < 1 << 16:
+        raise BitstreamError(f"quality {header.quality} out of range")
+    count = len(header.views)
+    if not 1 <= count < 1 << 16:
+        raise BitstreamError(f"a scene needs 1 to 65535 views, got {count}")
+    names = [view.name for view in header.views]
+    if len(set(names)) != count:
+        raise BitstreamError("view names are not unique")
+    for view in header.views:
+        if not (1 <= view.height <= MAX_SIDE and 1 <= view.width <= MAX_SIDE):
+            raise BitstreamError(f"view {view.name!r}: image size {view.height}×{view.width} out of range")
+        if not (np.isfinite(view.intrinsics).all() and np.isfinite(view.world_to_camera).all()):
+            raise BitstreamError(f"view {view.name!r}: camera is not finite")
+    if sorted(header.order) != list(range(count)):
+        raise BitstreamError(f"coding order {list(header.order)} is not a permutation of the {count} views")
+    if len(header.references) != count:
+        raise BitstreamError(f"{len(header.references)} reference lists for {count} views")
+    position = {view: rank for rank, view in enumerate(header.order)}
+    for view, refs in enumerate(header.references):
+        if len(set(refs)) != len(refs) or any(not 0 <= r < count or r == view for r in refs):
+            raise BitstreamError(f"view {view}: invalid references {list(refs)}")
+        if header.mode == "joint" and any(position[r] > position[view] for r in refs):
+            raise BitstreamError(f"view {view}: a joint-mode reference is coded after the view")
+
+
+def _check_record(record: ViewRecord) -> None:
+    if len(record) >= 1 << 16:
+        raise BitstreamError(f"too many streams in one view ({len(record)})")
+    for name, stream in record.items():
+        if len(stream.shape) > MAX_NDIM or any(not 0 <= d <= MAX_SIDE for d in stream.shape):
+            raise BitstreamError(f"stream {name!r}: shape {stream.shape} out of range")
+        if len(stream.chunks) >= 1 << 32 or any(len(c) >= 1 << 32 for c in stream.chunks):
+            raise BitstreamError(f"stream {name!r}: too many or too long chunks")
+
+
+def _str(text: str, width: str) -> bytes:
+    data = text.encode("utf-8")
+    limit = 1 << (8 * struct.calcsize(width))
+    if len(data) >= limit:
+        raise BitstreamError(f"name {text[:40]!r}… longer than {limit - 1} bytes")
+    return struct.pack("<" + width, len(data)) + data
+
+
+def _encode_record(record: ViewRecord) -> bytes:
+    _check_record(record)
+    parts = [struct.pack("<H", len(record))]
+    for name, stream in record.items():
+        parts += [_str(name, "B"), struct.pack(f"<B{len(stream.shape)}I", len(stream.shape), *stream.shape),
+                  struct.pack("<I", len(stream.chunks))]
+        for chunk in stream.chunks:
+            parts += [struct.pack("<I", len(chunk)), bytes(chunk)]
+    return b"".join(parts)
+
+
+def encode_scene(header: SceneHeader, records: Sequence[ViewRecord]) -> bytes:
+    """Serialise a scene (``records[i]`` belongs to ``header.views[i]``) to the container bytes."""
+    _check_header(header)
+    if len(records) != len(header.views):
+        raise BitstreamError(f"{len(records)} view records for {len(header.views)} views")
+    bodies = [_encode_record(record) for record in records]
+    parts = [struct.pack("<B", MODES.index(header.mode)), _str(header.model_id, "B"),
+             struct.pack("<HH", header.quality, len(header.views))]
+    for view in header.views:
+        parts += [_str(view.name, "H"), struct.pack("<II", view.height, view.width),
+                  view.intrinsics.astype("<f8").tobytes(), view.world_to_camera.astype("<f8").tobytes()]
+    parts.append(struct.pack(f"<{len(header.order)}H", *header.order))
+    for refs in header.references:
+        parts.append(struct.pack(f"<H{len(refs)}H", len(refs), *refs))
+    parts.append(struct.pack(f"<{len(bodies)}Q", *(len(body) for body in bodies)))
+    body = b"".join(parts)
+    head = _PREAMBLE.pack(MAGIC, FORMAT_VERSION, len(body)) + body
+    out = [head, _CRC.pack(zlib.crc32(head))]
+    for record in bodies:
+        out += [record, _CRC.pack(zlib.crc32(record))]
+    return b"".join(out)
+
+
+def write_scene(path: str | os.PathLike, header: SceneHeader, records: Sequence[ViewRecord]) -> int:
+    """Write the container atomically (temporary file in the same folder, then ``os.replace``).
+
+    Returns the number of bytes written.
+    """
+    data = encode_scene(header, records)
+    target = Path(path)
+    fd, temp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, target)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+    return len(data)
+
+
+class _Cursor:
+    """Bounds-checked reads from one checksummed block; any overrun is a ``BitstreamError``."""
+
+    def __init__(self, data: bytes, what: str):
+        self.data, self.what, self.pos = data, what, 0
+
+    def take(self, size: int) -> bytes:
+        if size > len(self.data) - self.pos:
+            raise BitstreamError(f"corrupt {self.what}: a field runs past its end")
+        self.pos += size
+        return self.data[self.pos - size: self.pos]
+
+    def unpack(self, fmt: str) -> tuple:
+        return struct.unpack("<" + fmt, self.take(struct.calcsize("<" + fmt)))
+
+    def count(self, fmt: str, min_item_size: int) -> int:
+        """Read an item count and refuse it if that many items cannot fit in what remains."""
+        (n,) = self.unpack(fmt)
+        if n * min_item_size > len(self.data) - self.pos:
+            raise BitstreamError(f"corrupt {self.what}: count {n} exceeds the remaining bytes")
+        return n
+
+    def text(self, width: str) -> str:
+        (n,) = self.unpack(width)
+        try:
+            return self.take(n).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise BitstreamError(f"corrupt {self.what}: a name is not UTF-8") from exc
+
+    def done(self) -> None:
+        if self.pos != len(self.data):
+            raise BitstreamError(f"corrupt {self.what}: {len(self.data) - self.pos} unexpected bytes at its end")
+
+
+def _parse_header(body: bytes) -> tuple[SceneHeader, tuple[int, ...]]:
+    cur = _Cursor(body, "header")
+    (mode,) = cur.unpack("B")
+    if mode >= len(MODES):
+        raise BitstreamError(f"corrupt header: unknown mode code {mode}")
+    model_id = cur.text("B")
+    quality, count = cur.unpack("HH")
+    views = []
+    for _ in range(count):
+        name = cur.text("H")
+        height, width = cur.unpack("II")
+        k = np.frombuffer(cur.take(72), dtype="<f8").reshape(3, 3)
+        t = np.frombuffer(cur.take(128), dtype="<f8").reshape(4, 4)
+        views.append(ViewInfo(name, height, width, k, t))
+    order = cur.unpack(f"{count}H")
+    references = tuple(cur.unpack(f"{cur.count('H', 2)}H") for _ in range(count))
+    lengths = cur.unpack(f"{count}Q")
+    cur.done()
+    return SceneHeader(MODES[mode], model_id, quality, tuple(views), order, references), lengths
+
+
+def _parse_record(body: bytes, name: str) -> dict[str, LatentStream]:
+    cur = _Cursor(body, f"record of view {name!r}")
+    streams: dict[str, LatentStream] = {}
+    for _ in range(cur.count("H", 6)):
+        key = cur.text("B")
+        (ndim,) = cur.unpack("B")
+        if ndim > MAX_NDIM:
+            raise BitstreamError(f"corrupt record of view {name!r}: {ndim}-d latent shape")
+        shape = cur.unpack(f"{ndim}I")
+        if any(d > MAX_SIDE for d in shape):
+            raise BitstreamError(f"corrupt record of view {name!r}: latent shape {shape} out of range")
+        chunks = tuple(cur.take(cur.unpack("I")[0]) for _ in range(cur.count("I", 4)))
+        if key in streams:
+            raise BitstreamError(f"corrupt record of view {name!r}: stream {key!r} appears twice")
+        streams[key] = LatentStream(chunks, shape)
+    cur.done()
+    return streams
+
+
+class SceneReader:
+    """Random-access reader of a scene container.
+
+    Opening reads and checks the header only (magic, version, CRC, model, consistency, file
+    length); ``read_view(i)`` reads and checks one view's record. Works on a path or on an open
+    seekable binary file. ``models``: model ids this build can decode (``None`` skips the check).
+    """
+
+    def __init__(self, source: str | os.PathLike | BinaryIO, models: Collection[str] | None = None):
+        self._owned = not hasattr(source, "read")
+        self._file: BinaryIO = open(source, "rb") if self._owned else source  # type: ignore[arg-type]
+        try:
+            self._open(models)
+        except BaseException:
+            self.close()
+            raise
+
+    def _read_exact(self, offset: int, size: int, what: str) -> bytes:
+        self._file.seek(offset)
+        data = self._file.read(size)
+        if len(data) != size:
+            raise BitstreamError(f"truncated file: {what} ends at byte {offset + size}, file has {self._size}")
+        return data
+
+    def _open(self, models: Collection[str] | None) -> None:
+        self._size = self._file.seek(0, io.SEEK_END)
+        preamble = self._read_exact(0, _PREAMBLE.size, "the preamble")
+        magic, version, header_length = _PREAMBLE.unpack(preamble)
+        if magic != MAGIC:
+            raise BitstreamError(f"not an lmvic scene file (magic {magic!r}, expected {MAGIC!r})")
+        if version != FORMAT_VERSION:
+            raise BitstreamError(f"unsupported format version {version} (this build reads {FORMAT_VERSION})")
+        if _PREAMBLE.size + header_length + _CRC.size > self._size:
+            raise BitstreamError(f"truncated file: header of {header_length} bytes, file has {self._size}")
+        rest = self._read_exact(_PREAMBLE.size, header_length + _CRC.size, "the header")
+        body, (crc,) = rest[:-_CRC.size], _CRC.unpack(rest[-_CRC.size:])
+        if zlib.crc32(preamble + body) != crc:
+            raise BitstreamError("header checksum mismatch: the file is corrupt")
+        self.header, lengths = _parse_header(body)
+        _check_header(self.header, models)
+        self._offsets = []
+        offset = _PREAMBLE.size + header_length + _CRC.size
+        for length in lengths:
+            self._offsets.append(offset)
+            offset += length + _CRC.size
+        if offset != self._size:
+            state = "truncated file" if offset > self._size else "corrupt file"
+            raise BitstreamError(f"{state}: records end at byte {offset}, file has {self._size}")
+        self._lengths = lengths
+
+    @property
+    def record_sizes(self) -> tuple[int, ...]:
+        """Bytes each view occupies in the file (record and its checksum), in view-index order."""
+        return tuple(length + _CRC.size for length in self._lengths)
+
+    @property
+    def file_size(self) -> int:
+        return self._size
+
+    def read_view(self, index: int) -> dict[str, LatentStream]:
+        """The named streams of view ``index`` (its record's CRC checked)."""
+        if not 0 <= index < len(self.header.views):
+            raise IndexError(f"view {index} not in a scene of {len(self.header.views)} views")
+        name = self.header.views[index].name
+        data = self._read_exact(self._offsets[index], self._lengths[index] + _CRC.size, f"view {name!r}")
+        body, (crc,) = data[:-_CRC.size], _CRC.unpack(data[-_CRC.size:])
+        if zlib.crc32(body) != crc:
+            raise BitstreamError(f"checksum mismatch in the record of view {name!r}: the file is corrupt")
+        return _parse_record(body, name)
+
+    def close(self) -> None:
+        if self._owned:
+            self._file.close()
+
+    def __enter__(self) -> SceneReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def read_scene(source: str | os.PathLike | BinaryIO,
+               models: Collection[str] | None = None) -> tuple[SceneHeader, list[dict[str, LatentStream]]]:
+    """Read a whole container: the header and every view's record (view-index order)."""
+    with SceneReader(source, models) as reader:
+        return reader.header, [reader.read_view(i) for i in range(len(reader.header.views))]
+
+
+def decode_scene(data: bytes,
+                 models: Collection[str] | None = None) -> tuple[SceneHeader, list[dict[str, LatentStream]]]:
+    """``read_scene`` on bytes in memory."""
+    return read_scene(io.BytesIO(data), models)
