@@ -34,7 +34,6 @@ from __future__ import annotations
 import io
 import os
 import struct
-import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +42,7 @@ from typing import BinaryIO, Collection, Mapping, Sequence
 import numpy as np
 
 from lmvic import FORMAT_VERSION
+from pipelines.cache import atomic_write_bytes
 from pipelines.errors import LmvicError
 
 MAGIC = b"LMVC"
@@ -190,22 +190,9 @@ def encode_scene(header: SceneHeader, records: Sequence[ViewRecord]) -> bytes:
 
 
 def write_scene(path: str | os.PathLike, header: SceneHeader, records: Sequence[ViewRecord]) -> int:
-    """Write the container atomically (temporary file in the same folder, then ``os.replace``).
-
-    Returns the number of bytes written.
-    """
+    """Write the container atomically (``pipelines.cache.atomic_write_bytes``); returns its size."""
     data = encode_scene(header, records)
-    target = Path(path)
-    fd, temp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, target)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(Path(path), data)
     return len(data)
 
 
