@@ -1,0 +1,90 @@
+"""``lmvic train RUN_DIR``: train the variable-rate single-view codec on CPU crops (resumable, DDP)."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from pipelines.errors import LmvicError
+
+DEFAULT_SCENES = Path("/work/shared/scenes")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("train", help="train the single-view codec (background-friendly)")
+    p.add_argument("run_dir", type=Path, help="output folder: checkpoint.pt, train.csv, val.csv, curves.png")
+    p.add_argument("--scenes", type=Path, default=DEFAULT_SCENES, help="development scenes root")
+    p.add_argument("--cache", type=Path, default=None, help="crop cache folder (default RUN_DIR/../cache)")
+    p.add_argument("--size", default="cpu", choices=["cpu", "paper"])
+    p.add_argument("--quality", type=int, default=0, help="0: variable rate; k: train level k only")
+    p.add_argument("--crop", type=int, default=128)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--schedule", default="cosine", choices=["constant", "cosine", "step"])
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    p.add_argument("--final-lr", type=float, default=1e-5)
+    p.add_argument("--warmup", type=int, default=300, help="warm-up steps")
+    p.add_argument("--minutes", type=float, default=60.0, help="budget in CPU-minutes of this process")
+    p.add_argument("--steps", type=int, default=0, help="budget in steps instead (0: use --minutes)")
+    p.add_argument("--ema", type=float, default=0.0, help="EMA decay of the weights (0: off)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--val-every", type=float, default=5.0, help="validation period, CPU-minutes")
+    p.add_argument("--ckpt-every", type=float, default=3.0, help="checkpoint period, CPU-minutes")
+    p.add_argument("--val-count", type=int, default=8, help="validation crops (from held-out scenes)")
+    p.add_argument("--resume", action="store_true", help="continue RUN_DIR/checkpoint.pt with its config")
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    import torch
+
+    from lmvic.training.curves import plot_run
+    from lmvic.training.data import HELD_OUT_SCENES, build_cache, scene_images, validation_crops
+    from lmvic.training.loop import TrainConfig, train
+    from lmvic.training.schedule import Schedule
+
+    torch.set_num_threads(args.threads)
+    ckpt = args.run_dir / "checkpoint.pt"
+    if args.resume:
+        if not ckpt.exists():
+            raise LmvicError(f"--resume: no checkpoint at {ckpt}")
+        saved = torch.load(ckpt, map_location="cpu", weights_only=False)["config"]
+        cfg = TrainConfig.from_dict(saved)
+        cfg.threads = args.threads
+    else:
+        if ckpt.exists():
+            raise LmvicError(f"{ckpt} exists: pass --resume or choose another run folder")
+        if not args.scenes.is_dir():
+            raise LmvicError(f"scenes folder not found: {args.scenes}")
+        cache = args.cache or args.run_dir.parent / "cache"
+        paths = scene_images(args.scenes)
+        if not paths:
+            raise LmvicError(f"no training images under {args.scenes}")
+        val = [p for s in HELD_OUT_SCENES for p in scene_images(args.scenes, include=(s,), exclude=())[: args.val_count // 2]]
+        cfg = TrainConfig(
+            out_dir=str(args.run_dir), cache_dir=str(build_cache(paths, cache)), size=args.size,
+            quality=args.quality, crop=args.crop, batch=args.batch,
+            schedule=Schedule(args.schedule, args.lr, args.final_lr, args.warmup),
+            budget_cpu_minutes=args.minutes, max_steps=args.steps, ema_decay=args.ema,
+            threads=args.threads, seed=args.seed, val_every_cpu_minutes=args.val_every,
+            ckpt_every_cpu_minutes=args.ckpt_every, val_images=tuple(str(p) for p in val))
+    crops = validation_crops([Path(p) for p in cfg.val_images]) if cfg.val_images else None
+    train(cfg, resume=args.resume, val_crops=crops)
+    plot_run(Path(cfg.out_dir))
+    print(json.dumps({"run_dir": cfg.out_dir, "checkpoint": str(ckpt)}))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry (``python -m pipelines.commands.train RUN_DIR …``), same as ``lmvic train``."""
+    parser = argparse.ArgumentParser(prog="lmvic")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["train", *(argv if argv is not None else __import__("sys").argv[1:])])
+    try:
+        return args.handler(args) or 0
+    except LmvicError as exc:
+        print(f"lmvic: error: {exc}")
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,95 @@
+"""Stage one, geometry: SfM, the Gaussian-splatting fit and per-view depth, as cached stages.
+
+Outputs (inside the work folder):
+
+* ``sfm/images/<stem>.png``  undistorted working images (what lmvic compresses)
+* ``sfm/sparse/``            the undistorted COLMAP model (PINHOLE)
+* ``sfm/cameras.json``       per registered view: name, image, width, height, K, T (world-to-camera)
+* ``sfm/points.npz``         SfM points (xyz float64 [P, 3], rgb uint8 [P, 3])
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from geometry import sfm
+from pipelines.cache import atomic_write_json, read_json
+from pipelines.errors import LmvicError
+from pipelines.scene import read_image
+from pipelines.stages import StageContext
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CameraTable:
+    """The registered views of a scene after SfM, in file-name order."""
+
+    names: list[str]
+    images: list[Path]  # undistorted working images
+    sizes: list[tuple[int, int]]  # (width, height)
+    K: np.ndarray  # [N, 3, 3]
+    T: np.ndarray  # [N, 4, 4] world-to-camera (OpenCV)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def load_images(self) -> list[np.ndarray]:
+        """The undistorted images, uint8 [H, W, 3] each."""
+        return [read_image(p) for p in self.images]
+
+
+def load_cameras(sfm_dir: Path) -> CameraTable:
+    """Read ``sfm/cameras.json`` of a completed sfm stage."""
+    data = read_json(Path(sfm_dir) / "cameras.json")
+    views = data["views"]
+    return CameraTable(
+        names=[v["name"] for v in views],
+        images=[Path(sfm_dir) / v["image"] for v in views],
+        sizes=[(v["width"], v["height"]) for v in views],
+        K=np.array([v["K"] for v in views], dtype=np.float64),
+        T=np.array([v["T"] for v in views], dtype=np.float64),
+    )
+
+
+def run_sfm(ctx: StageContext) -> dict:
+    config: sfm.SfmConfig = ctx.config
+    scene = ctx.scene
+    scratch = ctx.out / "scratch"
+    working = scratch / "images"
+    originals = {v.name: read_image(v.path) for v in scene.views}
+    scales = sfm.prepare_images(originals, working, config.max_image_size)
+    if scene.colmap_model is not None:
+        log.info("using the scene's COLMAP model %s", scene.colmap_model)
+        model, source = sfm.load_colmap_model(scene.colmap_model, scales), "sparse/0"
+    elif scene.transforms is not None:
+        log.info("using the cameras of %s; triangulating points", scene.transforms)
+        model = sfm.model_from_transforms(scene.transforms, scales, scratch / "from_transforms")
+        model, source = sfm.triangulate(model, working, scratch, config), "transforms.json"
+    else:
+        log.info("structure from motion on %d views", len(originals))
+        names = [sfm.working_name(n) for n in originals]
+        model, source = sfm.reconstruct(working, scratch, names, config), "sfm"
+    result = sfm.summarize(sfm.undistort(model, working, scratch, ctx.out), list(originals), source)
+    shutil.rmtree(scratch)
+    if result.excluded:
+        log.warning("%d view(s) did not register and are left out: %s", len(result.excluded), ", ".join(result.excluded))
+    if len(result.names) < 2:
+        raise LmvicError(f"SfM registered {len(result.names)} of {len(originals)} views; at least 2 are needed")
+    if len(result.points) == 0:
+        raise LmvicError("SfM produced no 3-D points; the views do not overlap enough")
+    atomic_write_json(ctx.out / "cameras.json", {
+        "convention": "OpenCV world-to-camera T; pixel centres at +0.5",
+        "source": result.source,
+        "excluded": result.excluded,
+        "views": [{"name": n, "image": f"images/{sfm.working_name(n)}", "width": w, "height": h,
+                   "K": K.tolist(), "T": T.tolist()}
+                  for n, (w, h), K, T in zip(result.names, result.sizes, result.K, result.T)],
+    })
+    np.savez(ctx.out / "points.npz", xyz=result.points, rgb=result.colors)
+    return {"registered": len(result.names), "total": len(originals), "excluded": result.excluded,
+            "points": int(len(result.points)), "source": result.source}

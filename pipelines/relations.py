@@ -1,0 +1,158 @@
+"""Stage two, relations between views: distances, coding order, disparity and trust masks.
+
+:func:`write_relations` is a pure function of its inputs (cameras, depth maps, config) that writes
+the stage's files; :func:`run` is the stage-runner entry point that reads stage one's outputs.
+Formulas and multi-scale rules: :mod:`geometry.warp`. Files written (``WORK/relations/``)::
+
+    distances.npy              float64 [N, N], d(i, j) = ‖T_j T_i⁻¹ − I‖_F, rows in scene order
+    order.json                 {"names": scene order, "order": coding order,
+                                "references": {view: its reference or null}, "tau": τ,
+                                "factors": [1, 2, 4, 8, 16], "trusted": {kind: {view: fraction}}}
+    <kind>/<view>.npz          for every view with a reference, kind in (median, mean):
+                               disparity_<f> float32 [2, ceil(H/f), ceil(W/f)] (pixels at 1/f),
+                               mask_<f> (f = 1: bool [H, W]; f > 1: float32 trusted fraction)
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from geometry.distance import view_distances
+from geometry.ordering import OrderError, references, resolve_order
+from geometry.warp import multiscale, relate
+from pipelines.cache import atomic_write_bytes, atomic_write_json, atomic_save_npy, read_json
+from pipelines.errors import LmvicError
+
+log = logging.getLogger(__name__)
+
+DEPTH_KINDS = ("median", "mean")
+
+
+@dataclass(frozen=True)
+class RelationsConfig:
+    tau: float = field(default=0.02, metadata={"help": "relative occlusion tolerance τ of the trust mask"})
+    order: str = field(default="greedy", metadata={
+        "help": "coding order: greedy, sorted, random, or a text file naming every view once"})
+    start: str | None = field(default=None, metadata={
+        "help": "first view of the greedy order (default: the first by file name)"})
+    seed: int = field(default=0, metadata={"help": "seed of the random order"})
+    coarsest: int = field(default=16, metadata={
+        "help": "coarsest scale factor; disparity and masks are stored at 1, 2, 4, ... up to it"})
+
+
+def scale_factors(coarsest: int) -> tuple[int, ...]:
+    """(1, 2, 4, ..., coarsest); ``coarsest`` must be a power of two."""
+    if coarsest < 1 or coarsest & (coarsest - 1):
+        raise LmvicError(f"relations.coarsest must be a power of two, got {coarsest}")
+    return tuple(2**k for k in range(coarsest.bit_length()))
+
+
+@dataclass(frozen=True)
+class Views:
+    """Stage two's inputs: cameras and a depth loader, in scene order.
+
+    names: N view names. K: [N, 3, 3]. T: [N, 4, 4] world-to-camera.
+    depth: (kind, index) -> float32 [H, W] camera-z depth, 0 where invalid.
+    """
+
+    names: Sequence[str]
+    K: np.ndarray
+    T: np.ndarray
+    depth: Callable[[str, int], np.ndarray]
+
+
+def coding_order(views: Views, config: RelationsConfig) -> tuple[np.ndarray, list[int]]:
+    """(distance matrix [N, N], coding order as indices)."""
+    distances = view_distances(views.T)
+    try:
+        order = resolve_order(list(views.names), distances, config.order, config.start, config.seed)
+    except OrderError as exc:
+        raise LmvicError(str(exc)) from None
+    return distances.numpy(), order
+
+
+def relate_pair(views: Views, kind: str, target: int, reference: int, config: RelationsConfig):
+    """{factor: (disparity [2, h, w], mask [h, w])} from ``target`` to ``reference`` (NumPy)."""
+    def batch(x: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(np.asarray(x), dtype=torch.float32)[None]
+
+    rel = relate(batch(views.depth(kind, target)), batch(views.K[target]), batch(views.T[target]),
+                 batch(views.depth(kind, reference)), batch(views.K[reference]), batch(views.T[reference]),
+                 tau=config.tau)
+    scales = multiscale(rel.disparity, rel.mask, scale_factors(config.coarsest))
+    return {f: (d[0].numpy(), (rel.mask[0].numpy() if f == 1 else m[0, 0].numpy())) for f, (d, m) in scales.items()}
+
+
+def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    return buf.getvalue()
+
+
+def write_relations(views: Views, config: RelationsConfig, out: Path) -> dict:
+    """Compute every relation and write the stage's files into ``out``; returns a summary."""
+    out = Path(out)
+    distances, order = coding_order(views, config)
+    names = list(views.names)
+    refs = references(order)
+    atomic_save_npy(out / "distances.npy", distances)
+    trusted: dict[str, dict[str, float]] = {}
+    for kind in DEPTH_KINDS:
+        trusted[kind] = {}
+        for target in order[1:]:
+            scales = relate_pair(views, kind, target, refs[target], config)
+            mask = scales[1][1]
+            trusted[kind][names[target]] = float(mask.mean())
+            if not mask.any():
+                log.warning("relations: %s has no pixel it can take from %s with %s depth (empty mask)",
+                            names[target], names[refs[target]], kind)
+            arrays = {}
+            for f, (disp, m) in scales.items():
+                arrays[f"disparity_{f}"] = disp.astype(np.float32)
+                arrays[f"mask_{f}"] = m
+            atomic_write_bytes(out / kind / f"{names[target]}.npz", _npz_bytes(arrays))
+    summary = {
+        "names": names,
+        "order": [names[i] for i in order],
+        "references": {names[v]: (names[r] if r is not None else None) for v, r in refs.items()},
+        "tau": config.tau,
+        "factors": list(scale_factors(config.coarsest)),
+        "trusted": trusted,
+    }
+    atomic_write_json(out / "order.json", summary)
+    return summary
+
+
+@dataclass(frozen=True)
+class StoredRelations:
+    """Reader of a finished relations folder."""
+
+    root: Path
+
+    @property
+    def info(self) -> dict:
+        return read_json(self.root / "order.json")
+
+    def distances(self) -> np.ndarray:
+        return np.load(self.root / "distances.npy")
+
+    def pairs(self) -> list[tuple[str, str]]:
+        """(target, reference) for every view with a reference, in coding order."""
+        refs = self.info["references"]
+        return [(v, refs[v]) for v in self.info["order"] if refs[v] is not None]
+
+    def load(self, kind: str, name: str, factor: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """(disparity [2, h, w], mask [h, w]) of view ``name`` at 1/factor."""
+        path = self.root / kind / f"{name}.npz"
+        if not path.is_file():
+            raise LmvicError(f"no {kind}-depth relation stored for view {name!r} in {self.root}")
+        with np.load(path) as data:
+            return data[f"disparity_{factor}"], data[f"mask_{factor}"]
