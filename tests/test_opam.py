@@ -9,10 +9,18 @@ from torch.profiler import ProfilerActivity, profile
 
 import lmvic  # noqa: F401  (torchvision shim before anything imports compressai)
 from lmvic.fusion import AverageFusion, ParallaxFusion
+from lmvic.models.single_view import fixed_threads
 from lmvic.opam import (OPAM, align_image, column_attention, omni_parallax_attention,
                         row_attention)
 
 IDENTITY = nn.Identity()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: on the shared 2-core machine two threads are ~10× slower under load."""
+    with fixed_threads(1):
+        yield
 
 
 def shifted_code_pair(height: int, width: int, dy: int, dx: int, channels: int = 32,

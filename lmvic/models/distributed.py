@@ -1,0 +1,128 @@
+"""Distributed multi-view codec: views encoded alone, fused at the decoder with OPAM (ParaHydra).
+
+Encoder: every view is coded by the single-view backbone (``SingleViewCodec``) with no side
+information at all — ``compress`` takes one image and nothing else, so cameras need not talk.
+
+Decoder: it holds the streams of all (or any subset of) the views. Each view's latent ŷ is
+entropy-decoded exactly as the single-view decoder does; then the synthesis runs on all views
+together and, at the latent (1/16) and at the first ``feature_fusions`` decoder feature scales
+(1/8, 1/4, 1/2), fuses every view with the others' tensors at the same scale through a multi-view
+fusion (``lmvic.fusion``: ``"pmifm"`` = OPAM + PMIFM, ``"average"`` = OPAM + average pooling).
+A view decoded alone is fused with no side view (zero side feature).
+
+The entropy parameters use no side information: the encoder does not have it.
+
+Shapes: a scene batch is ``(B, V, 3, H, W)``; all views share ``H × W`` (multiples of 64 for
+``compress``; pad and crop outside).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+import lmvic  # noqa: F401  (torchvision shim before compressai)
+from compressai.models import CompressionModel
+from lmvic.fusion import FUSIONS
+from lmvic.layers import ste_round
+from lmvic.models.single_view import (DEFAULT_LAMBDAS, EXACT_THREADS, SingleViewCodec,
+                                      build_single_view, fixed_threads)
+
+
+def fuse_views(fusion: nn.Module, feats: Tensor) -> Tensor:
+    """Fuse each view with all the others: ``(B, V, C, h, w)`` → ``(B, V, C, h, w)``."""
+    views = feats.shape[1]
+    return torch.stack([
+        fusion(feats[:, v], [feats[:, u] for u in range(views) if u != v]) for v in range(views)
+    ], dim=1)
+
+
+class DistributedCodec(CompressionModel):
+    """Single-view encoder per view + multi-view fused synthesis.
+
+    Args:
+        backbone: the per-view codec (its analysis, hyperprior, entropy models and synthesis).
+        fusion: ``"pmifm"`` or ``"average"`` (``lmvic.fusion.FUSIONS``).
+        feature_fusions: decoder feature scales fused after the latent (0–3: 1/8, 1/4, 1/2).
+    """
+
+    def __init__(self, backbone: SingleViewCodec, fusion: str = "pmifm", feature_fusions: int = 1):
+        super().__init__()
+        if fusion not in FUSIONS:
+            raise ValueError(f"unknown fusion {fusion!r}; choose one of {sorted(FUSIONS)}")
+        if not 0 <= feature_fusions <= len(backbone.synthesis) - 1:
+            raise ValueError(f"feature_fusions must lie in [0, {len(backbone.synthesis) - 1}]")
+        if backbone.context_ch:
+            raise ValueError("the distributed backbone must not take entropy context (the encoder has none)")
+        self.backbone = backbone
+        self.fusion_name = fusion
+        widths = [backbone.M] + [backbone.N] * feature_fusions
+        self.fusions = nn.ModuleList(FUSIONS[fusion](c) for c in widths)
+
+    # ---- decoder --------------------------------------------------------------------------
+    def synthesise_views(self, y_hat: Tensor) -> Tensor:
+        """Fused synthesis. ``y_hat`` ``(B, V, M, h, w)`` (after the inverse gain) → x̂ ``(B, V, 3, 16h, 16w)``.
+
+        Stage ``k`` of the backbone's synthesis maps scale 1/16·2^k to the next; the input of
+        stage ``k`` is fused across views for ``k < len(self.fusions)``.
+        """
+        feats = y_hat
+        for k, stage in enumerate(self.backbone.synthesis):
+            if k < len(self.fusions):
+                feats = fuse_views(self.fusions[k], feats)
+            feats = stage(feats.flatten(0, 1)).unflatten(0, feats.shape[:2])
+        return feats
+
+    # ---- CompressAI interface -------------------------------------------------------------
+    def forward(self, x: Tensor, quality: float | Tensor) -> dict[str, object]:
+        """x ``(B, V, 3, H, W)`` in [0,1] → {"x_hat" ``(B, V, 3, H, W)``, "likelihoods": {"y","z"}}.
+
+        The likelihoods are per coded view, ``(B·V, ...)``; quantisation as in the backbone's
+        training path (noise for the likelihoods, straight-through rounding for the synthesis).
+        """
+        b, v = x.shape[:2]
+        codec = self.backbone
+        quality = torch.as_tensor(quality, dtype=torch.float32)
+        level = codec.levels(quality.repeat_interleave(v) if quality.ndim else quality, b * v)
+        y = codec.gain(codec.analyse(x.flatten(0, 1))[-1], level)
+        z = codec.hyper_analysis(y)
+        _, z_likelihoods = codec.entropy_bottleneck(z)
+        medians = codec.entropy_bottleneck._get_medians().detach().reshape(1, -1, 1, 1)
+        scales, means = codec.gaussian_params(ste_round(z - medians) + medians)
+        _, y_likelihoods = codec.gaussian_conditional(y, scales, means=means)
+        y_hat = codec.inverse_gain(ste_round(y - means) + means, level)
+        x_hat = self.synthesise_views(y_hat.unflatten(0, (b, v)))
+        return {"x_hat": x_hat, "likelihoods": {"y": y_likelihoods, "z": z_likelihoods}}
+
+    def compress(self, x: Tensor, quality: float) -> dict[str, object]:
+        """One view ``(1, 3, H, W)`` alone → {"strings", "shape"} (the backbone's encoder, unchanged)."""
+        return self.backbone.compress(x, quality)
+
+    def decompress(self, streams: Sequence[tuple[list[list[bytes]], tuple[int, int]]],
+                   quality: float) -> dict[str, Tensor]:
+        """Decode any set of views together.
+
+        Args:
+            streams: per view ``(strings, shape)`` as returned by ``compress`` (batch 1 each).
+            quality: the quality all views were coded at.
+        Returns:
+            {"x_hat": ``(1, V, 3, 64·h, 64·w)`` in [0,1]}, views in the order given.
+        """
+        if not streams:
+            raise ValueError("decompress needs at least one view")
+        codec = self.backbone
+        latents = [codec.decode_latent(strings, shape, quality) for strings, shape in streams]
+        if len({tuple(y.shape) for y in latents}) != 1:
+            raise ValueError("all views decoded together must have the same size")
+        y_hat = torch.cat(latents).float()
+        level = codec.levels(quality, y_hat.shape[0])
+        with fixed_threads(EXACT_THREADS), torch.no_grad():
+            x_hat = self.synthesise_views(codec.inverse_gain(y_hat, level)[None])
+        return {"x_hat": x_hat.clamp(0, 1)}
+
+
+def build_distributed(size: str = "cpu", fusion: str = "pmifm", feature_fusions: int = 1,
+                      lambdas: tuple[float, ...] = DEFAULT_LAMBDAS) -> DistributedCodec:
+    """A fresh distributed codec on a fresh backbone of a named size (``SIZES``)."""
+    return DistributedCodec(build_single_view(size, lambdas), fusion, feature_fusions)

@@ -1,0 +1,116 @@
+"""Distributed codec (lmvic.models.distributed): shapes, round trips, subsets, another process."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import lmvic  # noqa: F401
+from lmvic.bitstream import LatentStream, SceneHeader, ViewInfo, write_scene
+from lmvic.models.distributed import build_distributed
+from lmvic.models.single_view import fixed_threads
+
+QUALITY = 3.0
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: on the shared 2-core machine two threads are ~10× slower under load."""
+    with fixed_threads(1):
+        yield
+
+
+@pytest.fixture(scope="module")
+def codec():
+    torch.manual_seed(0)
+    model = build_distributed("cpu", "pmifm").eval()
+    model.update(force=True)
+    return model
+
+
+@pytest.fixture(scope="module")
+def views() -> torch.Tensor:
+    """Three 64×64 views of one pattern seen with horizontal offsets: (1, 3, 3, 64, 64)."""
+    gen = torch.Generator().manual_seed(1)
+    base = torch.nn.functional.interpolate(torch.rand(1, 3, 16, 40, generator=gen), size=(64, 160),
+                                           mode="bilinear", align_corners=False)
+    return torch.stack([base[..., 8 * v: 8 * v + 64] for v in range(3)], dim=1)
+
+
+@pytest.mark.parametrize("fusion", ["pmifm", "average"])
+def test_forward_shapes_and_gradients(fusion: str) -> None:
+    torch.manual_seed(2)
+    model = build_distributed("cpu", fusion, feature_fusions=2)
+    x = torch.rand(2, 2, 3, 64, 64)
+    out = model(x, torch.tensor([1.0, 4.5]))
+    assert out["x_hat"].shape == x.shape
+    assert out["likelihoods"]["y"].shape == (4, model.backbone.M, 4, 4)
+    assert out["likelihoods"]["z"].shape[:2] == (4, model.backbone.N)
+    out["x_hat"].square().mean().backward()
+    for module in (model.fusions[0], model.fusions[2], model.backbone.analysis[0]):
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
+    assert model.aux_loss().ndim == 0
+
+
+def test_invalid_configurations() -> None:
+    with pytest.raises(ValueError, match="unknown fusion"):
+        build_distributed("cpu", "max")
+    with pytest.raises(ValueError, match="feature_fusions"):
+        build_distributed("cpu", "pmifm", feature_fusions=4)
+
+
+def _streams(codec, views: torch.Tensor) -> list[tuple]:
+    """Each view compressed alone (the encoder sees one image and nothing else)."""
+    coded = [codec.compress(views[:, v], QUALITY) for v in range(views.shape[1])]
+    return [(c["strings"], c["shape"]) for c in coded]
+
+
+def test_round_trip_equals_forward_for_any_subset(codec, views: torch.Tensor) -> None:
+    streams = _streams(codec, views)
+    for subset in ([0, 1, 2], [0, 2], [1]):
+        decoded = codec.decompress([streams[v] for v in subset], QUALITY)["x_hat"]
+        with torch.no_grad():
+            expected = codec(views[:, subset], QUALITY)["x_hat"].clamp(0, 1)
+        assert decoded.shape == (1, len(subset), 3, 64, 64)
+        torch.testing.assert_close(decoded, expected, atol=1e-5, rtol=0)
+    # the other views change what a view decodes to (they are its side information)
+    alone = codec.decompress([streams[0]], QUALITY)["x_hat"][:, 0]
+    together = codec.decompress(streams, QUALITY)["x_hat"][:, 0]
+    assert (alone - together).abs().max() > 1e-6
+    with pytest.raises(ValueError, match="same size"):
+        small = codec.compress(torch.rand(1, 3, 128, 64), QUALITY)
+        codec.decompress([streams[0], (small["strings"], small["shape"])], QUALITY)
+
+
+DECODER = r"""
+import sys, torch
+import lmvic
+from lmvic.bitstream import read_scene
+from lmvic.models.distributed import build_distributed
+from lmvic.models.single_view import fixed_threads
+model = build_distributed("cpu", "pmifm").eval()
+model.load_state_dict(torch.load(sys.argv[1], weights_only=True))
+model.update(force=True)
+header, records = read_scene(sys.argv[2], models={"distributed-cpu-pmifm"})
+streams = [([list(r["image.y"].chunks), list(r["image.z"].chunks)], r["image.z"].shape) for r in records]
+torch.save(model.decompress(streams, float(header.quality))["x_hat"], sys.argv[3])
+"""
+
+
+def test_another_process_decodes_bit_exactly(codec, views: torch.Tensor, tmp_path: Path) -> None:
+    streams = _streams(codec, views)
+    records = [{"image.y": LatentStream(tuple(strings[0]), tuple(shape)),
+                "image.z": LatentStream(tuple(strings[1]), tuple(shape))} for strings, shape in streams]
+    infos = tuple(ViewInfo(f"v{v}", 64, 64, np.eye(3), np.eye(4)) for v in range(3))
+    header = SceneHeader("distributed", "distributed-cpu-pmifm", int(QUALITY), infos, (0, 1, 2),
+                         ((1, 2), (0, 2), (0, 1)))
+    write_scene(tmp_path / "scene.lmv", header, records)
+    torch.save(codec.state_dict(), tmp_path / "model.pt")
+    subprocess.run([sys.executable, "-c", DECODER, str(tmp_path / "model.pt"), str(tmp_path / "scene.lmv"),
+                    str(tmp_path / "x_hat.pt")], check=True, timeout=300, capture_output=True)
+    other = torch.load(tmp_path / "x_hat.pt", weights_only=True)
+    assert torch.equal(other, codec.decompress(streams, QUALITY)["x_hat"])
