@@ -114,3 +114,19 @@ def test_another_process_decodes_bit_exactly(codec, views: torch.Tensor, tmp_pat
                     str(tmp_path / "x_hat.pt")], check=True, timeout=300, capture_output=True)
     other = torch.load(tmp_path / "x_hat.pt", weights_only=True)
     assert torch.equal(other, codec.decompress(streams, QUALITY)["x_hat"])
+
+
+def test_align_side_image_shapes(codec, views: torch.Tensor) -> None:
+    """The codec's OPAM applied to pixels: shapes and a validity in [0, 1] (weights untrained)."""
+    for index, block in ((0, 16), (1, 8)):
+        aligned, validity = codec.align_side_image(views[:, 0], views[:, 1], QUALITY, fusion_index=index)
+        assert aligned.shape == (1, 3, 64, 64) and validity.shape == (1, 1, 64, 64)
+        assert 0.0 <= float(validity.min()) and float(validity.max()) <= 1.0 + 1e-6
+        # attention rows are convex weights: aligned pixels stay within the side image's range; the
+        # validity is constant over each block
+        assert float(aligned.min()) >= float(views[:, 1].min()) - 1e-5
+        assert float(aligned.max()) <= float(views[:, 1].max()) + 1e-5
+        assert torch.equal(validity[..., ::block, ::block].repeat_interleave(block, -1).repeat_interleave(block, -2),
+                           validity)
+    with pytest.raises(ValueError, match="fusion_index"):
+        codec.align_side_image(views[:, 0], views[:, 1], QUALITY, fusion_index=2)

@@ -26,6 +26,7 @@ import lmvic  # noqa: F401  (torchvision shim before compressai)
 from compressai.models import CompressionModel
 from lmvic.fusion import FUSIONS
 from lmvic.layers import ste_round
+from lmvic.opam import align_image
 from lmvic.models.single_view import (DEFAULT_LAMBDAS, EXACT_THREADS, SingleViewCodec,
                                       build_single_view, fixed_threads)
 
@@ -61,18 +62,61 @@ class DistributedCodec(CompressionModel):
         self.fusions = nn.ModuleList(FUSIONS[fusion](c) for c in widths)
 
     # ---- decoder --------------------------------------------------------------------------
-    def synthesise_views(self, y_hat: Tensor) -> Tensor:
+    def synthesise_views(self, y_hat: Tensor, stop: int | None = None) -> Tensor:
         """Fused synthesis. ``y_hat`` ``(B, V, M, h, w)`` (after the inverse gain) → x̂ ``(B, V, 3, 16h, 16w)``.
 
         Stage ``k`` of the backbone's synthesis maps scale 1/16·2^k to the next; the input of
-        stage ``k`` is fused across views for ``k < len(self.fusions)``.
+        stage ``k`` is fused across views for ``k < len(self.fusions)``. With ``stop = k`` the
+        unfused input of fusion ``k`` is returned instead (``(B, V, C, 2^k h, 2^k w)``).
         """
         feats = y_hat
         for k, stage in enumerate(self.backbone.synthesis):
+            if k == stop:
+                return feats
             if k < len(self.fusions):
                 feats = fuse_views(self.fusions[k], feats)
             feats = stage(feats.flatten(0, 1)).unflatten(0, feats.shape[:2])
         return feats
+
+    def decode_views(self, streams: Sequence[tuple[list[list[bytes]], tuple[int, int]]],
+                     quality: float, stop: int | None = None) -> Tensor:
+        """Entropy-decode the views' latents and run ``synthesise_views`` (``stop`` as there).
+
+        ``streams``: per view ``(strings, shape)`` from ``compress`` (batch 1 each) → ``(1, V, ...)``.
+        """
+        if not streams:
+            raise ValueError("decoding needs at least one view")
+        codec = self.backbone
+        latents = [codec.decode_latent(strings, shape, quality) for strings, shape in streams]
+        if len({tuple(y.shape) for y in latents}) != 1:
+            raise ValueError("all views decoded together must have the same size")
+        y_hat = torch.cat(latents).float()
+        level = codec.levels(quality, y_hat.shape[0])
+        with fixed_threads(EXACT_THREADS), torch.no_grad():
+            return self.synthesise_views(codec.inverse_gain(y_hat, level)[None], stop)
+
+    def align_side_image(self, main: Tensor, side: Tensor, quality: float,
+                         fusion_index: int | None = None) -> tuple[Tensor, Tensor]:
+        """Attention alignment of two images with the codec's own OPAM (for align-compare).
+
+        Both images are coded, their decoded features at the input of fusion ``fusion_index``
+        (default: the finest, i.e. last) go through that fusion's OPAM, and its horizontal and
+        vertical attention maps move the side image's pixels onto the main view
+        (``lmvic.opam.align_image``: blocks of 16 px at the latent, 8 px at 1/8, ...).
+
+        Args:
+            main, side: ``(1, 3, H, W)`` in [0,1], H and W multiples of 64.
+        Returns:
+            the aligned side image ``(1, 3, H, W)`` and its validity (OPAM consistency)
+            ``(1, 1, H, W)`` in [0, 1].
+        """
+        index = len(self.fusions) - 1 if fusion_index is None else fusion_index
+        if not 0 <= index < len(self.fusions):
+            raise ValueError(f"fusion_index must lie in [0, {len(self.fusions) - 1}]")
+        coded = [self.compress(image, quality) for image in (main, side)]
+        feats = self.decode_views([(c["strings"], c["shape"]) for c in coded], quality, stop=index)
+        with torch.no_grad():
+            return align_image(self.fusions[index].opam(feats[:, 0], feats[:, 1]), side)
 
     # ---- CompressAI interface -------------------------------------------------------------
     def forward(self, x: Tensor, quality: float | Tensor) -> dict[str, object]:
@@ -109,17 +153,7 @@ class DistributedCodec(CompressionModel):
         Returns:
             {"x_hat": ``(1, V, 3, 64·h, 64·w)`` in [0,1]}, views in the order given.
         """
-        if not streams:
-            raise ValueError("decompress needs at least one view")
-        codec = self.backbone
-        latents = [codec.decode_latent(strings, shape, quality) for strings, shape in streams]
-        if len({tuple(y.shape) for y in latents}) != 1:
-            raise ValueError("all views decoded together must have the same size")
-        y_hat = torch.cat(latents).float()
-        level = codec.levels(quality, y_hat.shape[0])
-        with fixed_threads(EXACT_THREADS), torch.no_grad():
-            x_hat = self.synthesise_views(codec.inverse_gain(y_hat, level)[None])
-        return {"x_hat": x_hat.clamp(0, 1)}
+        return {"x_hat": self.decode_views(streams, quality).clamp(0, 1)}
 
 
 def build_distributed(size: str = "cpu", fusion: str = "pmifm", feature_fusions: int = 1,
