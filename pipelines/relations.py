@@ -59,12 +59,14 @@ class Views:
 
     names: N view names. K: [N, 3, 3]. T: [N, 4, 4] world-to-camera.
     depth: (kind, index) -> float32 [H, W] camera-z depth, 0 where invalid.
+    image: index -> uint8 [H, W, 3] RGB of the same size as the depth (inspection, comparison).
     """
 
     names: Sequence[str]
     K: np.ndarray
     T: np.ndarray
     depth: Callable[[str, int], np.ndarray]
+    image: Callable[[int], np.ndarray] | None = None
 
 
 def coding_order(views: Views, config: RelationsConfig) -> tuple[np.ndarray, list[int]]:

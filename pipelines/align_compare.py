@@ -1,0 +1,225 @@
+"""The alignment comparison (the paper's Table 2): how well each method warps a view's reference
+onto it.
+
+Methods: ``median`` and ``mean`` (3DGS depth, :func:`geometry.warp.relate`; valid region = the
+trust mask), ``homography``, ``dis`` and ``farneback`` (:mod:`geometry.align_baselines`; valid
+region = the estimated position lies inside the reference). For each (target, reference) pair and
+method: PSNR and MS-SSIM over all pixels and inside the method's valid region, the covered
+fraction and the seconds taken (depth methods: disparity + mask + warp from given depths).
+
+Inside-region metrics: PSNR from the mean squared error over the region's pixels. MS-SSIM
+(Wang et al. 2003; 11×11 Gaussian window σ = 1.5, five scales, the standard weights) with the
+second image replaced by the first outside the region (so only differences inside count) and each
+scale's SSIM/CS map averaged with weights = the fraction of each window inside the region (the
+region downsampled like the images); with the whole image as region this is the usual MS-SSIM.
+A method that covers nothing gets no inside-region value (NaN, ``null`` in JSON).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from geometry.align_baselines import METHODS as FLAT_METHODS, align
+from geometry.warp import backward_warp, relate
+from pipelines.cache import atomic_write_bytes, atomic_write_json
+from pipelines.relations import DEPTH_KINDS, Views
+
+ALL_METHODS = (*DEPTH_KINDS, *FLAT_METHODS)
+MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
+METRICS = ("psnr_all", "psnr_valid", "msssim_all", "msssim_valid", "coverage", "seconds")
+
+
+def psnr(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> float:
+    """PSNR in dB of float images [H, W, C] in [0, 1], over ``mask`` [H, W] (all pixels if None)."""
+    sq = (np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2
+    if mask is not None:
+        if not mask.any():
+            return math.nan
+        sq = sq[mask]
+    mse = float(sq.mean())
+    return math.inf if mse == 0 else 10.0 * math.log10(1.0 / mse)
+
+
+def _gaussian_filter(x: torch.Tensor, size: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    """Separable Gaussian filter, 'valid' borders. x: [B, C, H, W]."""
+    r = torch.arange(size, dtype=x.dtype) - size // 2
+    g = torch.exp(-(r**2) / (2 * sigma**2))
+    g = g / g.sum()
+    c = x.shape[1]
+    x = F.conv2d(x, g.view(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c)
+    return F.conv2d(x, g.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c)
+
+
+def ms_ssim(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> float:
+    """MS-SSIM of float images [H, W, C] in [0, 1], weighted to ``mask`` (see module docstring).
+
+    Needs both sides ≥ 161 pixels (five scales with an 11-pixel window); NaN otherwise.
+    """
+    if mask is not None:
+        b = np.where(mask[..., None], b, a)
+    x = torch.as_tensor(np.asarray(a, np.float32)).permute(2, 0, 1)[None]
+    y = torch.as_tensor(np.asarray(b, np.float32)).permute(2, 0, 1)[None]
+    m = torch.ones_like(x[:, :1]) if mask is None else torch.as_tensor(mask, dtype=x.dtype)[None, None]
+    if min(x.shape[-2:]) <= 10 * 2 ** (len(MS_SSIM_WEIGHTS) - 1) or not m.any():
+        return math.nan
+    c1, c2 = 0.01**2, 0.03**2
+    factors = []
+    for level, weight in enumerate(MS_SSIM_WEIGHTS):
+        mx, my, xx, yy, xy, w = _gaussian_filter(torch.cat([x, y, x * x, y * y, x * y, m], 1)).split(
+            [x.shape[1]] * 5 + [1], dim=1)  # one filtering pass for all local statistics
+        cs = (2 * (xy - mx * my) + c2) / (xx - mx**2 + yy - my**2 + c2)
+        if float(w.sum()) <= 0:
+            return math.nan
+        last = level == len(MS_SSIM_WEIGHTS) - 1
+        value = cs * (2 * mx * my + c1) / (mx**2 + my**2 + c1) if last else cs
+        per_channel = (value * w).sum((2, 3)) / w.sum((2, 3))
+        factors.append(torch.relu(per_channel) ** weight)
+        if not last:
+            pad = [s % 2 for s in x.shape[-2:]]
+            x, y, m = (F.avg_pool2d(t, 2, padding=pad) for t in (x, y, m))
+    return float(torch.stack(factors).prod(0).mean())
+
+
+def warp_with_depth(views: Views, kind: str, target: int, reference: int, tau: float):
+    """(warped reference [H, W, 3] float32, trust mask [H, W]) from ``kind`` depth."""
+    def batch(x) -> torch.Tensor:
+        return torch.as_tensor(np.asarray(x), dtype=torch.float32)[None]
+
+    rel = relate(batch(views.depth(kind, target)), batch(views.K[target]), batch(views.T[target]),
+                 batch(views.depth(kind, reference)), batch(views.K[reference]), batch(views.T[reference]),
+                 tau=tau)
+    ref = batch(views.image(reference)).permute(0, 3, 1, 2) / 255.0
+    warped = backward_warp(ref, rel.disparity)[0].permute(1, 2, 0).numpy()
+    return warped, rel.mask[0].numpy()
+
+
+def align_pair(views: Views, target: int, reference: int, tau: float, methods: Sequence[str] = ALL_METHODS):
+    """{method: (warped [H, W, 3] float32, valid [H, W] bool, seconds)}."""
+    out = {}
+    for method in methods:
+        start = time.perf_counter()
+        if method in DEPTH_KINDS:
+            warped, valid = warp_with_depth(views, method, target, reference, tau)
+        else:
+            warped, valid = align(method, views.image(target), views.image(reference))
+        out[method] = (warped, valid, time.perf_counter() - start)
+    return out
+
+
+def scores(target: np.ndarray, warped: np.ndarray, valid: np.ndarray, seconds: float) -> dict[str, float]:
+    """The metrics of one warped reference against its target (uint8 [H, W, 3])."""
+    t = target.astype(np.float32) / 255.0
+    return {
+        "psnr_all": psnr(t, warped),
+        "psnr_valid": psnr(t, warped, valid),
+        "msssim_all": ms_ssim(t, warped),
+        "msssim_valid": ms_ssim(t, warped, valid),
+        "coverage": float(valid.mean()),
+        "seconds": seconds,
+    }
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """Per-method means over pairs (NaN values skipped; ``pairs`` counts the pairs)."""
+    table = []
+    for method in dict.fromkeys(r["method"] for r in rows):
+        sel = [r for r in rows if r["method"] == method]
+        entry = {"method": method, "pairs": len(sel)}
+        for key in METRICS:
+            vals = np.array([r[key] for r in sel], np.float64)
+            vals = vals[np.isfinite(vals)]
+            entry[key] = float(vals.mean()) if len(vals) else math.nan
+        table.append(entry)
+    return table
+
+
+def format_table(table: list[dict]) -> str:
+    header = ("method", "pairs", "PSNR all", "PSNR valid", "MS-SSIM all", "MS-SSIM valid", "coverage", "s/pair")
+    lines = ["{:<11}{:>6}{:>10}{:>12}{:>13}{:>15}{:>10}{:>8}".format(*header)]
+    for r in table:
+        lines.append("{:<11}{:>6}{:>10.2f}{:>12.2f}{:>13.4f}{:>15.4f}{:>10.3f}{:>8.2f}".format(
+            r["method"], r["pairs"], r["psnr_all"], r["psnr_valid"], r["msssim_all"], r["msssim_valid"],
+            r["coverage"], r["seconds"]))
+    return "\n".join(lines)
+
+
+def _json_safe(obj):
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def _csv_bytes(rows: list[dict]) -> bytes:
+    import io
+
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue().encode()
+
+
+def _figure(views: Views, shown: list[tuple[int, int, dict]], path: Path) -> None:
+    """Target, reference and every method's warp (invalid pixels dimmed) for a few pairs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(shown[0][2])
+    cols = 2 + len(methods)
+    h, w = views.image(shown[0][0]).shape[:2]
+    fig, axes = plt.subplots(len(shown), cols, figsize=(2.6 * cols, 2.6 * len(shown) * h / w + 0.4),
+                             squeeze=False)
+    for row, (t, r, warps) in zip(axes, shown):
+        panels = [(f"target {views.names[t]}", views.image(t) / 255.0),
+                  (f"reference {views.names[r]}", views.image(r) / 255.0)]
+        for m in methods:
+            warped, valid, _ = warps[m]
+            shown_img = np.where(valid[..., None], warped, 0.25 * warped)
+            panels.append((f"{m} ({100 * valid.mean():.0f}% valid)", shown_img))
+        for ax, (title, img) in zip(row, panels):
+            ax.imshow(np.clip(img, 0, 1))
+            ax.set_title(title, fontsize=7)
+            ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def align_compare(views: Views, pairs: Sequence[tuple[int, int]], tau: float, out: Path,
+                  methods: Sequence[str] = ALL_METHODS, figure_pairs: int = 3, progress=None) -> list[dict]:
+    """Run the comparison on (target, reference) index pairs; write pairs.csv, table.json,
+    table.csv and figure.png into ``out``; return the per-method table."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    chosen = set(np.linspace(0, len(pairs) - 1, min(figure_pairs, len(pairs))).round().astype(int).tolist())
+    rows, shown = [], []
+    iterator = progress(list(enumerate(pairs))) if progress else enumerate(pairs)
+    for k, (t, r) in iterator:
+        warps = align_pair(views, t, r, tau, methods)
+        target = views.image(t)
+        for method, (warped, valid, seconds) in warps.items():
+            rows.append({"target": views.names[t], "reference": views.names[r], "method": method,
+                         **scores(target, warped, valid, seconds)})
+        if k in chosen:
+            shown.append((t, r, warps))
+    table = summarise(rows)
+    atomic_write_bytes(out / "pairs.csv", _csv_bytes(rows))
+    atomic_write_bytes(out / "table.csv", _csv_bytes(table))
+    atomic_write_json(out / "table.json", _json_safe({"tau": tau, "table": table, "pairs": rows}))
+    if shown:
+        _figure(views, shown, out / "figure.png")
+    return table
