@@ -13,7 +13,7 @@ W, H = 256, 192
 def texture(x: np.ndarray, y: np.ndarray, seed: int = 0) -> np.ndarray:
     """An analytic RGB texture (Gaussian blobs on waves) evaluable at any continuous position."""
     rng = np.random.default_rng(seed)
-    n = 250
+    n = 400
     cx, cy = rng.uniform(-40, W + 40, n), rng.uniform(-40, H + 40, n)
     s = rng.uniform(1.5, 5.0, n)
     amp = rng.uniform(-1, 1, (n, 3))
