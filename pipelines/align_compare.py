@@ -7,7 +7,8 @@ region = the estimated position lies inside the reference). For each (target, re
 method: PSNR and MS-SSIM over all pixels and inside the method's valid region, the covered
 fraction and the seconds taken (depth methods: disparity + mask + warp from given depths).
 
-Inside-region metrics: PSNR from the mean squared error over the region's pixels. MS-SSIM
+Metrics are on 8-bit RGB (the warp is rounded to 8 bits); all-pixel values come from
+:mod:`pipelines.metrics`. Inside-region metrics: PSNR from the mean squared error over the region's pixels. MS-SSIM
 (Wang et al. 2003; 11×11 Gaussian window σ = 1.5, five scales, the standard weights) with the
 second image replaced by the first outside the region (so only differences inside count) and each
 scale's SSIM/CS map averaged with weights = the fraction of each window inside the region (the
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 
 from geometry.align_baselines import METHODS as FLAT_METHODS, align
 from geometry.warp import backward_warp, relate
+from pipelines import metrics
 from pipelines.cache import atomic_write_bytes, atomic_write_json
 from pipelines.relations import DEPTH_KINDS, Views
 
@@ -37,15 +39,12 @@ MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 METRICS = ("psnr_all", "psnr_valid", "msssim_all", "msssim_valid", "coverage", "seconds")
 
 
-def psnr(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> float:
-    """PSNR in dB of float images [H, W, C] in [0, 1], over ``mask`` [H, W] (all pixels if None)."""
-    sq = (np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2
-    if mask is not None:
-        if not mask.any():
-            return math.nan
-        sq = sq[mask]
-    mse = float(sq.mean())
-    return math.inf if mse == 0 else 10.0 * math.log10(1.0 / mse)
+def masked_psnr(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
+    """PSNR in dB (peak 255) of uint8 images [H, W, 3] over the pixels of ``mask`` [H, W]."""
+    if not mask.any():
+        return math.nan
+    mse = float(np.mean((a[mask].astype(np.float64) - b[mask].astype(np.float64)) ** 2))
+    return math.inf if mse == 0 else 10.0 * math.log10(255.0**2 / mse)
 
 
 def _gaussian_filter(x: torch.Tensor, size: int = 11, sigma: float = 1.5) -> torch.Tensor:
@@ -58,16 +57,15 @@ def _gaussian_filter(x: torch.Tensor, size: int = 11, sigma: float = 1.5) -> tor
     return F.conv2d(x, g.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c)
 
 
-def ms_ssim(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> float:
-    """MS-SSIM of float images [H, W, C] in [0, 1], weighted to ``mask`` (see module docstring).
+def masked_ms_ssim(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
+    """MS-SSIM of uint8 images [H, W, 3] inside ``mask`` [H, W] (see the module docstring).
 
     Needs both sides ≥ 161 pixels (five scales with an 11-pixel window); NaN otherwise.
     """
-    if mask is not None:
-        b = np.where(mask[..., None], b, a)
-    x = torch.as_tensor(np.asarray(a, np.float32)).permute(2, 0, 1)[None]
-    y = torch.as_tensor(np.asarray(b, np.float32)).permute(2, 0, 1)[None]
-    m = torch.ones_like(x[:, :1]) if mask is None else torch.as_tensor(mask, dtype=x.dtype)[None, None]
+    b = np.where(mask[..., None], b, a)
+    x = torch.as_tensor(a, dtype=torch.float32).permute(2, 0, 1)[None] / 255.0
+    y = torch.as_tensor(b, dtype=torch.float32).permute(2, 0, 1)[None] / 255.0
+    m = torch.as_tensor(mask, dtype=x.dtype)[None, None]
     if min(x.shape[-2:]) <= 10 * 2 ** (len(MS_SSIM_WEIGHTS) - 1) or not m.any():
         return math.nan
     c1, c2 = 0.01**2, 0.03**2
@@ -115,13 +113,14 @@ def align_pair(views: Views, target: int, reference: int, tau: float, methods: S
 
 
 def scores(target: np.ndarray, warped: np.ndarray, valid: np.ndarray, seconds: float) -> dict[str, float]:
-    """The metrics of one warped reference against its target (uint8 [H, W, 3])."""
-    t = target.astype(np.float32) / 255.0
+    """The metrics of one warped reference (float [H, W, 3] in [0, 1], rounded to 8 bits here)
+    against its target (uint8 [H, W, 3])."""
+    w8 = np.clip(np.round(warped * 255.0), 0, 255).astype(np.uint8)
     return {
-        "psnr_all": psnr(t, warped),
-        "psnr_valid": psnr(t, warped, valid),
-        "msssim_all": ms_ssim(t, warped),
-        "msssim_valid": ms_ssim(t, warped, valid),
+        "psnr_all": metrics.psnr(target, w8),
+        "psnr_valid": masked_psnr(target, w8, valid),
+        "msssim_all": metrics.ms_ssim(target, w8) if min(target.shape[:2]) > 160 else math.nan,
+        "msssim_valid": masked_ms_ssim(target, w8, valid),
         "coverage": float(valid.mean()),
         "seconds": seconds,
     }

@@ -85,33 +85,31 @@ def test_failures_are_reported_not_raised(reference):
         align("dis", reference, reference[:100])
 
 
-def test_ms_ssim_matches_pytorch_msssim_and_respects_the_region():
-    import torch
-    from pytorch_msssim import ms_ssim as reference_ms_ssim
-
-    from pipelines.align_compare import ms_ssim, psnr
+def test_masked_metrics_match_the_whole_image_ones_and_respect_the_region():
+    from pipelines.align_compare import masked_ms_ssim, masked_psnr
+    from pipelines.metrics import ms_ssim, psnr
 
     rng = np.random.default_rng(0)
-    a = rng.random((200, 230, 3))
-    b = np.clip(a + 0.1 * rng.normal(size=a.shape), 0, 1)
-    expected = reference_ms_ssim(torch.tensor(a).permute(2, 0, 1)[None], torch.tensor(b).permute(2, 0, 1)[None],
-                                 data_range=1.0)
-    assert ms_ssim(a, b) == pytest.approx(float(expected), abs=1e-5)
+    a = rng.integers(0, 256, (200, 230, 3), dtype=np.uint8)
+    b = np.clip(a + rng.normal(scale=25, size=a.shape), 0, 255).astype(np.uint8)
+    everywhere = np.ones(a.shape[:2], bool)
+    assert masked_ms_ssim(a, b, everywhere) == pytest.approx(ms_ssim(a, b), abs=1e-5)
+    assert masked_psnr(a, b, everywhere) == pytest.approx(psnr(a, b), abs=1e-9)
     region = np.zeros(a.shape[:2], bool)
     region[:, :115] = True
     c = b.copy()
     c[:, :115] = a[:, :115]  # identical inside the region, noisy outside
-    assert ms_ssim(a, c, region) == pytest.approx(1.0) and ms_ssim(a, c) < 0.98
-    assert ms_ssim(a, b) < ms_ssim(a, b, ~region) < 0.99
-    assert np.isnan(ms_ssim(a, c, np.zeros_like(region)))
-    assert np.isnan(ms_ssim(a[:150], c[:150]))  # too small for five scales
-    # PSNR inside a region: 10·log10(1 / mean squared error over the region).
-    d = a.copy()
-    d[:, 115:] += 0.1
-    assert psnr(a, d, region) == np.inf
-    assert psnr(a, d, ~region) == pytest.approx(20.0)
-    assert psnr(a, d) == pytest.approx(10 * np.log10(1 / (0.01 * 115 / 230)))
-    assert np.isnan(psnr(a, d, np.zeros_like(region)))
+    assert masked_ms_ssim(a, c, region) == pytest.approx(1.0) and ms_ssim(a, c) < 0.98
+    assert ms_ssim(a, b) < masked_ms_ssim(a, b, ~region) < 0.99
+    assert np.isnan(masked_ms_ssim(a, c, ~everywhere))
+    assert np.isnan(masked_ms_ssim(a[:150], c[:150], everywhere[:150]))  # too small for five scales
+    # PSNR inside a region: 10·log10(255² / mean squared error over the region).
+    d = a.astype(np.int16)
+    d[:, 115:] += np.where(d[:, 115:] < 128, 10, -10)
+    d = d.astype(np.uint8)
+    assert masked_psnr(a, d, region) == np.inf
+    assert masked_psnr(a, d, ~region) == pytest.approx(10 * np.log10(255**2 / 100))
+    assert np.isnan(masked_psnr(a, d, ~everywhere))
 
 
 def test_align_compare_on_a_plane_seen_by_two_translated_cameras(tmp_path):
