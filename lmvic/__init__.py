@@ -1,7 +1,7 @@
 """lmvic: multi-view image compression with 3D Gaussian Splatting geometry priors."""
-from lmvic.compat import ensure_torchvision
+from lmvic.compat import install as _install_torchvision_hook
 
-ensure_torchvision()
+_install_torchvision_hook()
 
 __version__ = "0.1.0"
 #: Bumped whenever any cached or written format changes; caches of another version are re-run.

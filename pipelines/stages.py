@@ -108,13 +108,15 @@ class StageState:
     reason: str | None  # None = cached and valid
 
 
-def plan(scene: Scene, work_dir: Path, configs: dict[str, Any], upto: int, force: str | None = None) -> list[StageState]:
+def plan(scene: Scene, work_dir: Path, configs: dict[str, Any], upto: int, force: str | None = None,
+         stages: tuple[Stage, ...] = STAGES) -> list[StageState]:
     """The state of stages 0..upto: valid, or why each must run."""
-    force_from = stage_names().index(force) if force else None
-    if force and force not in stage_names():
-        raise LmvicError(f"--force: unknown stage '{force}'; known: {', '.join(stage_names())}")
+    names = [s.name for s in stages]
+    if force and force not in names:
+        raise LmvicError(f"--force: unknown stage '{force}'; known: {', '.join(names)}")
+    force_from = names.index(force) if force else None
     states, upstream, upstream_runs = [], "", False
-    for i, stage in enumerate(STAGES[: upto + 1]):
+    for i, stage in enumerate(stages[: upto + 1]):
         inputs = cache.files_digest(stage.scene_inputs(scene), scene.root)
         key = cache.StageKey.make(configs[stage.name], inputs, upstream)
         meta = cache.read_meta(work_dir / stage.name)
@@ -139,13 +141,13 @@ class StageResult:
 
 
 def run(scene: Scene, work_dir: Path, configs: dict[str, Any], upto: int, force: str | None = None,
-        device: str = "cpu", quiet: bool = False) -> list[StageResult]:
+        device: str = "cpu", quiet: bool = False, stages: tuple[Stage, ...] = STAGES) -> list[StageResult]:
     """Bring stages 0..upto up to date under the work-folder lock; returns what ran and what was cached."""
     results = []
     with cache.work_lock(work_dir):
         for leftover in cache.clean_interrupted(work_dir):
             log.warning("removed %s left by an interrupted run", leftover.name)
-        for state in plan(scene, work_dir, configs, upto, force):
+        for state in plan(scene, work_dir, configs, upto, force, stages):
             stage, out = state.stage, work_dir / state.stage.name
             if state.reason is None:
                 results.append(StageResult(stage.name, False, 0.0, out, "cached"))

@@ -1,0 +1,98 @@
+"""Every bad input of a scene folder gets a one-line error, a non-zero exit, and leaves nothing."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from pipelines import cache
+from pipelines.cli import main
+from conftest import run_lmvic
+
+
+def make_scene(tmp_path: Path, small_scene: Path, n: int = 3) -> Path:
+    root = tmp_path / "scene"
+    (root / "images").mkdir(parents=True)
+    for p in sorted((small_scene / "images").iterdir())[:n]:
+        shutil.copy(p, root / "images" / p.name)
+    return root
+
+
+def fails(capsys, *argv) -> str:
+    """Run the CLI in-process; assert exit code 2 and a one-line 'lmvic: error:' message."""
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2, err
+    assert len(err) == 1 and err[0].startswith("lmvic: error: "), err
+    return err[0]
+
+
+def test_missing_folder(tmp_path, capsys):
+    assert "does not exist" in fails(capsys, "status", tmp_path / "nowhere")
+
+
+def test_no_images_folder_and_empty_images(tmp_path, capsys):
+    assert "no images/ folder" in fails(capsys, "run", tmp_path)
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "notes.txt").write_text("not an image")
+    assert "holds 0 image(s)" in fails(capsys, "run", tmp_path)
+
+
+def test_single_image(tmp_path, small_scene, capsys):
+    root = make_scene(tmp_path, small_scene, n=1)
+    assert "at least 2 views" in fails(capsys, "run", root)
+
+
+def test_truncated_image(tmp_path, small_scene, capsys):
+    root = make_scene(tmp_path, small_scene)
+    victim = sorted((root / "images").iterdir())[1]
+    victim.write_bytes(victim.read_bytes()[:200])
+    assert f"cannot read image {victim}" in fails(capsys, "run", root)
+    assert not (root / ".lmvic" / "sfm").exists()
+
+
+def test_mixed_sizes_refused_unless_allowed(tmp_path, small_scene, capsys):
+    from PIL import Image
+
+    root = make_scene(tmp_path, small_scene)
+    first = sorted((root / "images").iterdir())[0]
+    Image.open(first).resize((100, 80)).save(first)
+    assert "--allow-mixed-sizes" in fails(capsys, "status", root)
+    assert main(["status", str(root), "--allow-mixed-sizes"]) == 0
+
+
+def test_malformed_transforms_json(tmp_path, small_scene, capsys):
+    root = make_scene(tmp_path, small_scene)
+    (root / "transforms.json").write_text('{"frames": [ {"file_path": ')
+    assert "malformed" in fails(capsys, "run", root, "--stages", "sfm")
+    assert not (root / ".lmvic" / "sfm").exists() and not list((root / ".lmvic").glob(".tmp-*"))
+
+
+def test_malformed_colmap_model(tmp_path, small_scene, capsys):
+    root = make_scene(tmp_path, small_scene)
+    model = root / "sparse" / "0"
+    model.mkdir(parents=True)
+    for name in ("cameras.bin", "images.bin", "points3D.bin"):
+        (model / name).write_bytes(b"\x07garbage")
+    assert "cannot read the COLMAP model" in fails(capsys, "run", root, "--stages", "sfm")
+    assert not (root / ".lmvic" / "sfm").exists()
+
+
+def test_locked_scene(tmp_path, small_scene, capsys):
+    root = make_scene(tmp_path, small_scene)
+    with cache.work_lock(root / ".lmvic"):
+        assert "locked by a running lmvic" in fails(capsys, "run", root, "--stages", "sfm")
+
+
+def test_unknown_stage(tmp_path, small_scene, capsys):
+    root = make_scene(tmp_path, small_scene)
+    assert "unknown stage 'colour'" in fails(capsys, "run", root, "--stages", "colour")
+
+
+def test_console_script_exit_code(tmp_path):
+    """The same in a separate process: non-zero exit and one line on stderr."""
+    result = run_lmvic("run", tmp_path / "absent")
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "does not exist" in result.stderr
