@@ -26,7 +26,7 @@ import torch
 from geometry.distance import view_distances
 from geometry.ordering import OrderError, references, resolve_order
 from geometry.warp import multiscale, relate
-from pipelines.cache import atomic_write_bytes, atomic_write_json, atomic_save_npy, read_json
+from pipelines.cache import atomic_save_npy, atomic_write_bytes, atomic_write_json, read_json, read_meta
 from pipelines.errors import LmvicError
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,23 @@ class Views:
     T: np.ndarray
     depth: Callable[[str, int], np.ndarray]
     image: Callable[[int], np.ndarray] | None = None
+
+
+def views_from_ground_truth(scene_root: Path) -> Views:
+    """Views of a scene with ground truth (``gt/cameras.json`` + ``depth_gt/<stem>.npy``, as the
+    synthetic scene writes them); both depth kinds are the ground-truth depth."""
+    from pipelines.scene import read_image
+
+    root = Path(scene_root)
+    cams = read_json(root / "gt" / "cameras.json")["views"]
+    names = [c["name"] for c in cams]
+    return Views(
+        names=names,
+        K=np.array([c["K"] for c in cams], np.float64),
+        T=np.array([c["T"] for c in cams], np.float64),
+        depth=lambda kind, i: np.load(root / "depth_gt" / f"{Path(names[i]).stem}.npy"),
+        image=lambda i: read_image(root / "images" / names[i]),
+    )
 
 
 def coding_order(views: Views, config: RelationsConfig) -> tuple[np.ndarray, list[int]]:
@@ -131,6 +148,14 @@ def write_relations(views: Views, config: RelationsConfig, out: Path) -> dict:
     }
     atomic_write_json(out / "order.json", summary)
     return summary
+
+
+def finished_relations(work_dir: Path) -> "StoredRelations":
+    """The completed relations stage of ``work_dir``; a clear error when it has not run."""
+    root = Path(work_dir) / "relations"
+    if read_meta(root) is None:
+        raise LmvicError(f"no relations results in {work_dir}; run `lmvic run SCENE --stages relations` first")
+    return StoredRelations(root)
 
 
 @dataclass(frozen=True)
