@@ -69,6 +69,26 @@ class Views:
     image: Callable[[int], np.ndarray] | None = None
 
 
+def stage_views(work_dir: Path) -> Views:
+    """Views from stage one's outputs: ``sfm/cameras.json`` (K, T, working images) and the depth
+    stage's per-view median and mean depth."""
+    from pipelines.geometry_stage import load_cameras
+
+    work_dir = Path(work_dir)
+    for stage in ("sfm", "depth"):
+        if read_meta(work_dir / stage) is None:
+            raise LmvicError(f"no {stage} results in {work_dir}; run `lmvic run SCENE --stages geometry` first")
+    cams = load_cameras(work_dir / "sfm")
+    depth_dir = work_dir / "depth"
+
+    def depth(kind: str, i: int) -> np.ndarray:
+        return np.load(depth_dir / kind / f"{Path(cams.names[i]).stem}.npy")
+
+    from pipelines.scene import read_image
+
+    return Views(names=cams.names, K=cams.K, T=cams.T, depth=depth, image=lambda i: read_image(cams.images[i]))
+
+
 def views_from_ground_truth(scene_root: Path) -> Views:
     """Views of a scene with ground truth (``gt/cameras.json`` + ``depth_gt/<stem>.npy``, as the
     synthetic scene writes them); both depth kinds are the ground-truth depth."""
