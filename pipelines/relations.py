@@ -203,3 +203,16 @@ class StoredRelations:
             raise LmvicError(f"no {kind}-depth relation stored for view {name!r} in {self.root}")
         with np.load(path) as data:
             return data[f"disparity_{factor}"], data[f"mask_{factor}"]
+
+
+def run(ctx) -> dict:
+    """Stage-runner entry point (``pipelines.stages``): read stage one's outputs from
+    ``ctx.work_dir``, write this stage's files into ``ctx.out``, return a short summary."""
+    summary = write_relations(stage_views(ctx.work_dir), ctx.config, ctx.out)
+    return {
+        "order": summary["order"],
+        "mean_trusted": {kind: (float(np.mean(list(v.values()))) if v else 0.0)
+                         for kind, v in summary["trusted"].items()},
+        "empty_masks": {kind: sorted(n for n, frac in v.items() if frac == 0.0)
+                        for kind, v in summary["trusted"].items()},
+    }
