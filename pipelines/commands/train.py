@@ -25,6 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup", type=int, default=300, help="warm-up steps")
     p.add_argument("--minutes", type=float, default=60.0, help="budget in CPU-minutes of this process")
     p.add_argument("--steps", type=int, default=0, help="budget in steps instead (0: use --minutes)")
+    p.add_argument("--until", default="", help="UTC wall-clock end HH:MM (schedule finishes by then)")
     p.add_argument("--ema", type=float, default=0.0, help="EMA decay of the weights (0: off)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
@@ -40,10 +41,11 @@ def run(args: argparse.Namespace) -> None:
 
     from lmvic.training.curves import plot_run
     from lmvic.training.data import HELD_OUT_SCENES, build_cache, scene_images, validation_crops
-    from lmvic.training.loop import TrainConfig, train
+    from lmvic.training.loop import TrainConfig, dist_info, train
     from lmvic.training.schedule import Schedule
 
     torch.set_num_threads(args.threads)
+    rank, world = dist_info()
     ckpt = args.run_dir / "checkpoint.pt"
     if args.resume:
         if not ckpt.exists():
@@ -60,18 +62,41 @@ def run(args: argparse.Namespace) -> None:
         paths = scene_images(args.scenes)
         if not paths:
             raise LmvicError(f"no training images under {args.scenes}")
+        if rank == 0:
+            build_cache(paths, cache)
+        if world > 1:
+            torch.distributed.barrier()  # the other ranks reuse rank 0's cache
         val = [p for s in HELD_OUT_SCENES for p in scene_images(args.scenes, include=(s,), exclude=())[: args.val_count // 2]]
         cfg = TrainConfig(
             out_dir=str(args.run_dir), cache_dir=str(build_cache(paths, cache)), size=args.size,
             quality=args.quality, crop=args.crop, batch=args.batch,
             schedule=Schedule(args.schedule, args.lr, args.final_lr, args.warmup),
-            budget_cpu_minutes=args.minutes, max_steps=args.steps, ema_decay=args.ema,
+            budget_cpu_minutes=args.minutes, max_steps=args.steps, deadline=utc_deadline(args.until),
+            ema_decay=args.ema,
             threads=args.threads, seed=args.seed, val_every_cpu_minutes=args.val_every,
             ckpt_every_cpu_minutes=args.ckpt_every, val_images=tuple(str(p) for p in val))
     crops = validation_crops([Path(p) for p in cfg.val_images]) if cfg.val_images else None
-    train(cfg, resume=args.resume, val_crops=crops)
-    plot_run(Path(cfg.out_dir))
-    print(json.dumps({"run_dir": cfg.out_dir, "checkpoint": str(ckpt)}))
+    train(cfg, resume=args.resume, val_crops=crops if rank == 0 else None)
+    if rank == 0:
+        plot_run(Path(cfg.out_dir))
+        print(json.dumps({"run_dir": cfg.out_dir, "checkpoint": str(ckpt)}))
+
+
+def utc_deadline(hhmm: str) -> float:
+    """Unix time of the next UTC ``HH:MM`` ('' → 0, no deadline)."""
+    import datetime as dt
+
+    if not hhmm:
+        return 0.0
+    try:
+        h, m = (int(v) for v in hhmm.split(":"))
+        now = dt.datetime.now(dt.timezone.utc)
+        end = now.replace(hour=h, minute=m, second=0, microsecond=0)
+    except ValueError as exc:
+        raise LmvicError(f"--until wants HH:MM in UTC, got {hhmm!r}") from exc
+    if end <= now:
+        end += dt.timedelta(days=1)
+    return end.timestamp()
 
 
 def main(argv: list[str] | None = None) -> int:

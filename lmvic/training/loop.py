@@ -1,0 +1,285 @@
+"""The training loop: variable-rate RD loss, schedules, clipping, aux loss, EMA, DDP, checkpoints, curves.
+
+One process trains on ``threads`` threads; under ``torchrun`` (``WORLD_SIZE`` > 1) each rank
+samples its own crops and DistributedDataParallel averages gradients (gloo on the CPU, NCCL on
+GPUs). The budget is CPU seconds of this process (``time.process_time``) or a step count;
+schedules see the fraction spent. Rank 0 writes ``train.csv`` (every ``log_every`` steps),
+``val.csv`` (fixed validation crops, every quality), ``checkpoint.pt`` (atomically) and a log.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
+
+from lmvic.models.single_view import DEFAULT_LAMBDAS, SingleViewCodec, bits_per_pixel, build_single_view
+from lmvic.training.data import CropSampler, ImageCache
+from lmvic.training.schedule import Schedule
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a run (stored in the checkpoint; a resumed run keeps it)."""
+
+    out_dir: str
+    cache_dir: str
+    size: str = "cpu"
+    lambdas: tuple[float, ...] = DEFAULT_LAMBDAS
+    quality: int = 0  # 0: variable rate (a random level per sample); k: fixed level k only
+    crop: int = 128
+    batch: int = 8
+    schedule: Schedule = field(default_factory=Schedule)
+    budget_cpu_minutes: float = 60.0
+    max_steps: int = 0  # 0: no step limit (progress by CPU time); >0: progress by steps
+    deadline: float = 0.0  # Unix time; >0: progress is also at least the wall-clock fraction to it
+    started: float = 0.0  # Unix time the run started (set by ``train``; kept on resume)
+    clip: float = 1.0
+    aux_lr: float = 1e-3
+    ema_decay: float = 0.0  # 0 disables the weight average
+    threads: int = 1
+    seed: int = 0
+    log_every: int = 50
+    val_every_cpu_minutes: float = 5.0
+    ckpt_every_cpu_minutes: float = 3.0
+    val_images: tuple[str, ...] = ()
+
+    @staticmethod
+    def from_dict(d: dict) -> "TrainConfig":
+        d = dict(d)
+        d["schedule"] = Schedule(**d["schedule"])
+        d["lambdas"] = tuple(d["lambdas"])
+        d["val_images"] = tuple(d["val_images"])
+        return TrainConfig(**d)
+
+
+def rd_loss(net: torch.nn.Module, model: SingleViewCodec, x: Tensor,
+            quality: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Mean over the batch of λ_q·255²·MSE + bpp → (loss, bpp (B,), mse (B,)).
+
+    ``net`` runs the forward (``model`` itself or its DDP wrapper, which syncs the gradients).
+    """
+    out = net(x, quality)
+    mse = F.mse_loss(out["x_hat"], x, reduction="none").flatten(1).mean(1)
+    bpp = bits_per_pixel(out["likelihoods"], x.shape[-2] * x.shape[-1])
+    lam = model.lambda_of(quality, x.shape[0])
+    return (lam * 255**2 * mse + bpp).mean(), bpp.detach(), mse.detach()
+
+
+def psnr_from_mse(mse: Tensor) -> Tensor:
+    """PSNR in dB for MSE of [0, 1] images."""
+    return -10 * torch.log10(mse.clamp_min(1e-10))
+
+
+@torch.no_grad()
+def validate(model: SingleViewCodec, images: Tensor, batch: int = 4) -> list[dict[str, float]]:
+    """Hard-quantised forward per quality level on (n,3,H,W) images in [0,1].
+
+    Returns rows {"quality", "bpp", "psnr"}: mean likelihood bpp and mean per-image PSNR of the
+    8-bit-rounded output (an estimate of real coding: the range coder adds a few bytes).
+    """
+    was_training = model.training
+    model.eval()
+    rows = []
+    for q in range(1, model.num_qualities + 1):
+        bpps, psnrs = [], []
+        for chunk in images.split(batch):
+            out = model(chunk, q)
+            x_hat = (out["x_hat"].clamp(0, 1) * 255).round() / 255
+            bpps.append(bits_per_pixel(out["likelihoods"], chunk.shape[-2] * chunk.shape[-1]))
+            psnrs.append(psnr_from_mse(F.mse_loss(x_hat, chunk, reduction="none").flatten(1).mean(1)))
+        rows.append({"quality": q, "bpp": float(torch.cat(bpps).mean()),
+                     "psnr": float(torch.cat(psnrs).mean())})
+    model.train(was_training)
+    return rows
+
+
+class EMA:
+    """Exponential moving average of a model's floating-point parameters."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {k: v.detach().clone() for k, v in model.named_parameters()}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        for k, v in model.named_parameters():
+            self.shadow[k].lerp_(v.detach(), 1 - self.decay)
+
+    def averaged_state(self, model: torch.nn.Module) -> dict[str, Tensor]:
+        """The model's state dict with the averaged parameters substituted."""
+        state = model.state_dict()
+        state.update({k: v.clone() for k, v in self.shadow.items()})
+        return state
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world size); initialises the gloo process group under torchrun (WORLD_SIZE > 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo")
+    return (dist.get_rank(), world) if world > 1 else (0, 1)
+
+
+def _save_atomic(obj: object, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _append_csv(path: Path, row: dict[str, object]) -> None:
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(row))
+        if new:
+            w.writeheader()
+        w.writerow(row)
+
+
+def train(cfg: TrainConfig, resume: bool = False, val_crops: Tensor | None = None,
+          log=print) -> SingleViewCodec:
+    """Run (or resume) the training described by ``cfg``; returns the trained model (rank 0's)."""
+    rank, world = dist_info()
+    torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out_dir)
+    ckpt_path = out / "checkpoint.pt"
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    model = build_single_view(cfg.size, cfg.lambdas)
+    main_params = [p for n, p in model.named_parameters() if not n.endswith(".quantiles")]
+    aux_params = [p for n, p in model.named_parameters() if n.endswith(".quantiles")]
+    opt = torch.optim.Adam(main_params, lr=cfg.schedule.peak_lr)
+    aux_opt = torch.optim.Adam(aux_params, lr=cfg.aux_lr)
+    ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    step, cpu_spent, wall_spent = 0, 0.0, 0.0
+    if resume and ckpt_path.exists():
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["opt"])
+        aux_opt.load_state_dict(ck["aux_opt"])
+        if ema is not None and ck.get("ema") is not None:
+            ema.shadow = ck["ema"]
+        step, cpu_spent, wall_spent = ck["step"], ck["cpu_seconds"], ck["wall_seconds"]
+        log(f"resumed at step {step}, {cpu_spent / 60:.1f} CPU-min")
+    elif rank == 0:
+        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+    net = DistributedDataParallel(model) if world > 1 else model
+    sampler = CropSampler(ImageCache(Path(cfg.cache_dir)), cfg.crop, seed=cfg.seed * 1000 + rank + 7919 * step)
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank + 7919 * step)
+    budget = cfg.budget_cpu_minutes * 60
+    next_val = (int(cpu_spent // (cfg.val_every_cpu_minutes * 60)) + 1) * cfg.val_every_cpu_minutes * 60
+    next_ckpt = cpu_spent + cfg.ckpt_every_cpu_minutes * 60
+    acc = {"loss": 0.0, "bpp": 0.0, "mse": 0.0, "n": 0}
+    t_log_cpu, t_log_wall, log_step = time.process_time(), time.perf_counter(), step
+
+    def save() -> None:
+        if rank == 0:
+            _save_atomic({"model": model.state_dict(), "opt": opt.state_dict(),
+                          "aux_opt": aux_opt.state_dict(), "ema": None if ema is None else ema.shadow,
+                          "step": step, "cpu_seconds": cpu_spent, "wall_seconds": wall_spent,
+                          "config": dataclasses.asdict(cfg)}, ckpt_path)
+
+    def run_validation() -> None:
+        if rank != 0 or val_crops is None:
+            return
+        probe = model
+        if ema is not None:
+            probe = build_single_view(cfg.size, cfg.lambdas)
+            probe.load_state_dict(ema.averaged_state(model))
+        rows = validate(probe, val_crops)
+        for row in rows:
+            _append_csv(out / "val.csv", {"step": step, "cpu_min": round(cpu_spent / 60, 3), **row})
+        log(f"val step {step}: " + " ".join(f"q{r['quality']} {r['bpp']:.3f}/{r['psnr']:.2f}" for r in rows))
+
+    if cfg.started == 0.0:
+        cfg.started = time.time()
+
+    def progress() -> float:
+        p = step / cfg.max_steps if cfg.max_steps > 0 else cpu_spent / budget
+        if cfg.deadline > cfg.started:
+            p = max(p, (time.time() - cfg.started) / (cfg.deadline - cfg.started))
+        return _synced(p, world)
+
+    model.train()
+    while progress() < 1.0:
+        c0, w0 = time.process_time(), time.perf_counter()
+        lr = cfg.schedule.lr(step, progress())
+        for g in opt.param_groups:
+            g["lr"] = lr
+        x = sampler.batch(cfg.batch)
+        if cfg.quality > 0:
+            quality = torch.full((cfg.batch,), float(cfg.quality))
+        else:
+            quality = torch.randint(1, model.num_qualities + 1, (cfg.batch,), generator=gen).float()
+        loss, bpp, mse = rd_loss(net, model, x, quality)
+        aux = model.aux_loss()
+        opt.zero_grad(set_to_none=True)
+        aux_opt.zero_grad(set_to_none=True)
+        (loss + aux).backward()
+        if cfg.clip > 0:
+            torch.nn.utils.clip_grad_norm_(main_params, cfg.clip)
+        opt.step()
+        aux_opt.step()
+        if ema is not None:
+            ema.update(model)
+        step += 1
+        cpu_spent += _synced(time.process_time() - c0, world)
+        wall_spent += time.perf_counter() - w0
+        acc["loss"] += loss.item()
+        acc["bpp"] += bpp.mean().item()
+        acc["mse"] += mse.mean().item()
+        acc["n"] += 1
+        if step % cfg.log_every == 0 and rank == 0:
+            n, dw = acc["n"], time.perf_counter() - t_log_wall
+            row = {"step": step, "cpu_min": round(cpu_spent / 60, 3), "wall_min": round(wall_spent / 60, 3),
+                   "lr": lr, "loss": acc["loss"] / n, "bpp": acc["bpp"] / n,
+                   "psnr": float(psnr_from_mse(torch.tensor(acc["mse"] / n))), "aux": aux.item(),
+                   "steps_per_s": (step - log_step) / dw,
+                   "images_per_s": (step - log_step) * cfg.batch * world / dw,
+                   "cpu_s_per_step": (time.process_time() - t_log_cpu) / (step - log_step)}
+            _append_csv(out / "train.csv", row)
+            log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+            acc = {"loss": 0.0, "bpp": 0.0, "mse": 0.0, "n": 0}
+            t_log_cpu, t_log_wall, log_step = time.process_time(), time.perf_counter(), step
+        if cpu_spent >= next_val:
+            run_validation()
+            next_val += cfg.val_every_cpu_minutes * 60
+        if cpu_spent >= next_ckpt:
+            save()
+            next_ckpt += cfg.ckpt_every_cpu_minutes * 60
+    save()
+    run_validation()
+    if world > 1:
+        check_replicas_equal(model)
+    return model
+
+
+def check_replicas_equal(model: torch.nn.Module) -> None:
+    """Raise if any parameter differs between DDP ranks (gradients were not averaged identically)."""
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).double()
+    spread = flat.clone()
+    lo = flat.clone()
+    dist.all_reduce(spread, op=dist.ReduceOp.MAX)
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    diff = float((spread - lo).abs().max())
+    if diff != 0.0:
+        raise RuntimeError(f"DDP replicas diverged: max parameter difference {diff:g}")
+
+
+def _synced(value: float, world: int) -> float:
+    """Maximum of ``value`` over ranks, so every rank follows the same schedule and stops together."""
+    if world == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t)

@@ -1,0 +1,97 @@
+"""Shipped weights: export a trained codec to ``lmvic/weights/`` and load it back by name.
+
+A weight file ``<name>.pt`` holds the architecture (size, λ per quality), the state dict with the
+CDF tables already built (``update()``), and parameters stored as float16 when ``half`` (loaded
+back into float32: encoder and decoder use the same rounded weights, so coding stays bit-exact).
+A sidecar ``<name>.json`` records the file's SHA-256; loading checks it, so a missing, truncated or
+altered file is a clear ``WeightsError`` instead of a crash or a silently different decoder.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from pathlib import Path
+
+import torch
+
+from lmvic.models.single_view import SingleViewCodec, build_single_view
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+FORMAT = 1
+
+
+class WeightsError(RuntimeError):
+    """Shipped weights are missing, corrupt or of another format."""
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def export_single_view(state: dict[str, torch.Tensor], size: str, lambdas: tuple[float, ...],
+                       name: str, half: bool = True, directory: Path = WEIGHTS_DIR) -> Path:
+    """Build the codec from ``state``, refresh quantiles and CDFs, and write ``name``.pt/.json."""
+    model = build_single_view(size, lambdas)
+    model.load_state_dict(state, strict=False)
+    if half:  # round the parameters first so the CDF update sees the weights the decoder will use
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(p.half().float())
+    model.update(force=True, update_quantiles=True)
+    sd = {k: (v.half() if half and v.is_floating_point() and not k.endswith("scale_table") else v)
+          for k, v in model.state_dict().items()}
+    buf = io.BytesIO()
+    torch.save({"format": FORMAT, "size": size, "lambdas": list(lambdas), "state_dict": sd}, buf)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{name}.pt"
+    path.write_bytes(buf.getvalue())
+    (directory / f"{name}.json").write_text(json.dumps(
+        {"sha256": _sha256(buf.getvalue()), "size": size, "lambdas": list(lambdas),
+         "qualities": len(lambdas), "half": half}, indent=1) + "\n")
+    return path
+
+
+def load_single_view(name: str = "single_view_cpu", directory: Path = WEIGHTS_DIR) -> SingleViewCodec:
+    """The shipped codec ``name`` in eval mode, CDFs ready for ``compress``/``decompress``."""
+    path, meta_path = directory / f"{name}.pt", directory / f"{name}.json"
+    if not path.exists() or not meta_path.exists():
+        raise WeightsError(f"shipped weights {name!r} not found in {directory} (need {path.name} and {meta_path.name})")
+    data = path.read_bytes()
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise WeightsError(f"corrupt weight metadata {meta_path}: {exc}") from exc
+    if _sha256(data) != meta.get("sha256"):
+        raise WeightsError(f"corrupt weight file {path}: SHA-256 does not match {meta_path.name}")
+    ck = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    if ck.get("format") != FORMAT:
+        raise WeightsError(f"{path} has weight format {ck.get('format')}, expected {FORMAT}")
+    model = build_single_view(ck["size"], tuple(ck["lambdas"]))
+    state = {k: v.float() if v.dtype == torch.float16 else v for k, v in ck["state_dict"].items()}
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def check_quality(model: SingleViewCodec, quality: int) -> int:
+    """``quality`` if it is one of the model's levels 1..Q, else ``WeightsError``."""
+    if not 1 <= quality <= model.num_qualities:
+        raise WeightsError(f"quality {quality} not available: this model has levels 1..{model.num_qualities}")
+    return quality
+
+
+def export_checkpoint(checkpoint: Path, name: str = "single_view_cpu", half: bool = True,
+                      directory: Path = WEIGHTS_DIR) -> Path:
+    """Ship a training checkpoint (its EMA weights when it kept them) as ``name``."""
+    if not checkpoint.exists():
+        raise WeightsError(f"checkpoint not found: {checkpoint}")
+    ck = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    state = {**ck["model"], **(ck.get("ema") or {})}
+    cfg = ck["config"]
+    return export_single_view(state, cfg["size"], tuple(cfg["lambdas"]), name, half, directory)
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(export_checkpoint(Path(sys.argv[1]), *sys.argv[2:3]))

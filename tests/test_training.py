@@ -1,0 +1,113 @@
+"""Training engine: schedules, the uint8 cache, crop sampling, a resumed run, DDP with 2 gloo ranks."""
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+import lmvic  # noqa: F401
+from lmvic.training.data import CropSampler, ImageCache, build_cache, gradient_energy, scene_images
+from lmvic.training.loop import TrainConfig, train
+from lmvic.training.schedule import Schedule
+
+REPO = Path(__file__).parents[1]
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory) -> Path:
+    """Two tiny scenes: noise images and a half-flat/half-noise image."""
+    root = tmp_path_factory.mktemp("scenes")
+    rng = np.random.default_rng(0)
+    (root / "a" / "images").mkdir(parents=True)
+    (root / "b" / "images").mkdir(parents=True)
+    (root / "fox" / "images").mkdir(parents=True)
+    for i in range(2):
+        cv2.imwrite(str(root / "a" / "images" / f"{i}.png"), rng.integers(0, 256, (150, 210, 3), dtype=np.uint8))
+    half = np.full((128, 512, 3), 90, np.uint8)
+    half[:, 256:] = rng.integers(0, 256, (128, 256, 3), dtype=np.uint8)
+    cv2.imwrite(str(root / "b" / "images" / "half.png"), half)
+    cv2.imwrite(str(root / "b" / "disp1.png"), half)  # beside images/, not a view: skipped
+    cv2.imwrite(str(root / "fox" / "images" / "0.png"), half)
+    return root
+
+
+def test_schedules():
+    s = Schedule("cosine", peak_lr=1e-3, final_lr=1e-5, warmup_steps=10)
+    assert s.lr(0, 0.0) == pytest.approx(1e-4)
+    assert s.lr(9, 0.0) == pytest.approx(1e-3)
+    assert s.lr(100, 0.5) == pytest.approx((1e-3 + 1e-5) / 2)
+    assert s.lr(100, 1.0) == pytest.approx(1e-5)
+    step = Schedule("step", peak_lr=1e-3, warmup_steps=0)
+    assert [step.lr(5, p) for p in (0.5, 0.85, 0.97)] == pytest.approx([1e-3, 1e-4, 1e-5])
+    assert Schedule("constant", peak_lr=2e-3, warmup_steps=0).lr(7, 0.99) == 2e-3
+    with pytest.raises(ValueError):
+        Schedule("linear")
+
+
+def test_scene_images_skip_held_out_scenes(scenes):
+    names = {p.parent.parent.name for p in scene_images(scenes)}
+    assert names == {"a", "b"}
+    assert {p.parent.parent.name for p in scene_images(scenes, include=("fox",), exclude=())} == {"fox"}
+
+
+def test_cache_round_trips_pixels_and_scales(scenes, tmp_path):
+    paths = scene_images(scenes, include=("a",))
+    cache = ImageCache(build_cache(paths, tmp_path / "c", max_side=256, scales=(1.0, 0.5), min_side=64))
+    assert len(cache) == 4  # 2 images × 2 scales
+    first = cache.image(0)
+    assert np.array_equal(first, cv2.imread(str(paths[0]))[:, :, ::-1])
+    assert cache.image(1).shape == (91, 128, 3)  # 150×210 → long side 256·0.5 = 128
+    # a second build with the same settings reuses the files
+    mtime = (tmp_path / "c" / "pixels.u8").stat().st_mtime_ns
+    build_cache(paths, tmp_path / "c", max_side=256, scales=(1.0, 0.5), min_side=64)
+    assert (tmp_path / "c" / "pixels.u8").stat().st_mtime_ns == mtime
+
+
+def test_crop_sampler_prefers_texture(scenes, tmp_path):
+    cache = ImageCache(build_cache(scene_images(scenes, include=("b",)), tmp_path / "c", scales=(1.0,)))
+    flat_energy = gradient_energy(np.full((64, 64, 3), 90, np.uint8))
+    one = CropSampler(cache, 64, seed=1, candidates=1)
+    many = CropSampler(cache, 64, seed=1, candidates=16)
+    e_one = np.mean([gradient_energy((b.permute(1, 2, 0).numpy() * 255).astype(np.uint8)) for b in one.batch(32)])
+    e_many = np.mean([gradient_energy((b.permute(1, 2, 0).numpy() * 255).astype(np.uint8)) for b in many.batch(32)])
+    assert flat_energy == 0 and e_many > 1.3 * e_one
+    x = many.batch(3)
+    assert x.shape == (3, 3, 64, 64) and x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
+
+
+def test_train_writes_curves_and_resumes(scenes, tmp_path):
+    cache = build_cache(scene_images(scenes), tmp_path / "cache", max_side=256, scales=(1.0,))
+    cfg = TrainConfig(out_dir=str(tmp_path / "run"), cache_dir=str(cache), crop=64, batch=2, max_steps=3,
+                      schedule=Schedule("cosine", 1e-3, 1e-5, 1), log_every=1, ema_decay=0.9)
+    val = torch.rand(2, 3, 64, 64)
+    train(cfg, val_crops=val, log=lambda s: None)
+    ck = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    assert ck["step"] == 3 and ck["ema"] is not None
+    cfg2 = TrainConfig.from_dict(ck["config"])
+    cfg2.max_steps = 5
+    model = train(cfg2, resume=True, val_crops=val, log=lambda s: None)
+    ck2 = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    assert ck2["step"] == 5 and ck2["cpu_seconds"] > ck["cpu_seconds"]
+    rows = list(csv.DictReader(open(tmp_path / "run" / "train.csv")))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5]
+    val_rows = list(csv.DictReader(open(tmp_path / "run" / "val.csv")))
+    assert {int(r["quality"]) for r in val_rows} == set(range(1, model.num_qualities + 1))
+
+
+def test_ddp_two_gloo_processes(scenes, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           "-m", "pipelines.commands.train", str(tmp_path / "run"), "--scenes", str(scenes),
+           "--cache", str(tmp_path / "cache"), "--steps", "2", "--crop", "64", "--batch", "2",
+           "--warmup", "1", "--val-count", "0"]
+    # train() ends with check_replicas_equal: it raises if the two ranks' weights differ
+    subprocess.run(cmd, check=True, cwd=REPO, env=env, capture_output=True, timeout=240)
+    ck = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    assert ck["step"] == 2
