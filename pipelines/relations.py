@@ -72,21 +72,17 @@ class Views:
 def stage_views(work_dir: Path) -> Views:
     """Views from stage one's outputs: ``sfm/cameras.json`` (K, T, working images) and the depth
     stage's per-view median and mean depth."""
-    from pipelines.geometry_stage import load_cameras
+    from pipelines.geometry_stage import depth_path, load_cameras
+    from pipelines.scene import read_image
 
     work_dir = Path(work_dir)
     for stage in ("sfm", "depth"):
         if read_meta(work_dir / stage) is None:
             raise LmvicError(f"no {stage} results in {work_dir}; run `lmvic run SCENE --stages geometry` first")
     cams = load_cameras(work_dir / "sfm")
-    depth_dir = work_dir / "depth"
-
-    def depth(kind: str, i: int) -> np.ndarray:
-        return np.load(depth_dir / kind / f"{Path(cams.names[i]).stem}.npy")
-
-    from pipelines.scene import read_image
-
-    return Views(names=cams.names, K=cams.K, T=cams.T, depth=depth, image=lambda i: read_image(cams.images[i]))
+    return Views(names=cams.names, K=cams.K, T=cams.T,
+                 depth=lambda kind, i: np.load(depth_path(work_dir / "depth", kind, cams.names[i])),
+                 image=lambda i: read_image(cams.images[i]))
 
 
 def views_from_ground_truth(scene_root: Path) -> Views:

@@ -120,3 +120,57 @@ def test_inspect_report_writes_every_picture(tmp_path):
     target = views.image(0)
     err = np.abs(warped.astype(int) - target.astype(int))[:, :150]
     assert err.mean() < 2.0
+
+
+def write_stage_one(work, views: Views) -> None:
+    """Stage one's output layout (pipelines.geometry_stage) for ``views``, as the runner leaves it."""
+    from PIL import Image
+
+    from pipelines.cache import atomic_write_json
+    from pipelines.geometry_stage import depth_path
+
+    (work / "sfm" / "images").mkdir(parents=True)
+    entries = []
+    for i, name in enumerate(views.names):
+        Image.fromarray(views.image(i)).save(work / "sfm" / "images" / f"{name}.png")
+        entries.append({"name": name, "image": f"images/{name}.png", "width": W, "height": H,
+                        "K": views.K[i].tolist(), "T": views.T[i].tolist()})
+        for kind in ("median", "mean"):
+            path = depth_path(work / "depth", kind, name)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            np.save(path, views.depth(kind, i))
+    atomic_write_json(work / "sfm" / "cameras.json", {"views": entries})
+    for stage in ("sfm", "depth"):
+        atomic_write_json(work / stage / "meta.json", {"stage": stage})
+
+
+def test_stage_run_and_commands_on_stage_one_outputs(tmp_path, capsys):
+    import json
+    from types import SimpleNamespace
+
+    from pipelines.cli import main
+    from pipelines.relations import run
+
+    views = plane_views(XS, NAMES)
+    scene, work = tmp_path / "scene", tmp_path / "scene" / ".lmvic"
+    (scene / "images").mkdir(parents=True)
+    for i, name in enumerate(NAMES):
+        from PIL import Image
+
+        Image.fromarray(views.image(i)).save(scene / "images" / name)
+    assert main(["inspect", str(scene), "-q"]) == 2  # nothing computed yet: a one-line error
+    assert "run `lmvic run SCENE" in capsys.readouterr().err
+    write_stage_one(work, views)
+    (work / "relations").mkdir()
+    summary = run(SimpleNamespace(work_dir=work, out=work / "relations", config=RelationsConfig()))
+    assert summary["order"] == ["a.png", "b.png", "c.png", "d.png"] and summary["empty_masks"]["median"] == []
+    (work / "relations" / "meta.json").write_text(json.dumps({"summary": summary}))
+
+    assert main(["align-compare", str(scene), "-q", "--methods", "median,dis", "--max-pairs", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "median" in out and "dis" in out and "2 pairs" in out
+    table = json.loads((work / "align_compare" / "table.json").read_text())["table"]
+    assert [r["method"] for r in table] == ["median", "dis"] and table[0]["psnr_valid"] > 35
+    assert main(["align-compare", str(scene), "-q", "--methods", "sift"]) == 2
+    assert main(["inspect", str(scene), "-q"]) == 0
+    assert (work / "inspect" / "index.html").is_file()
