@@ -105,7 +105,7 @@ def warp_to_positions(reference: np.ndarray, positions: np.ndarray | None, size:
     h, w = size
     if positions is None:
         return np.zeros((h, w, 3), np.float32), np.zeros((h, w), bool)
-    ref = torch.from_numpy(np.ascontiguousarray(reference)).permute(2, 0, 1)[None].float() / 255.0
+    ref = torch.tensor(np.asarray(reference), dtype=torch.float32).permute(2, 0, 1)[None] / 255.0
     pos = torch.from_numpy(np.asarray(positions, np.float32))[None]
     warped = sample(ref, pos)[0].permute(1, 2, 0).numpy()
     valid = (inside(pos, *reference.shape[:2]) & torch.isfinite(pos).all(-1))[0].numpy()

@@ -29,10 +29,9 @@ import torch
 import torch.nn.functional as F
 
 from geometry.align_baselines import METHODS as FLAT_METHODS, align
-from geometry.warp import backward_warp, relate
 from pipelines import metrics
 from pipelines.cache import atomic_write_bytes, atomic_write_json
-from pipelines.relations import DEPTH_KINDS, Views
+from pipelines.relations import DEPTH_KINDS, Views, warp_views
 
 ALL_METHODS = (*DEPTH_KINDS, *FLAT_METHODS)
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
@@ -86,26 +85,13 @@ def masked_ms_ssim(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
     return float(torch.stack(factors).prod(0).mean())
 
 
-def warp_with_depth(views: Views, kind: str, target: int, reference: int, tau: float):
-    """(warped reference [H, W, 3] float32, trust mask [H, W]) from ``kind`` depth."""
-    def batch(x) -> torch.Tensor:
-        return torch.as_tensor(np.asarray(x), dtype=torch.float32)[None]
-
-    rel = relate(batch(views.depth(kind, target)), batch(views.K[target]), batch(views.T[target]),
-                 batch(views.depth(kind, reference)), batch(views.K[reference]), batch(views.T[reference]),
-                 tau=tau)
-    ref = batch(views.image(reference)).permute(0, 3, 1, 2) / 255.0
-    warped = backward_warp(ref, rel.disparity)[0].permute(1, 2, 0).numpy()
-    return warped, rel.mask[0].numpy()
-
-
 def align_pair(views: Views, target: int, reference: int, tau: float, methods: Sequence[str] = ALL_METHODS):
     """{method: (warped [H, W, 3] float32, valid [H, W] bool, seconds)}."""
     out = {}
     for method in methods:
         start = time.perf_counter()
         if method in DEPTH_KINDS:
-            warped, valid = warp_with_depth(views, method, target, reference, tau)
+            warped, valid = warp_views(views, method, target, reference, tau)
         else:
             warped, valid = align(method, views.image(target), views.image(reference))
         out[method] = (warped, valid, time.perf_counter() - start)

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from geometry.cameras import camera_centres
-from pipelines.relations import DEPTH_KINDS, Views
+from pipelines.relations import DEPTH_KINDS, Views, warp_views
 
 ERROR_MAX = 64.0  # colour-bar top of the error maps, in 8-bit levels
 TINT = np.array([255, 40, 40], np.float32)
@@ -145,8 +145,6 @@ def camera_plot(views: Views, order: Sequence[int], path: Path) -> None:
 
 def view_pictures(views: Views, target: int, reference: int | None, relations, out: Path) -> dict[str, str]:
     """Write one view's pictures into ``out``; returns {label: file name}."""
-    from pipelines.align_compare import warp_with_depth
-
     files = {}
     depths = [views.depth(kind, target) for kind in DEPTH_KINDS]
     kw = _depth_kw(*_depth_range(depths))
@@ -160,7 +158,7 @@ def view_pictures(views: Views, target: int, reference: int | None, relations, o
     errors = []
     for kind in DEPTH_KINDS:
         _, mask = relations.load(kind, views.names[target])
-        warped, _ = warp_with_depth(views, kind, target, reference, relations.info["tau"])
+        warped, _ = warp_views(views, kind, target, reference, relations.info["tau"])
         warped8 = np.clip(np.round(warped * 255), 0, 255).astype(np.uint8)
         overlay = mask_overlay(image, mask)
         save_png(out / f"mask_{kind}.png", overlay)

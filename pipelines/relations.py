@@ -25,7 +25,7 @@ import torch
 
 from geometry.distance import view_distances
 from geometry.ordering import OrderError, references, resolve_order
-from geometry.warp import multiscale, relate
+from geometry.warp import Relation, backward_warp, multiscale, relate
 from pipelines.cache import atomic_save_npy, atomic_write_bytes, atomic_write_json, read_json, read_meta
 from pipelines.errors import LmvicError
 
@@ -112,14 +112,28 @@ def coding_order(views: Views, config: RelationsConfig) -> tuple[np.ndarray, lis
     return distances.numpy(), order
 
 
+def _batch(x) -> torch.Tensor:
+    """[1, ...] float32 tensor (a copy) of an array."""
+    return torch.tensor(np.asarray(x), dtype=torch.float32)[None]
+
+
+def relate_views(views: Views, kind: str, target: int, reference: int, tau: float) -> Relation:
+    """:func:`geometry.warp.relate` from view ``target`` to view ``reference`` with ``kind`` depth."""
+    return relate(_batch(views.depth(kind, target)), _batch(views.K[target]), _batch(views.T[target]),
+                  _batch(views.depth(kind, reference)), _batch(views.K[reference]), _batch(views.T[reference]),
+                  tau=tau)
+
+
+def warp_views(views: Views, kind: str, target: int, reference: int, tau: float) -> tuple[np.ndarray, np.ndarray]:
+    """(reference image warped onto the target [H, W, 3] float32 in [0, 1], trust mask [H, W])."""
+    rel = relate_views(views, kind, target, reference, tau)
+    ref = _batch(views.image(reference)).permute(0, 3, 1, 2) / 255.0
+    return backward_warp(ref, rel.disparity)[0].permute(1, 2, 0).numpy(), rel.mask[0].numpy()
+
+
 def relate_pair(views: Views, kind: str, target: int, reference: int, config: RelationsConfig):
     """{factor: (disparity [2, h, w], mask [h, w])} from ``target`` to ``reference`` (NumPy)."""
-    def batch(x: np.ndarray) -> torch.Tensor:
-        return torch.as_tensor(np.asarray(x), dtype=torch.float32)[None]
-
-    rel = relate(batch(views.depth(kind, target)), batch(views.K[target]), batch(views.T[target]),
-                 batch(views.depth(kind, reference)), batch(views.K[reference]), batch(views.T[reference]),
-                 tau=config.tau)
+    rel = relate_views(views, kind, target, reference, config.tau)
     scales = multiscale(rel.disparity, rel.mask, scale_factors(config.coarsest))
     return {f: (d[0].numpy(), (rel.mask[0].numpy() if f == 1 else m[0, 0].numpy())) for f, (d, m) in scales.items()}
 
