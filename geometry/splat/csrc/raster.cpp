@@ -46,8 +46,9 @@ inline bool evaluate(const Splat &s, float px, float py, float &sigma, float &vi
     return !(sigma < 0.f || alpha < kAlphaThreshold);
 }
 
-// Largest sigma at which alpha can still reach the threshold (plus a safety margin), or < 0 when
-// the splat can never reach it.
+// Largest sigma at which alpha can still reach the threshold, or < 0 when the splat never does.
+// The margin (about 0.1 % of the radius) covers float rounding of the ellipse spans below, so the
+// spans are a superset of the pixels the exact per-pixel test accepts.
 inline float sigma_limit(float opacity) {
     if (!(opacity >= kAlphaThreshold)) return -1.f;
     const float s = std::log(opacity / kAlphaThreshold);
@@ -63,8 +64,9 @@ inline bool row_range(const Splat &s, float smax, const TileBox &t, int &r0, int
         return true;
     }
     const float half_h = std::sqrt(2.f * smax * s.a / det);
-    r0 = std::max(t.y0, (int)std::floor(s.y - half_h - 0.5f) - 1);
-    r1 = std::min(t.y1, (int)std::ceil(s.y + half_h - 0.5f) + 2);
+    // pixel centres row + 0.5 in [y - half_h, y + half_h]
+    r0 = std::max(t.y0, (int)std::ceil(s.y - half_h - 0.5f));
+    r1 = std::min(t.y1, (int)std::floor(s.y + half_h - 0.5f) + 1);
     return r0 < r1;
 }
 
@@ -84,8 +86,8 @@ inline bool col_range(const Splat &s, float smax, const TileBox &t, int row, int
     // dx = x_mean - px in [(-bdy - root) / a, (-bdy + root) / a]
     const float px_lo = s.x - (-bdy + root) / s.a;
     const float px_hi = s.x - (-bdy - root) / s.a;
-    c0 = std::max(t.x0, (int)std::floor(px_lo - 0.5f) - 1);
-    c1 = std::min(t.x1, (int)std::ceil(px_hi - 0.5f) + 2);
+    c0 = std::max(t.x0, (int)std::ceil(px_lo - 0.5f));
+    c1 = std::min(t.x1, (int)std::floor(px_hi - 0.5f) + 1);
     return c0 < c1;
 }
 
