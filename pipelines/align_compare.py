@@ -102,6 +102,7 @@ def scores(target: np.ndarray, warped: np.ndarray, valid: np.ndarray, seconds: f
     """The metrics of one warped reference (float [H, W, 3] in [0, 1], rounded to 8 bits here)
     against its target (uint8 [H, W, 3])."""
     w8 = np.clip(np.round(warped * 255.0), 0, 255).astype(np.uint8)
+    target = np.array(target)  # a writable copy (decoded images may be read-only)
     return {
         "psnr_all": metrics.psnr(target, w8),
         "psnr_valid": masked_psnr(target, w8, valid),
