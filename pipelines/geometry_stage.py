@@ -6,17 +6,26 @@ Outputs (inside the work folder):
 * ``sfm/sparse/``            the undistorted COLMAP model (PINHOLE)
 * ``sfm/cameras.json``       per registered view: name, image, width, height, K, T (world-to-camera)
 * ``sfm/points.npz``         SfM points (xyz float64 [P, 3], rgb uint8 [P, 3])
+* ``splat/gaussians.ply``    the fitted Gaussians, standard 3DGS PLY layout
+* ``depth/<kind>/<stem>.npy`` float32 [H, W] camera-z depth at the working resolution, kind in
+  (median, mean); 0 marks pixels without depth
+* ``depth/png/<stem>_<kind>.png`` colour-mapped previews with a colour bar
 """
 from __future__ import annotations
 
 import logging
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
+from tqdm import tqdm
 
 from geometry import sfm
+from geometry.depth import render_depths, save_depth_png
+from geometry.gaussian_fit import FitConfig, FitDiverged, fit_gaussians
+from geometry.ply import read_ply, write_ply
 from pipelines.cache import atomic_write_json, read_json
 from pipelines.errors import LmvicError
 from pipelines.scene import read_image
@@ -93,3 +102,57 @@ def run_sfm(ctx: StageContext) -> dict:
     np.savez(ctx.out / "points.npz", xyz=result.points, rgb=result.colors)
     return {"registered": len(result.names), "total": len(originals), "excluded": result.excluded,
             "points": int(len(result.points)), "source": result.source}
+
+
+def run_splat(ctx: StageContext) -> dict:
+    config: FitConfig = ctx.config
+    cameras = load_cameras(ctx.stage_dir("sfm"))
+    points = np.load(ctx.stage_dir("sfm") / "points.npz")
+    try:
+        gaussians = fit_gaussians(points["xyz"], points["rgb"], cameras.load_images(), cameras.K, cameras.T,
+                                  config, progress=not ctx.quiet)
+    except FitDiverged as exc:
+        raise LmvicError(str(exc)) from exc
+    write_ply(ctx.out / "gaussians.ply", gaussians)
+    return {"gaussians": len(gaussians), "views": len(cameras)}
+
+
+@dataclass(frozen=True)
+class DepthConfig:
+    mean_min_alpha: float = field(default=0.5, metadata={"help": "mean depth is valid where the opacity reaches this"})
+    previews: bool = field(default=True, metadata={"help": "write colour-mapped PNG previews"})
+
+
+DEPTH_KINDS = ("median", "mean")
+
+
+def depth_path(depth_dir: Path, kind: str, name: str) -> Path:
+    """Where the depth map of one view (its original file name) is stored."""
+    return Path(depth_dir) / kind / f"{Path(name).stem}.npy"
+
+
+def load_depth(depth_dir: Path, kind: str, name: str) -> np.ndarray:
+    """float32 [H, W] camera-z depth of a view; 0 = no depth."""
+    return np.load(depth_path(depth_dir, kind, name))
+
+
+def run_depth(ctx: StageContext) -> dict:
+    config: DepthConfig = ctx.config
+    cameras = load_cameras(ctx.stage_dir("sfm"))
+    gaussians = read_ply(ctx.stage_dir("splat") / "gaussians.ply")
+    valid_fraction = {kind: [] for kind in DEPTH_KINDS}
+    views = zip(cameras.names, cameras.sizes, cameras.K, cameras.T)
+    for name, (width, height), K, T in tqdm(list(views), desc="depth", disable=ctx.quiet, unit="view"):
+        median, mean, _, _ = render_depths(gaussians, torch.from_numpy(K[None]), torch.from_numpy(T[None]),
+                                           width, height, config.mean_min_alpha)
+        for kind, depth in zip(DEPTH_KINDS, (median[0].numpy(), mean[0].numpy())):
+            path = depth_path(ctx.out, kind, name)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            np.save(path, depth.astype(np.float32))
+            valid_fraction[kind].append(float((depth > 0).mean()))
+            if config.previews:
+                save_depth_png(ctx.out / "png" / f"{Path(name).stem}_{kind}.png", depth, depth > 0,
+                               title=f"{name}: {kind} depth")
+        if valid_fraction["median"][-1] == 0.0:
+            log.warning("view %s has no valid median depth", name)
+    return {kind: {"mean_valid_fraction": float(np.mean(v))} for kind, v in valid_fraction.items()}

@@ -76,6 +76,12 @@ def _resolve(ref: str) -> Any:
 STAGES: tuple[Stage, ...] = (
     Stage("sfm", "geometry", "geometry.sfm:SfmConfig", "pipelines.geometry_stage:run_sfm", _scene_images,
           "COLMAP structure-from-motion (pycolmap), undistorted to PINHOLE"),
+    Stage("splat", "geometry", "geometry.gaussian_fit:FitConfig", "pipelines.geometry_stage:run_splat",
+          description="3D Gaussian Splatting fit on the CPU; gaussians.ply"),
+    Stage("depth", "geometry", "pipelines.geometry_stage:DepthConfig", "pipelines.geometry_stage:run_depth",
+          description="median and mean depth of every view"),
+    Stage("relations", "relations", "pipelines.relations:RelationsConfig", "pipelines.relations:run",
+          description="view distances, coding order, disparity and trust masks at every scale"),
 )
 GROUPS = ("geometry", "relations", "compress")
 
