@@ -72,7 +72,7 @@ class Views:
 def stage_views(work_dir: Path) -> Views:
     """Views from stage one's outputs: ``sfm/cameras.json`` (K, T, working images) and the depth
     stage's per-view median and mean depth."""
-    from pipelines.geometry_stage import depth_path, load_cameras
+    from pipelines.geometry_stage import load_cameras, load_depth
     from pipelines.scene import read_image
 
     work_dir = Path(work_dir)
@@ -81,7 +81,7 @@ def stage_views(work_dir: Path) -> Views:
             raise LmvicError(f"no {stage} results in {work_dir}; run `lmvic run SCENE --stages geometry` first")
     cams = load_cameras(work_dir / "sfm")
     return Views(names=cams.names, K=cams.K, T=cams.T,
-                 depth=lambda kind, i: np.load(depth_path(work_dir / "depth", kind, cams.names[i])),
+                 depth=lambda kind, i: load_depth(work_dir / "depth", kind, cams.names[i]),
                  image=lambda i: read_image(cams.images[i]))
 
 
