@@ -16,13 +16,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 import lmvic  # noqa: F401
-from lmvic.models.single_view import build_single_view
+from lmvic.zoo import checkpoint_model
 from lmvic.training.loop import validate
-from pipelines.commands.eval_image import bd_rates, plot_rd, read_image
+from pipelines.commands.eval_image import bd_rates, landscape_batch, plot_rd
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS: dict[str, list[str]] = {
@@ -34,20 +33,10 @@ CONFIGS: dict[str, list[str]] = {
 }
 
 
-def kodak_tensor(folder: Path) -> torch.Tensor:
-    """All PNGs of ``folder`` as (n, 3, 512, 768) in [0, 1] (portrait images transposed)."""
-    imgs = []
-    for p in sorted(folder.glob("*.png")):
-        a = read_image(p)
-        imgs.append(a.transpose(1, 0, 2) if a.shape[0] > a.shape[1] else a)
-    return torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float().div(255)
-
-
 def probe(ckpt: Path, images: torch.Tensor) -> dict[str, list[float]]:
     """Estimated Kodak RD of a training checkpoint (EMA weights if present)."""
+    model, _ = checkpoint_model(ckpt)
     ck = torch.load(ckpt, map_location="cpu", weights_only=False)
-    model = build_single_view(ck["config"]["size"], tuple(ck["config"]["lambdas"]))
-    model.load_state_dict({**ck["model"], **(ck.get("ema") or {})})
     rows = validate(model, images, batch=1)
     return {"bpp": [r["bpp"] for r in rows], "psnr-rgb": [r["psnr"] for r in rows],
             "cpu_min": ck["cpu_seconds"] / 60, "steps": ck["step"]}
@@ -59,6 +48,7 @@ def main() -> None:
     ap.add_argument("--kodak", type=Path, default=Path("/work/shared/kodak"))
     ap.add_argument("--runs", type=Path, default=ROOT / "runs" / "schedules")
     ap.add_argument("--only", default="", help="comma-separated subset of configurations")
+    ap.add_argument("--every", type=int, default=1, help="probe every k-th Kodak image (1: all 24)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     names = args.only.split(",") if args.only else list(CONFIGS)
@@ -67,13 +57,13 @@ def main() -> None:
         if (run / "curves.png").exists():
             continue
         cmd = [sys.executable, "-m", "pipelines.commands.train", str(run), "--minutes", str(args.minutes),
-               "--threads", "1", "--val-every", str(args.minutes / 2), "--ckpt-every", "2",
+               "--threads", "1", "--val-every", str(args.minutes / 2), "--ckpt-every", "1",
                "--cache", str(ROOT / "runs" / "cache"), *CONFIGS[name]]
         if (run / "checkpoint.pt").exists():
             cmd.append("--resume")
         print("training", name, flush=True)
         subprocess.run(cmd, check=True, cwd=ROOT)
-    images = kodak_tensor(args.kodak)
+    images = landscape_batch(sorted(args.kodak.glob("*.png"))[:: args.every])
     results, out = {}, ROOT / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "schedules.csv", "w", newline="") as f:
@@ -92,8 +82,8 @@ def main() -> None:
         bd = bd_rates(r, anchors) if len(r["bpp"]) >= 4 else {}
         pts = " ".join(f"{b:.3f}/{p:.2f}" for b, p in zip(r["bpp"], r["psnr-rgb"]))
         hp = bd.get("bmshj2018-hyperprior")
-        print(f"{name:24s} {r['cpu_min']:5.1f} CPU-min {r['steps']:5d} steps  "
-              f"BD vs hyperprior {'n/a' if hp is None else f'{hp:+.1f} %':>8s}  {pts}")
+        hp = f"{hp:+.1f} %" if isinstance(hp, float) else "n/a"
+        print(f"{name:24s} {r['cpu_min']:5.1f} CPU-min {r['steps']:5d} steps  BD vs hyperprior {hp:>8s}  {pts}")
     plot_rd(results, anchors, out / "schedules.png", "Kodak (estimated), equal CPU time per config")
 
 

@@ -80,15 +80,25 @@ def check_quality(model: SingleViewCodec, quality: int) -> int:
     return quality
 
 
-def export_checkpoint(checkpoint: Path, name: str = "single_view_cpu", half: bool = True,
-                      directory: Path = WEIGHTS_DIR) -> Path:
-    """Ship a training checkpoint (its EMA weights when it kept them) as ``name``."""
+def checkpoint_model(checkpoint: Path) -> tuple[SingleViewCodec, dict]:
+    """(codec, training config) from a training checkpoint or snapshot, its EMA weights when kept.
+
+    The codec is in training mode with no CDFs; call ``update()`` before coding.
+    """
     if not checkpoint.exists():
         raise WeightsError(f"checkpoint not found: {checkpoint}")
     ck = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    state = {**ck["model"], **(ck.get("ema") or {})}
     cfg = ck["config"]
-    return export_single_view(state, cfg["size"], tuple(cfg["lambdas"]), name, half, directory)
+    model = build_single_view(cfg["size"], tuple(cfg["lambdas"]))
+    model.load_state_dict({**ck["model"], **(ck.get("ema") or {})})
+    return model, cfg
+
+
+def export_checkpoint(checkpoint: Path, name: str = "single_view_cpu", half: bool = True,
+                      directory: Path = WEIGHTS_DIR) -> Path:
+    """Ship a training checkpoint (its EMA weights when it kept them) as ``name``."""
+    model, cfg = checkpoint_model(checkpoint)
+    return export_single_view(model.state_dict(), cfg["size"], tuple(cfg["lambdas"]), name, half, directory)
 
 
 if __name__ == "__main__":

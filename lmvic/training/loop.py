@@ -4,7 +4,8 @@ One process trains on ``threads`` threads; under ``torchrun`` (``WORLD_SIZE`` > 
 samples its own crops and DistributedDataParallel averages gradients (gloo on the CPU, NCCL on
 GPUs). The budget is CPU seconds of this process (``time.process_time``) or a step count;
 schedules see the fraction spent. Rank 0 writes ``train.csv`` (every ``log_every`` steps),
-``val.csv`` (fixed validation crops, every quality), ``checkpoint.pt`` (atomically) and a log.
+``val.csv`` (fixed validation crops, every quality) with a weights-only snapshot per validation
+(``snapshots/stepNNNNNN.pt``, EMA weights when kept), ``checkpoint.pt`` (atomically) and a log.
 """
 from __future__ import annotations
 
@@ -104,16 +105,18 @@ def validate(model: SingleViewCodec, images: Tensor, batch: int = 4) -> list[dic
 
 
 class EMA:
-    """Exponential moving average of a model's floating-point parameters."""
+    """Exponential moving average of a model's parameters, decay warmed up as min(d, (1+t)/(10+t))
+    so the average does not drag the random initial weights through a short run."""
 
     def __init__(self, model: torch.nn.Module, decay: float):
         self.decay = decay
         self.shadow = {k: v.detach().clone() for k, v in model.named_parameters()}
 
     @torch.no_grad()
-    def update(self, model: torch.nn.Module) -> None:
+    def update(self, model: torch.nn.Module, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
         for k, v in model.named_parameters():
-            self.shadow[k].lerp_(v.detach(), 1 - self.decay)
+            self.shadow[k].lerp_(v.detach(), 1 - d)
 
     def averaged_state(self, model: torch.nn.Module) -> dict[str, Tensor]:
         """The model's state dict with the averaged parameters substituted."""
@@ -171,7 +174,9 @@ def train(cfg: TrainConfig, resume: bool = False, val_crops: Tensor | None = Non
             ema.shadow = ck["ema"]
         step, cpu_spent, wall_spent = ck["step"], ck["cpu_seconds"], ck["wall_seconds"]
         log(f"resumed at step {step}, {cpu_spent / 60:.1f} CPU-min")
-    elif rank == 0:
+    elif rank == 0:  # a fresh run: curves of an earlier, unfinished attempt in this folder go
+        for stale in ("train.csv", "val.csv"):
+            (out / stale).unlink(missing_ok=True)
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
     net = DistributedDataParallel(model) if world > 1 else model
     sampler = CropSampler(ImageCache(Path(cfg.cache_dir)), cfg.crop, seed=cfg.seed * 1000 + rank + 7919 * step)
@@ -196,6 +201,10 @@ def train(cfg: TrainConfig, resume: bool = False, val_crops: Tensor | None = Non
         if ema is not None:
             probe = build_single_view(cfg.size, cfg.lambdas)
             probe.load_state_dict(ema.averaged_state(model))
+        snap = out / "snapshots"
+        snap.mkdir(exist_ok=True)
+        torch.save({"model": probe.state_dict(), "step": step, "cpu_seconds": cpu_spent,
+                    "config": dataclasses.asdict(cfg)}, snap / f"step{step:06d}.pt")
         rows = validate(probe, val_crops)
         for row in rows:
             _append_csv(out / "val.csv", {"step": step, "cpu_min": round(cpu_spent / 60, 3), **row})
@@ -231,7 +240,7 @@ def train(cfg: TrainConfig, resume: bool = False, val_crops: Tensor | None = Non
         opt.step()
         aux_opt.step()
         if ema is not None:
-            ema.update(model)
+            ema.update(model, step)
         step += 1
         cpu_spent += _synced(time.process_time() - c0, world)
         wall_spent += time.perf_counter() - w0

@@ -41,25 +41,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def load_model(weights: str, checkpoint: Path | None):
     """The shipped codec ``weights``, or a training checkpoint's (EMA if present) with fresh CDFs."""
-    import torch
+    from lmvic.zoo import WeightsError, checkpoint_model, load_single_view
 
-    from lmvic.models.single_view import build_single_view
-    from lmvic.zoo import WeightsError, load_single_view
-
-    if checkpoint is None:
-        try:
+    try:
+        if checkpoint is None:
             return load_single_view(weights)
-        except WeightsError as exc:
-            raise LmvicError(str(exc)) from exc
-    if not checkpoint.exists():
-        raise LmvicError(f"checkpoint not found: {checkpoint}")
-    ck = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    cfg = ck["config"]
-    model = build_single_view(cfg["size"], tuple(cfg["lambdas"]))
-    state = ck["model"]
-    if ck.get("ema"):
-        state = {**state, **ck["ema"]}
-    model.load_state_dict(state)
+        model, _ = checkpoint_model(checkpoint)
+    except WeightsError as exc:
+        raise LmvicError(str(exc)) from exc
     model.update(force=True, update_quantiles=True)
     return model.eval()
 
@@ -72,6 +61,17 @@ def read_image(path: Path) -> np.ndarray:
     if img is None:
         raise LmvicError(f"cannot decode image {path}")
     return np.ascontiguousarray(img[:, :, ::-1])
+
+
+def landscape_batch(paths: list[Path]) -> "torch.Tensor":
+    """Images of one size up to orientation (e.g. Kodak) as (n, 3, H, W) in [0, 1], portrait ones transposed."""
+    import torch
+
+    imgs = [read_image(p) for p in paths]
+    imgs = [a.transpose(1, 0, 2) if a.shape[0] > a.shape[1] else a for a in imgs]
+    if len({a.shape for a in imgs}) != 1:
+        raise LmvicError("images differ in size beyond orientation")
+    return torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float().div(255)
 
 
 def encode_image(model, rgb: np.ndarray, quality: int) -> bytes:
@@ -135,23 +135,20 @@ def load_anchor(path: Path) -> dict[str, list[float]]:
     return json.loads(path.read_text())["results"]
 
 
-def bd_rates(results: dict[str, list[float]], anchors_dir: Path) -> dict[str, float | None]:
-    """BD-rate (%) of ``results`` against each anchor in ``ANCHORS`` (PSNR-RGB; None: no overlap)."""
-    import bjontegaard as bd
+def bd_rates(results: dict[str, list[float]], anchors_dir: Path) -> dict[str, float | str]:
+    """BD-rate (%) of ``results`` against each anchor in ``ANCHORS`` on PSNR-RGB (Akima, common
+    PSNR range); where it cannot be computed, the reason."""
+    from pipelines.rd import BDRateError, bd_rate
 
-    out: dict[str, float | None] = {}
+    out: dict[str, float | str] = {}
     for label, fname in ANCHORS.items():
-        path = anchors_dir / fname
-        if not path.exists():
+        if not (anchors_dir / fname).exists():
             continue
-        a = load_anchor(path)
+        a = load_anchor(anchors_dir / fname)
         try:
-            out[label] = float(bd.bd_rate(a["bpp"], a["psnr-rgb"], results["bpp"], results["psnr-rgb"],
-                                          method="akima", require_matching_points=False, min_overlap=0.0))
-        except Exception:  # the package raises plain ValueError/AssertionError when curves do not overlap
-            out[label] = None
-        if out[label] is not None and not math.isfinite(out[label]):
-            out[label] = None
+            out[label] = bd_rate(a["bpp"], a["psnr-rgb"], results["bpp"], results["psnr-rgb"], min_overlap=0.2)
+        except BDRateError as exc:
+            out[label] = str(exc)
     return out
 
 
@@ -204,5 +201,5 @@ def run(args: argparse.Namespace) -> None:
          "results": results, "bd_rate_percent": bd}, indent=1) + "\n")
     plot_rd({args.name: results}, anchors, args.out / f"{stem}.png", f"{args.folder.name}: {args.name}")
     for label, v in bd.items():
-        print(f"BD-rate vs {label}: " + ("no overlap" if v is None else f"{v:+.1f} %"))
+        print(f"BD-rate vs {label}: " + (v if isinstance(v, str) else f"{v:+.1f} %"))
     print(f"wrote {args.out / (stem + '.json')} and {args.out / (stem + '.png')}")

@@ -23,7 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     p.add_argument("--final-lr", type=float, default=1e-5)
     p.add_argument("--warmup", type=int, default=300, help="warm-up steps")
-    p.add_argument("--minutes", type=float, default=60.0, help="budget in CPU-minutes of this process")
+    p.add_argument("--minutes", type=float, default=None, help="budget in CPU-minutes of this process (default 60)")
     p.add_argument("--steps", type=int, default=0, help="budget in steps instead (0: use --minutes)")
     p.add_argument("--until", default="", help="UTC wall-clock end HH:MM (schedule finishes by then)")
     p.add_argument("--ema", type=float, default=0.0, help="EMA decay of the weights (0: off)")
@@ -32,7 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--val-every", type=float, default=5.0, help="validation period, CPU-minutes")
     p.add_argument("--ckpt-every", type=float, default=3.0, help="checkpoint period, CPU-minutes")
     p.add_argument("--val-count", type=int, default=8, help="validation crops (from held-out scenes)")
-    p.add_argument("--resume", action="store_true", help="continue RUN_DIR/checkpoint.pt with its config")
+    p.add_argument("--resume", action="store_true", help="continue RUN_DIR/checkpoint.pt with its config (--threads, --until, --minutes may change)")
     p.set_defaults(handler=run)
 
 
@@ -53,6 +53,10 @@ def run(args: argparse.Namespace) -> None:
         saved = torch.load(ckpt, map_location="cpu", weights_only=False)["config"]
         cfg = TrainConfig.from_dict(saved)
         cfg.threads = args.threads
+        if args.until:  # move the schedule's end (e.g. the machine got busier than planned)
+            cfg.deadline = utc_deadline(args.until)
+        if args.minutes is not None:
+            cfg.budget_cpu_minutes = args.minutes
     else:
         if ckpt.exists():
             raise LmvicError(f"{ckpt} exists: pass --resume or choose another run folder")
@@ -71,7 +75,7 @@ def run(args: argparse.Namespace) -> None:
             out_dir=str(args.run_dir), cache_dir=str(build_cache(paths, cache)), size=args.size,
             quality=args.quality, crop=args.crop, batch=args.batch,
             schedule=Schedule(args.schedule, args.lr, args.final_lr, args.warmup),
-            budget_cpu_minutes=args.minutes, max_steps=args.steps, deadline=utc_deadline(args.until),
+            budget_cpu_minutes=60.0 if args.minutes is None else args.minutes, max_steps=args.steps, deadline=utc_deadline(args.until),
             ema_decay=args.ema,
             threads=args.threads, seed=args.seed, val_every_cpu_minutes=args.val_every,
             ckpt_every_cpu_minutes=args.ckpt_every, val_images=tuple(str(p) for p in val))

@@ -1,0 +1,91 @@
+"""Kodak figures of the shipped single-view codec: real bytes at every quality, BD-rates, RD plot.
+
+Also, with ``--snapshots``, the curve of BD-rate (vs CompressAI's bmshj2018-hyperprior) against
+training CPU-hours, from the weight snapshots a run keeps; those points are estimated with a
+hard-quantised forward (likelihood bpp), which real coding matches within about 1 %.
+
+    .venv/bin/python benchmarks/kodak.py [--snapshots runs/main/snapshots]
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from pathlib import Path
+
+import torch
+
+import lmvic  # noqa: F401
+from lmvic.training.loop import validate
+from lmvic.zoo import checkpoint_model, load_single_view
+from pipelines.commands.eval_image import bd_rates, evaluate, landscape_batch, plot_rd
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "benchmarks" / "results"
+
+
+def snapshot_curve(snap_dir: Path, kodak: Path) -> list[dict]:
+    """Estimated Kodak BD-rate vs hyperprior for every snapshot, in training order."""
+    images = landscape_batch(sorted(kodak.glob("*.png")))
+    rows = []
+    for snap in sorted(snap_dir.glob("step*.pt")):
+        model, _ = checkpoint_model(snap)
+        est = validate(model, images, batch=1)
+        res = {"bpp": [r["bpp"] for r in est], "psnr-rgb": [r["psnr"] for r in est]}
+        bd = bd_rates(res, kodak / "compressai-results")
+        ck = torch.load(snap, map_location="cpu", weights_only=False)
+        rows.append({"snapshot": snap.name, "step": ck["step"], "cpu_hours": ck["cpu_seconds"] / 3600,
+                     **{f"bd_{k}": (v if isinstance(v, float) else float("nan")) for k, v in bd.items()}})
+        print(rows[-1], flush=True)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--kodak", type=Path, default=Path("/work/shared/kodak"))
+    ap.add_argument("--weights", default="single_view_cpu")
+    ap.add_argument("--snapshots", type=Path, default=None, help="a run's snapshots folder")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    OUT.mkdir(parents=True, exist_ok=True)
+    anchors = args.kodak / "compressai-results"
+    if args.snapshots is not None:
+        rows = snapshot_curve(args.snapshots, args.kodak)
+        with open(OUT / "kodak_bd_vs_cpu_hours.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for key in [k for k in rows[0] if k.startswith("bd_")]:
+            ax.plot([r["cpu_hours"] for r in rows], [r[key] for r in rows], "o-", label=key[3:])
+        ax.axhline(0, color="k", lw=0.5)
+        ax.set(xlabel="training CPU-hours", ylabel="Kodak BD-rate (%) (estimated)", title="BD-rate vs CPU time")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(OUT / "kodak_bd_vs_cpu_hours.png", dpi=110)
+        return
+    model = load_single_view(args.weights)
+    results = evaluate(model, sorted(args.kodak.glob("*.png")), list(range(1, model.num_qualities + 1)))
+    bd = bd_rates(results, anchors)
+    name = "lmvic-single-view-cpu"
+    (OUT / "kodak_single_view.json").write_text(json.dumps(
+        {"name": name, "description": "lmvic variable-rate single-view codec (cpu size), real bytes, 24 Kodak images",
+         "results": results, "bd_rate_percent": bd}, indent=1) + "\n")
+    plot_rd({name: results}, anchors, OUT / "kodak_single_view.png", "Kodak")
+    print(f"{'q':>2s} {'bpp':>7s} {'PSNR':>6s} {'MS-SSIM':>7s} {'enc s':>6s} {'dec s':>6s}")
+    for i in range(len(results["bpp"])):
+        print(f"{i + 1:2d} {results['bpp'][i]:7.4f} {results['psnr-rgb'][i]:6.2f} {results['ms-ssim-rgb'][i]:7.4f} "
+              f"{results['encoding_time'][i]:6.2f} {results['decoding_time'][i]:6.2f}")
+    for label, v in bd.items():
+        print(f"BD-rate vs {label}: " + (v if isinstance(v, str) else f"{v:+.1f} %"))
+
+
+if __name__ == "__main__":
+    main()
