@@ -181,7 +181,7 @@ def _figure(views: Views, shown: list[tuple[int, int, dict]], path: Path) -> Non
             ax.set_title(title, fontsize=7)
             ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 

@@ -83,7 +83,7 @@ def _panels(path: Path, panels: list[tuple[str, np.ndarray, dict]], colorbar: st
     if colorbar and mappable is not None:
         fig.colorbar(mappable, ax=axes.ravel().tolist(), shrink=0.8, label=colorbar)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -139,7 +139,7 @@ def camera_plot(views: Views, order: Sequence[int], path: Path) -> None:
     ax.set_title("cameras from above (plane orthogonal to the mean up vector)")
     ax.legend(fontsize=7, loc="best")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
