@@ -2,7 +2,8 @@
 
 Modes:
 - ``greedy``: start from one view; repeatedly append the unused view nearest (by
-  :func:`geometry.distance.view_distances`) to the last one appended; ties go to the earlier name.
+  :func:`geometry.distance.view_distances`) to the last one appended; ties go to the lower index
+  (the earlier name, views being listed in name order).
 - ``sorted``: file-name order.
 - ``random``: a seeded permutation (the paper's Random ablation).
 - a file: one view name per line (blank lines and ``#`` comments ignored); it must name every
