@@ -1,0 +1,260 @@
+"""Joint-mode image codec of 3D-LMVIC (ICT), on a reference-conditioned hyperprior + QPEM core.
+
+``ConditionalCodec`` is the core shared with the depth codec: the single-view backbone
+(``SingleViewCodec``: stride-2 analysis/synthesis stages, gain units, hyperprior) with a fusion
+module after each of the first three analysis stages (1/2, 1/4, 1/8) and the first three
+synthesis stages (1/8, 1/4, 1/2), and QPEM (``lmvic.qpem``) instead of the plain mean-scale
+model, conditioned on a context at 1/16. Side information is a :class:`Side`; ``side=None`` turns
+the reference path off (the first view of a sequence): every fusion is skipped and the QPEM
+context is zero. Every fusion and every QPEM step is residual with a zero-initialised last layer,
+so a freshly built codec on loaded single-view weights reproduces the single-view codec exactly.
+
+``JointImageCodec`` adds the image reference path (paper Fig. 3/4):
+
+- reference features ``r_s`` at s = 1/2, 1/4, 1/8, 1/16 from the decoded reference image and the
+  reference decoder's features at 1/2, 1/4, 1/8 (``ReferenceFeatures``);
+- feature masks ``m_s`` (N channels, sigmoid) learned from the trust mask at each scale
+  (``FeatureMask``; the trust mask at scale s is the area fraction of ``geometry.warp.multiscale``);
+- the aligned reference ``a_s = backward_warp(r_s, disparity_s) ⊙ m_s`` — the warp and mask half of
+  ICT, computed once per scale and shared by the encoder's and decoder's ICT at that scale;
+- ICT fusion ``f + Z(ResBlock(conv3×3([f, a_s])))`` (``ContextTransfer``, Z = zero-init 1×1 conv);
+- ``a_16`` is the QPEM context.
+
+Shapes: images (B, 3, H, W) in [0, 1], H and W multiples of 64 for coding; the latent is
+(B, M, H/16, W/16). Coding is bit-exact across processes: everything the decoder derives from
+the reference runs on ``EXACT_THREADS`` threads under ``no_grad`` on both sides, and the entropy
+parameters are float64 (see ``lmvic.qpem`` and ``lmvic.models.single_view``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+import lmvic  # noqa: F401  (torchvision shim before compressai)
+from compressai.layers import ResidualBlock
+from compressai.models import CompressionModel
+from geometry.warp import backward_warp
+from lmvic.layers import conv, ste_round
+from lmvic.models.single_view import (DEFAULT_LAMBDAS, EXACT_THREADS, SingleViewCodec, build_single_view,
+                                      fixed_threads)
+from lmvic.qpem import QuadtreeEntropyModel
+
+#: Fused scales (downsampling factors) of the encoder, decoder and entropy context.
+ENCODER_SCALES = (2, 4, 8)
+DECODER_SCALES = (8, 4, 2)
+CONTEXT_SCALE = 16
+
+
+@dataclass(frozen=True)
+class Side:
+    """Reference information for one target view.
+
+    enc[k] / dec[k]: argument tuples passed to the k-th encoder / decoder fusion after the
+    backbone feature (scales ``ENCODER_SCALES`` / ``DECODER_SCALES``).
+    context: (B, context_ch, H/16, W/16) QPEM context.
+    """
+
+    enc: tuple[tuple[Tensor, ...], ...]
+    dec: tuple[tuple[Tensor, ...], ...]
+    context: Tensor
+
+
+def zero_conv(in_ch: int, out_ch: int, kernel: int = 1) -> nn.Conv2d:
+    """Convolution whose weights and bias start at zero (the output of a fresh residual branch)."""
+    layer = nn.Conv2d(in_ch, out_ch, kernel, padding=kernel // 2)
+    nn.init.zeros_(layer.weight)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
+class ConditionalCodec(CompressionModel):
+    """Hyperprior + QPEM codec whose transforms take per-scale side information.
+
+    Args:
+        backbone: provides analysis/synthesis stages, hyperprior, gains and entropy models.
+        enc_fusions / dec_fusions: three modules each, ``fusion(f, *side.enc[k]) → f``.
+        context_ch: channels of ``Side.context``.
+    """
+
+    def __init__(self, backbone: SingleViewCodec, enc_fusions: Sequence[nn.Module],
+                 dec_fusions: Sequence[nn.Module], context_ch: int):
+        super().__init__()
+        if len(enc_fusions) != len(ENCODER_SCALES) or len(dec_fusions) != len(DECODER_SCALES):
+            raise ValueError("a conditional codec needs three encoder and three decoder fusions")
+        if backbone.context_ch:
+            raise ValueError("the backbone must not take entropy context (QPEM conditions on it)")
+        self.backbone = backbone
+        self.enc_fusions = nn.ModuleList(enc_fusions)
+        self.dec_fusions = nn.ModuleList(dec_fusions)
+        self.qpem = QuadtreeEntropyModel(backbone.M, context_ch)
+
+    @property
+    def num_qualities(self) -> int:
+        return self.backbone.num_qualities
+
+    # ---- transforms -------------------------------------------------------------------------
+    def analyse(self, x: Tensor, side: Side | None) -> Tensor:
+        """x (B, C, H, W) → y (B, M, H/16, W/16), before the gain."""
+        for k, stage in enumerate(self.backbone.analysis):
+            x = stage(x)
+            if side is not None and k < len(self.enc_fusions):
+                x = self.enc_fusions[k](x, *side.enc[k])
+        return x
+
+    def synthesise(self, y_hat: Tensor, side: Side | None) -> list[Tensor]:
+        """ŷ after the inverse gain → decoder features at 1/8, 1/4, 1/2 (after fusion) and the output."""
+        feats = []
+        for k, stage in enumerate(self.backbone.synthesis):
+            y_hat = stage(y_hat)
+            if side is not None and k < len(self.dec_fusions):
+                y_hat = self.dec_fusions[k](y_hat, *side.dec[k])
+            feats.append(y_hat)
+        return feats
+
+    # ---- training / estimation --------------------------------------------------------------
+    def forward(self, x: Tensor, quality: float | Tensor, side: Side | None = None) -> dict[str, object]:
+        """→ {"x_hat", "features" (decoder features 1/8, 1/4, 1/2), "likelihoods": {"y", "z"}}.
+
+        Same quantisation as the single-view training path (noise for likelihoods in training
+        mode, straight-through rounding into the synthesis).
+        """
+        bb = self.backbone
+        level = bb.levels(quality, x.shape[0])
+        y = bb.gain(self.analyse(x, side), level)
+        z = bb.hyper_analysis(y)
+        _, z_likelihoods = bb.entropy_bottleneck(z)
+        medians = bb.entropy_bottleneck._get_medians().detach().reshape(1, -1, 1, 1)
+        scales, means = bb.gaussian_params(ste_round(z - medians) + medians)
+        context = None if side is None else side.context
+        y_hat, y_likelihoods = self.qpem(y, scales, means, bb.gaussian_conditional, context)
+        feats = self.synthesise(bb.inverse_gain(y_hat, level), side)
+        return {"x_hat": feats[-1], "features": feats[:-1],
+                "likelihoods": {"y": y_likelihoods, "z": z_likelihoods}}
+
+    # ---- coding -----------------------------------------------------------------------------
+    def encode(self, x: Tensor, quality: float, side: Side | None = None
+               ) -> tuple[list[list[bytes]], tuple[int, int], Tensor]:
+        """x (B, C, H, W), H and W multiples of 64 → (strings [y step 0..3, z], z shape, ŷ float64)."""
+        if x.shape[-2] % 64 or x.shape[-1] % 64:
+            raise ValueError("coding needs H and W multiples of 64 (pad first)")
+        bb = self.backbone
+        with torch.no_grad():
+            y = bb.gain(self.analyse(x, side), bb.levels(quality, x.shape[0]))
+            z = bb.hyper_analysis(y)
+        z_strings = bb.entropy_bottleneck.compress(z)
+        z_hat = bb.entropy_bottleneck.decompress(z_strings, z.shape[-2:])
+        scales, means = bb.exact_gaussian_params(z_hat)
+        context = None if side is None else side.context
+        y_strings, y_hat = self.qpem.compress(y, scales, means, bb.gaussian_conditional, context)
+        return [*y_strings, z_strings], tuple(z.shape[-2:]), y_hat
+
+    def decode_latent(self, strings: list[list[bytes]], shape: tuple[int, int],
+                      side: Side | None = None) -> Tensor:
+        """Strings from ``encode`` → ŷ (B, M, 4h, 4w) float64, identical to the encoder's."""
+        if len(strings) != 5:
+            raise ValueError("expected five strings: y steps 0..3 and z")
+        bb = self.backbone
+        z_hat = bb.entropy_bottleneck.decompress(strings[4], shape)
+        scales, means = bb.exact_gaussian_params(z_hat)
+        context = None if side is None else side.context
+        return self.qpem.decompress(strings[:4], scales, means, bb.gaussian_conditional, context)
+
+    def reconstruct(self, y_hat: Tensor, quality: float, side: Side | None = None) -> list[Tensor]:
+        """ŷ (gained) → decoder features and output (see ``synthesise``), on ``EXACT_THREADS`` threads."""
+        bb = self.backbone
+        with fixed_threads(EXACT_THREADS), torch.no_grad():
+            return self.synthesise(bb.inverse_gain(y_hat.float(), bb.levels(quality, y_hat.shape[0])), side)
+
+
+class FeatureMask(nn.Module):
+    """Trust-mask fraction (B, 1, h, w) → feature mask (B, C, h, w) in (0, 1)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.net = nn.Sequential(conv(1, channels, 3, 1), nn.LeakyReLU(inplace=True),
+                                 conv(channels, channels, 3, 1), nn.Sigmoid())
+
+    def forward(self, mask: Tensor) -> Tensor:
+        return self.net(mask)
+
+
+class ReferenceFeatures(nn.Module):
+    """Decoded reference image + its decoder features → reference features at 1/2, 1/4, 1/8, 1/16.
+
+    ``r_2 = F(conv↓(x̂), d_2)``, ``r_4 = F(conv↓(r_2), d_4)``, ``r_8 = F(conv↓(r_4), d_8)``,
+    ``r_16 = conv↓(r_8)``, with F = 3×3 conv over the concatenation and conv↓ a stride-2 5×5 conv.
+    """
+
+    def __init__(self, N: int):
+        super().__init__()
+        self.down = nn.ModuleList([conv(3, N), conv(N, N), conv(N, N), conv(N, N)])
+        self.merge = nn.ModuleList(conv(2 * N, N, 3, 1) for _ in range(3))
+        self.act = nn.LeakyReLU()
+
+    def forward(self, image: Tensor, decoder_feats: Sequence[Tensor]) -> list[Tensor]:
+        """image (B, 3, H, W); decoder_feats at 1/8, 1/4, 1/2 (N ch) → [r_2, r_4, r_8, r_16] (N ch)."""
+        feats, x = [], image
+        for k, down in enumerate(self.down):
+            x = self.act(down(x))
+            if k < len(self.merge):
+                x = self.act(self.merge[k](torch.cat([x, decoder_feats[-1 - k]], dim=1)))
+            feats.append(x)
+        return feats
+
+
+class ContextTransfer(nn.Module):
+    """ICT fusion: ``f + Z(ResBlock(conv3×3([f, aligned])))`` (Z zero-initialised: starts as identity)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.fuse = nn.Sequential(conv(2 * channels, channels, 3, 1), nn.LeakyReLU(inplace=True),
+                                  ResidualBlock(channels, channels))
+        self.out = zero_conv(channels, channels)
+
+    def forward(self, feature: Tensor, aligned: Tensor) -> Tensor:
+        """feature, aligned: (B, C, h, w) → (B, C, h, w)."""
+        return feature + self.out(self.fuse(torch.cat([feature, aligned], dim=1)))
+
+
+class JointImageCodec(ConditionalCodec):
+    """Image codec of the joint mode: single-view backbone + ICT in encoder and decoder + QPEM."""
+
+    def __init__(self, backbone: SingleViewCodec):
+        N = backbone.N
+        super().__init__(backbone, [ContextTransfer(N) for _ in ENCODER_SCALES],
+                         [ContextTransfer(N) for _ in DECODER_SCALES], context_ch=N)
+        self.reference_features = ReferenceFeatures(N)
+        self.feature_masks = nn.ModuleDict({str(s): FeatureMask(N) for s in (2, 4, 8, CONTEXT_SCALE)})
+
+    def reference_side(self, ref_image: Tensor, ref_feats: Sequence[Tensor],
+                       relation: dict[int, tuple[Tensor, Tensor]]) -> Side:
+        """Side information of a target view from its decoded reference.
+
+        Args:
+            ref_image: (B, 3, H, W) decoded reference. ref_feats: its decoder features (1/8, 1/4, 1/2).
+            relation: ``geometry.warp.multiscale`` of the target→reference disparity and trust mask,
+                with at least the factors 2, 4, 8, 16: {f: (disparity (B, 2, H/f, W/f), mask (B, 1, ·))}.
+        """
+        feats = dict(zip((2, 4, 8, CONTEXT_SCALE), self.reference_features(ref_image, ref_feats)))
+        aligned = {}
+        for s, r in feats.items():
+            disparity, mask = relation[s]
+            aligned[s] = backward_warp(r, disparity) * self.feature_masks[str(s)](mask)
+        return Side(enc=tuple((aligned[s],) for s in ENCODER_SCALES),
+                    dec=tuple((aligned[s],) for s in DECODER_SCALES),
+                    context=aligned[CONTEXT_SCALE])
+
+
+def build_joint_image(size: str = "cpu", lambdas: tuple[float, ...] = DEFAULT_LAMBDAS,
+                      backbone: SingleViewCodec | None = None) -> JointImageCodec:
+    """Joint image codec on ``backbone`` (e.g. shipped single-view weights) or on a fresh one of ``size``."""
+    return JointImageCodec(backbone if backbone is not None else build_single_view(size, lambdas))
+
+
+def exact(fn, *args):
+    """``fn(*args)`` under ``no_grad`` on ``EXACT_THREADS`` threads (reference-path computations when coding)."""
+    with fixed_threads(EXACT_THREADS), torch.no_grad():
+        return fn(*args)

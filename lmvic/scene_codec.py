@@ -1,0 +1,384 @@
+"""Joint-mode scene coding: depth then image per view, in coding order, into one container file.
+
+For view i with reference r (the previous view in the coding order; none for the first):
+
+1. depth: CVDP splats the *decoded* reference depth D̂_r into view i; the depth codec codes the
+   normalised depth of view i with that prediction (``lmvic.models.depth_codec``);
+2. image: disparity and trust mask from the *decoded* depths D̂_i and D̂_r
+   (``geometry.warp.relate`` then ``multiscale`` at 1/2…1/16); the image codec codes x_i with the
+   decoded reference image, its decoder features and that relation (``lmvic.models.joint``).
+
+The encoder builds every reference exactly as the decoder does (same functions, ``EXACT_THREADS``
+threads, float64 entropy parameters), so decoding in another process is bit-exact. Views are
+padded (edge replication) to multiples of 64 on the right and bottom — the principal point does
+not move — and cropped back after decoding.
+
+Streams per view (``lmvic.bitstream.LatentStream``, one chunk each): ``depth.y0``–``depth.y3``
+(QPEM steps, shape (M_d, H/16, W/16)), ``depth.z`` (shape (H/64, W/64)), ``image.y0``–``image.y3``,
+``image.z``; the first coded view also holds ``scene.depth_range`` (two float64: near, far).
+
+Model ids are ``joint-<size>``; weights are ``lmvic/weights/<model id>.pt`` with a SHA-256 sidecar.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Collection, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+import lmvic  # noqa: F401  (torchvision shim before compressai)
+from compressai.models import CompressionModel
+
+from geometry.warp import multiscale, relate
+from lmvic.bitstream import (BitstreamError, LatentStream, SceneHeader, SceneReader, ViewInfo, ViewRecord,
+                             write_scene)
+from lmvic.models.depth_codec import DepthCodec, DepthRange, build_depth_codec, cross_view_prediction
+from lmvic.models.joint import ConditionalCodec, JointImageCodec, Side, build_joint_image
+from lmvic.models.single_view import DEFAULT_LAMBDAS, EXACT_THREADS, SIZES, SingleViewCodec, fixed_threads
+from lmvic.zoo import WEIGHTS_DIR, WeightsError
+from pipelines.errors import LmvicError
+
+PAD = 64
+WEIGHT_FORMAT = 1
+MODEL_IDS = tuple(f"joint-{size}" for size in SIZES)
+RANGE_STREAM = "scene.depth_range"
+_RANGE = struct.Struct("<2d")
+_RELATION_FACTORS = (2, 4, 8, 16)
+
+
+@dataclass
+class DecodedView:
+    """What a later view needs from a decoded one (padded size H×W).
+
+    image (B, 3, H, W) in [0, 1]; features: image decoder features at 1/8, 1/4, 1/2;
+    depth (B, H, W) metric; K (B, 3, 3); T (B, 4, 4) world-to-camera.
+    """
+
+    image: Tensor
+    features: list[Tensor]
+    depth: Tensor
+    K: Tensor
+    T: Tensor
+
+
+class JointCodec(CompressionModel):
+    """The joint-mode pair: ``depth`` (DepthCodec) and ``image`` (JointImageCodec), one model id.
+
+    A ``CompressionModel`` so that ``update``, ``aux_loss`` and ``load_state_dict`` (CDF buffers
+    of any size) cover both codecs.
+    """
+
+    def __init__(self, image: JointImageCodec, depth: DepthCodec, size: str):
+        super().__init__()
+        if image.num_qualities != depth.num_qualities:
+            raise ValueError("image and depth codecs must have the same quality levels")
+        self.image, self.depth, self.size = image, depth, size
+
+    @property
+    def model_id(self) -> str:
+        return f"joint-{self.size}"
+
+    @property
+    def num_qualities(self) -> int:
+        return self.image.num_qualities
+
+    # ---- reference path (shared by training and coding) -------------------------------------
+    def depth_side(self, ref: DecodedView | None, K: Tensor, T: Tensor, size: tuple[int, int],
+                   depth_range: DepthRange) -> Side | None:
+        """CVDP side information of the depth codec (None for a view without reference)."""
+        if ref is None:
+            return None
+        prediction, hit = cross_view_prediction(ref.depth, ref.K, ref.T, K, T, size, depth_range)
+        return self.depth.prediction_side(prediction, hit)
+
+    def image_side(self, ref: DecodedView | None, depth_hat: Tensor, K: Tensor, T: Tensor) -> Side | None:
+        """ICT side information from the decoded depths of both views (None without reference)."""
+        if ref is None:
+            return None
+        rel = relate(depth_hat, K, T, ref.depth, ref.K, ref.T)
+        return self.image.reference_side(ref.image, ref.features,
+                                         multiscale(rel.disparity, rel.mask, _RELATION_FACTORS))
+
+    # ---- training path ----------------------------------------------------------------------
+    def forward_view(self, image: Tensor, depth: Tensor, K: Tensor, T: Tensor, quality: float | Tensor,
+                     depth_range: DepthRange, ref: DecodedView | None) -> tuple[dict[str, object], DecodedView]:
+        """One view of a clip (B, 3, H, W), depth (B, H, W) → ({"depth": out, "image": out}, DecodedView).
+
+        Each ``out`` is the codec's ``forward`` dict; the depth output is normalised (B, 1, H, W).
+        """
+        size = tuple(image.shape[-2:])
+        d_out = self.depth(depth_range.normalise(depth), quality,
+                           self.depth_side(ref, K, T, size, depth_range))
+        depth_hat = depth_range.denormalise(d_out["x_hat"])
+        i_out = self.image(image, quality, self.image_side(ref, depth_hat, K, T))
+        decoded = DecodedView(i_out["x_hat"].clamp(0, 1), i_out["features"], depth_hat, K, T)
+        return {"depth": d_out, "image": i_out}, decoded
+
+    # ---- coding -----------------------------------------------------------------------------
+    def encode_view(self, image: Tensor, depth: Tensor, K: Tensor, T: Tensor, quality: int,
+                    depth_range: DepthRange, ref: DecodedView | None) -> tuple[dict[str, LatentStream], DecodedView]:
+        """Code one padded view (1, 3, H, W) + depth (1, H, W) → (streams, the decoder's DecodedView)."""
+        size = tuple(image.shape[-2:])
+        d_side = _exact(self.depth_side, ref, K, T, size, depth_range)
+        strings, shape, y_hat = self.depth.encode(depth_range.normalise(depth), quality, d_side)
+        streams = _streams("depth", strings, shape, y_hat.shape[1:])
+        depth_hat = depth_range.denormalise(self.depth.reconstruct(y_hat, quality, d_side)[-1])
+        i_side = _exact(self.image_side, ref, depth_hat, K, T)
+        strings, shape, y_hat = self.image.encode(image, quality, i_side)
+        streams.update(_streams("image", strings, shape, y_hat.shape[1:]))
+        return streams, self._decoded(y_hat, quality, i_side, depth_hat, K, T)
+
+    def decode_view(self, streams: ViewRecord, K: Tensor, T: Tensor, size: tuple[int, int], quality: int,
+                    depth_range: DepthRange, ref: DecodedView | None) -> DecodedView:
+        """Inverse of ``encode_view`` for a padded size (H, W)."""
+        d_side = _exact(self.depth_side, ref, K, T, size, depth_range)
+        y_hat = self.depth.decode_latent(*_strings(streams, "depth", self.depth, size), d_side)
+        depth_hat = depth_range.denormalise(self.depth.reconstruct(y_hat, quality, d_side)[-1])
+        i_side = _exact(self.image_side, ref, depth_hat, K, T)
+        y_hat = self.image.decode_latent(*_strings(streams, "image", self.image, size), i_side)
+        return self._decoded(y_hat, quality, i_side, depth_hat, K, T)
+
+    def _decoded(self, y_hat: Tensor, quality: int, side: Side | None, depth_hat: Tensor,
+                 K: Tensor, T: Tensor) -> DecodedView:
+        feats = self.image.reconstruct(y_hat, quality, side)
+        return DecodedView(feats[-1].clamp(0, 1), feats[:-1], depth_hat, K, T)
+
+
+def _exact(fn: Callable, *args: object) -> object:
+    """``fn(*args)`` without gradients on ``EXACT_THREADS`` threads (identical in encoder and decoder)."""
+    with fixed_threads(EXACT_THREADS), torch.no_grad():
+        return fn(*args)
+
+
+def _streams(prefix: str, strings: list[list[bytes]], z_shape: tuple[int, int],
+             y_shape: torch.Size) -> dict[str, LatentStream]:
+    out = {f"{prefix}.y{s}": LatentStream(tuple(strings[s]), tuple(y_shape)) for s in range(4)}
+    out[f"{prefix}.z"] = LatentStream(tuple(strings[4]), tuple(z_shape))
+    return out
+
+
+def _strings(streams: ViewRecord, prefix: str, codec: ConditionalCodec,
+             size: tuple[int, int]) -> tuple[list[list[bytes]], tuple[int, int]]:
+    """Check and unpack the five streams of one codec → (strings, z shape) for ``decode_latent``."""
+    z_shape = (size[0] // PAD, size[1] // PAD)
+    y_shape = (codec.backbone.M, size[0] // 16, size[1] // 16)
+    strings = []
+    for key, shape in [(f"{prefix}.y{s}", y_shape) for s in range(4)] + [(f"{prefix}.z", z_shape)]:
+        stream = streams.get(key)
+        if stream is None:
+            raise BitstreamError(f"stream {key!r} missing from a view record")
+        if tuple(stream.shape) != shape or len(stream.chunks) != 1:
+            raise BitstreamError(f"stream {key!r} has shape {tuple(stream.shape)} / {len(stream.chunks)} "
+                                 f"chunks, expected {shape} / 1 for this image size and model")
+        strings.append([bytes(stream.chunks[0])])
+    return strings, z_shape
+
+
+# ---- scene level --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SceneInput:
+    """Views to code: names, uint8 RGB images (H, W, 3), float depth maps (H, W) in camera z
+    (0 = invalid), intrinsics (V, 3, 3) and world-to-camera (V, 4, 4)."""
+
+    names: Sequence[str]
+    images: Sequence[np.ndarray]
+    depths: Sequence[np.ndarray]
+    intrinsics: np.ndarray
+    world_to_camera: np.ndarray
+
+
+@dataclass(frozen=True)
+class DecodedScene:
+    """Decoded views by name: uint8 RGB (H, W, 3) and float32 depth (H, W), original sizes."""
+
+    header: SceneHeader
+    images: dict[str, np.ndarray]
+    depths: dict[str, np.ndarray]
+
+
+def pad(x: Tensor, multiple: int = PAD) -> Tensor:
+    """(…, H, W) → right/bottom edge-replicated to multiples of ``multiple``."""
+    h, w = x.shape[-2:]
+    ph, pw = -h % multiple, -w % multiple
+    if not ph and not pw:
+        return x
+    flat = x.reshape(-1, 1, h, w)
+    return F.pad(flat, (0, pw, 0, ph), mode="replicate").reshape(*x.shape[:-2], h + ph, w + pw)
+
+
+def _camera(view: ViewInfo) -> tuple[Tensor, Tensor]:
+    """(1, 3, 3), (1, 4, 4) float32 tensors from the header's float64 camera (as the decoder sees it)."""
+    return (torch.from_numpy(view.intrinsics.copy()).float()[None],
+            torch.from_numpy(view.world_to_camera.copy()).float()[None])
+
+
+def _to_uint8(image: Tensor, height: int, width: int) -> np.ndarray:
+    return (image[0, :, :height, :width].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+
+
+def references_of(order: Sequence[int]) -> tuple[tuple[int, ...], ...]:
+    """Each view's reference: the view before it in ``order`` (none for the first)."""
+    refs: list[tuple[int, ...]] = [()] * len(order)
+    for prev, view in zip(order[:-1], order[1:]):
+        refs[view] = (prev,)
+    return tuple(refs)
+
+
+def encode_scene(codec: JointCodec, scene: SceneInput, order: Sequence[int], quality: int
+                 ) -> tuple[SceneHeader, list[dict[str, LatentStream]], DecodedScene]:
+    """Code every view in ``order`` → (header, records in view-index order, the decoder's output)."""
+    if not 1 <= quality <= codec.num_qualities:
+        raise LmvicError(f"quality {quality} not available: the model has levels 1..{codec.num_qualities}")
+    count = len(scene.names)
+    if not (len(scene.images) == len(scene.depths) == count == len(scene.intrinsics) == len(scene.world_to_camera)):
+        raise LmvicError("scene input: names, images, depths and cameras differ in count")
+    views = []
+    for name, image, depth, K, T in zip(scene.names, scene.images, scene.depths, scene.intrinsics,
+                                        scene.world_to_camera):
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8 or depth.shape != image.shape[:2]:
+            raise LmvicError(f"view {name!r}: need uint8 (H, W, 3) image and (H, W) depth of the same size")
+        views.append(ViewInfo(name, image.shape[0], image.shape[1], K, T))
+    header = SceneHeader("joint", codec.model_id, quality, tuple(views), tuple(order), references_of(order))
+    depth_range = DepthRange.of(torch.cat([torch.as_tensor(d, dtype=torch.float32).flatten() for d in scene.depths]))
+    records: list[dict[str, LatentStream]] = [{} for _ in range(count)]
+    decoded: dict[int, DecodedView] = {}
+    codec.eval()
+    for rank, i in enumerate(order):
+        image = pad(torch.from_numpy(np.ascontiguousarray(scene.images[i])).permute(2, 0, 1)[None].float() / 255)
+        depth = pad(torch.as_tensor(scene.depths[i], dtype=torch.float32)[None])
+        K, T = _camera(views[i])
+        ref = decoded.get(order[rank - 1]) if rank else None
+        records[i], decoded[i] = codec.encode_view(image, depth, K, T, quality, depth_range, ref)
+    records[order[0]][RANGE_STREAM] = LatentStream((_RANGE.pack(depth_range.near, depth_range.far),), (2,))
+    return header, records, _output(header, decoded)
+
+
+def _output(header: SceneHeader, decoded: dict[int, DecodedView]) -> DecodedScene:
+    images, depths = {}, {}
+    for i, view in sorted(decoded.items()):
+        info = header.views[i]
+        images[info.name] = _to_uint8(view.image, info.height, info.width)
+        depths[info.name] = view.depth[0, :info.height, :info.width].numpy().astype(np.float32)
+    return DecodedScene(header, images, depths)
+
+
+def encode_scene_file(path: str | Path, codec: JointCodec, scene: SceneInput, order: Sequence[int],
+                      quality: int) -> tuple[int, DecodedScene]:
+    """``encode_scene`` and write the container atomically → (file bytes, the decoder's output)."""
+    header, records, output = encode_scene(codec, scene, order, quality)
+    return write_scene(path, header, records), output
+
+
+def _depth_range(stream: LatentStream | None) -> DepthRange:
+    if stream is None or len(stream.chunks) != 1 or len(stream.chunks[0]) != _RANGE.size:
+        raise BitstreamError(f"the first coded view lacks a valid {RANGE_STREAM!r} stream")
+    try:
+        return DepthRange(*_RANGE.unpack(stream.chunks[0]))
+    except ValueError as exc:
+        raise BitstreamError(f"corrupt {RANGE_STREAM!r}: {exc}") from exc
+
+
+def decode_scene_file(source: str | Path, codec: JointCodec | None = None,
+                      views: Collection[str] | None = None) -> DecodedScene:
+    """Decode a joint-mode container (another process than the encoder is fine).
+
+    Args:
+        source: the file. codec: the model; None loads the shipped weights of the file's model id.
+        views: names to output (None: all); their predecessors in the coding order are decoded too.
+    """
+    with SceneReader(source, models=MODEL_IDS) as reader:
+        header = reader.header
+        if header.mode != "joint":
+            raise BitstreamError(f"this is a {header.mode}-mode file; the joint decoder reads joint mode")
+        if header.references != references_of(header.order):
+            raise BitstreamError("joint-mode references must be the previous view in the coding order")
+        if codec is None:
+            codec = load_joint(header.model_id)
+        if codec.model_id != header.model_id:
+            raise BitstreamError(f"file was coded with model {header.model_id!r}, decoder has {codec.model_id!r}")
+        if not 1 <= header.quality <= codec.num_qualities:
+            raise BitstreamError(f"quality {header.quality} is not a level of model {header.model_id!r}")
+        names = [v.name for v in header.views]
+        wanted = set(names) if views is None else set(views)
+        unknown = wanted - set(names)
+        if unknown:
+            raise LmvicError(f"views not in the file: {', '.join(sorted(unknown))}")
+        last = max(rank for rank, i in enumerate(header.order) if names[i] in wanted)
+        codec.eval()
+        depth_range = _depth_range(reader.read_view(header.order[0]).get(RANGE_STREAM))
+        decoded: dict[int, DecodedView] = {}
+        for rank, i in enumerate(header.order[: last + 1]):
+            info = header.views[i]
+            size = (info.height + -info.height % PAD, info.width + -info.width % PAD)
+            K, T = _camera(info)
+            ref = decoded[header.order[rank - 1]] if rank else None
+            decoded[i] = codec.decode_view(reader.read_view(i), K, T, size, header.quality, depth_range, ref)
+    output = _output(header, decoded)
+    keep = [n for n in names if n in wanted]
+    return DecodedScene(header, {n: output.images[n] for n in keep}, {n: output.depths[n] for n in keep})
+
+
+# ---- models and weights -------------------------------------------------------------------------
+def build_joint(size: str = "cpu", lambdas: tuple[float, ...] = DEFAULT_LAMBDAS,
+                backbone: SingleViewCodec | None = None) -> JointCodec:
+    """A joint codec of ``size``; its image backbone is ``backbone`` (e.g. shipped single-view
+    weights, making the fresh joint codec exactly as good as the single-view one) or fresh."""
+    if backbone is not None:
+        lambdas = tuple(backbone.lambdas.tolist())
+    return JointCodec(build_joint_image(size, lambdas, backbone), build_depth_codec(size, lambdas), size)
+
+
+def save_joint(codec: JointCodec, path: Path, half: bool = True) -> Path:
+    """Write ``codec`` (CDFs refreshed; float16 parameters if ``half``) and its ``.json`` SHA-256 sidecar."""
+    if half:  # round first so the CDF update sees the weights the decoder will load
+        with torch.no_grad():
+            for p in codec.parameters():
+                p.copy_(p.half().float())
+    codec.update(force=True, update_quantiles=True)
+    sd = {k: (v.half() if half and v.is_floating_point() and not k.endswith("scale_table") else v)
+          for k, v in codec.state_dict().items()}
+    buf = io.BytesIO()
+    torch.save({"format": WEIGHT_FORMAT, "size": codec.size, "lambdas": codec.image.backbone.lambdas.tolist(),
+                "state_dict": sd}, buf)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(buf.getvalue())
+    path.with_suffix(".json").write_text(json.dumps(
+        {"sha256": hashlib.sha256(buf.getvalue()).hexdigest(), "model_id": codec.model_id}, indent=1) + "\n")
+    return path
+
+
+def load_joint_file(path: Path) -> JointCodec:
+    """A codec written by ``save_joint`` (eval mode, CDFs ready); ``WeightsError`` if missing or corrupt."""
+    path = Path(path)
+    meta_path = path.with_suffix(".json")
+    if not path.exists() or not meta_path.exists():
+        raise WeightsError(f"joint weights not found: need {path} and {meta_path.name}")
+    data = path.read_bytes()
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise WeightsError(f"corrupt weight metadata {meta_path}: {exc}") from exc
+    if hashlib.sha256(data).hexdigest() != meta.get("sha256"):
+        raise WeightsError(f"corrupt weight file {path}: SHA-256 does not match {meta_path.name}")
+    ck = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    if ck.get("format") != WEIGHT_FORMAT:
+        raise WeightsError(f"{path} has weight format {ck.get('format')}, expected {WEIGHT_FORMAT}")
+    codec = build_joint(ck["size"], tuple(ck["lambdas"]))
+    codec.load_state_dict({k: v.float() if v.dtype == torch.float16 else v for k, v in ck["state_dict"].items()})
+    return codec.eval()
+
+
+def load_joint(model_id: str, directory: Path = WEIGHTS_DIR) -> JointCodec:
+    """The shipped joint codec ``model_id`` (e.g. ``joint-cpu``)."""
+    if model_id not in MODEL_IDS:
+        raise WeightsError(f"unknown joint model {model_id!r} (known: {', '.join(MODEL_IDS)})")
+    return load_joint_file(directory / f"{model_id}.pt")

@@ -1,0 +1,189 @@
+"""Joint image codec and scene coding (lmvic.models.joint, lmvic.scene_codec).
+
+Shapes; zero-initialised reference path = the single-view codec exactly; a three-view synthetic scene encoded here and decoded bit-exactly in another
+process; every corrupt-container case is a ``BitstreamError``.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import lmvic  # noqa: F401
+from geometry.warp import multiscale
+from lmvic.bitstream import BitstreamError, SceneHeader, read_scene, write_scene
+from lmvic.models.joint import JointImageCodec
+from lmvic.models.single_view import build_single_view, fixed_threads
+from lmvic.scene_codec import (SceneInput, build_joint, decode_scene_file, encode_scene, encode_scene_file,
+                               load_joint_file, save_joint)
+from lmvic.zoo import WeightsError
+from scenes.synthetic import ArcCameras, SceneSpec, SolidNoise, render_view
+
+QUALITY = 3
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    with fixed_threads(1):
+        yield
+
+
+def activate(model: torch.nn.Module, std: float = 0.05, seed: int = 7) -> None:
+    """Give every zero-initialised residual layer (ICT, DCI, QPEM steps) small random weights,
+    as training would, so the reference path really acts."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.abs().sum() == 0 and not name.endswith(".quantiles"):
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+
+def render(n_views: int, width: int, height: int, arc: float = 20.0):
+    cams = ArcCameras(n_views=n_views, width=width, height=height, arc_degrees=arc)
+    K, Ts = cams.matrices()
+    noise = SolidNoise(0)
+    images, depths = zip(*[render_view(K, T, width, height, SceneSpec(), noise) for T in Ts])
+    return SceneInput([f"view{i}" for i in range(n_views)], list(images), list(depths),
+                      np.repeat(K[None], n_views, 0), Ts)
+
+
+def as_tensors(scene: SceneInput, i: int):
+    x = torch.from_numpy(scene.images[i]).permute(2, 0, 1)[None].float() / 255
+    return (x, torch.from_numpy(scene.depths[i])[None], torch.from_numpy(scene.intrinsics[i]).float()[None],
+            torch.from_numpy(scene.world_to_camera[i]).float()[None])
+
+
+def test_shapes_and_reference_side() -> None:
+    torch.manual_seed(0)
+    codec = JointImageCodec(build_single_view("cpu"))
+    activate(codec)
+    x = torch.rand(2, 3, 64, 128)
+    out = codec(x, torch.tensor([1.0, 6.0]))
+    assert out["x_hat"].shape == x.shape
+    assert [tuple(f.shape) for f in out["features"]] == [(2, 64, 8, 16), (2, 64, 16, 32), (2, 64, 32, 64)]
+    assert out["likelihoods"]["y"].shape == (2, 128, 4, 8)
+    rel = multiscale(torch.randn(2, 2, 64, 128), torch.rand(2, 64, 128) > 0.5, (2, 4, 8, 16))
+    side = codec.reference_side(x, out["features"], rel)
+    assert [a[0].shape[-1] for a in side.enc] == [64, 32, 16]
+    assert [a[0].shape[-1] for a in side.dec] == [16, 32, 64]
+    assert side.context.shape == (2, 64, 4, 8)
+    out = codec(x, torch.tensor([1.0, 6.0]), side)
+    (out["x_hat"].square().mean() + sum(l.log().mean() for l in out["likelihoods"].values())).backward()
+    for module in (codec.reference_features, codec.feature_masks, codec.enc_fusions[0], codec.qpem):
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
+
+
+def test_zero_initialised_reference_path_equals_single_view() -> None:
+    torch.manual_seed(1)
+    single = build_single_view("cpu").eval()
+    joint = JointImageCodec(single).eval()
+    x = torch.rand(1, 3, 64, 64)
+    ref = torch.rand(1, 3, 64, 64)
+    ref_feats = joint(ref, QUALITY)["features"]
+    rel = multiscale(torch.randn(1, 2, 64, 64) * 4, torch.rand(1, 64, 64) > 0.3, (2, 4, 8, 16))
+    side = joint.reference_side(ref, ref_feats, rel)
+    expected = single(x, QUALITY)
+    for s in (None, side):
+        out = joint(x, QUALITY, s)
+        assert torch.equal(out["x_hat"], expected["x_hat"])
+        assert torch.equal(out["likelihoods"]["y"], expected["likelihoods"]["y"])
+        assert torch.equal(out["likelihoods"]["z"], expected["likelihoods"]["z"])
+    activate(joint)
+    assert not torch.equal(joint(x, QUALITY, side)["x_hat"], expected["x_hat"])
+
+
+@pytest.fixture(scope="module")
+def coded_scene(tmp_path_factory):
+    """Three 80×112 synthetic views (padded to 128×128), active reference path, coded in order 1, 0, 2."""
+    tmp = tmp_path_factory.mktemp("joint")
+    torch.manual_seed(3)
+    codec = build_joint("cpu")
+    activate(codec)
+    weights = save_joint(codec, tmp / "joint-cpu.pt")
+    codec = load_joint_file(weights)
+    scene = render(3, 112, 80)
+    path = tmp / "scene.lmv"
+    size, output = encode_scene_file(path, codec, scene, [1, 0, 2], QUALITY)
+    return codec, weights, scene, path, size, output
+
+
+def test_scene_decodes_bit_exactly_in_another_process(coded_scene, tmp_path) -> None:
+    codec, weights, scene, path, size, output = coded_scene
+    assert path.stat().st_size == size
+    script = (
+        "import sys, numpy as np, torch, lmvic\n"
+        "from lmvic.scene_codec import decode_scene_file, load_joint_file\n"
+        "torch.set_num_threads(2)\n"
+        "out = decode_scene_file(sys.argv[1], load_joint_file(sys.argv[2]))\n"
+        "np.savez(sys.argv[3], **{'i_' + k: v for k, v in out.images.items()},"
+        " **{'d_' + k: v for k, v in out.depths.items()})\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script, str(path), str(weights), str(tmp_path / "out.npz")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    decoded = np.load(tmp_path / "out.npz")
+    for name, image in zip(scene.names, scene.images):
+        assert decoded[f"i_{name}"].shape == image.shape
+        assert np.array_equal(decoded[f"i_{name}"], output.images[name])
+        assert np.array_equal(decoded[f"d_{name}"], output.depths[name])
+    # a subset decodes its chain only and gives the same pixels
+    part = decode_scene_file(path, codec, views=["view0"])
+    assert list(part.images) == ["view0"] and np.array_equal(part.images["view0"], output.images["view0"])
+
+
+def test_reference_changes_the_coding(coded_scene) -> None:
+    codec, _, scene, _, _, _ = coded_scene
+    _, records, _ = encode_scene(codec, scene, [1, 0, 2], QUALITY)
+    _, alone, _ = encode_scene(codec, replace(scene, names=["a"], images=scene.images[:1], depths=scene.depths[:1],
+                                              intrinsics=scene.intrinsics[:1],
+                                              world_to_camera=scene.world_to_camera[:1]), [0], QUALITY)
+    # view 0 is coded second (reference view 1): its streams differ from coding it alone
+    assert records[0]["image.y0"].chunks != alone[0]["image.y0"].chunks
+
+
+def test_corrupt_containers_are_refused(coded_scene, tmp_path) -> None:
+    codec, _, _, path, _, _ = coded_scene
+    data = path.read_bytes()
+    cases = {
+        "truncated": data[:-7],
+        "header only": data[:200],
+        "bit flip in a record": data[:-40] + bytes([data[-40] ^ 0x10]) + data[-39:],
+        "bit flip in the header": data[:30] + bytes([data[30] ^ 0x01]) + data[31:],
+        "wrong version": data[:4] + b"\x63\x00" + data[6:],
+        "bad magic": b"XXXX" + data[4:],
+        "empty": b"",
+    }
+    for label, blob in cases.items():
+        bad = tmp_path / f"{label}.lmv"
+        bad.write_bytes(blob)
+        with pytest.raises(BitstreamError):
+            decode_scene_file(bad, codec)
+    header, records = read_scene(path)
+    for label, (hdr, recs) in {
+        "unknown model": (replace(header, model_id="joint-huge"), records),
+        "other model": (replace(header, model_id="joint-paper"), records),
+        "missing stream": (header, [{k: v for k, v in r.items() if k != "image.y2"} for r in records]),
+        "no depth range": (header, [{k: v for k, v in r.items() if k != "scene.depth_range"} for r in records]),
+        "quality out of range": (replace(header, quality=99), records),
+        "distributed mode": (replace(header, mode="distributed"), records),
+    }.items():
+        bad = tmp_path / f"{label}.lmv"
+        write_scene(bad, hdr, recs)
+        with pytest.raises(BitstreamError):
+            decode_scene_file(bad, codec)
+    assert isinstance(header, SceneHeader)
+
+
+def test_missing_or_corrupt_weights(tmp_path) -> None:
+    with pytest.raises(WeightsError, match="not found"):
+        load_joint_file(tmp_path / "none.pt")
+    torch.manual_seed(4)
+    path = save_joint(build_joint("cpu"), tmp_path / "w.pt")
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(WeightsError, match="SHA-256"):
+        load_joint_file(path)
