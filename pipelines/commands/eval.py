@@ -1,0 +1,128 @@
+"""``lmvic eval SCENE``: rate-distortion evaluation of every codec on the scene's views.
+
+Reads the undistorted working images of the completed sfm stage and the coding order of the
+completed relations stage (``WORK/relations/order.json``; without it: file order, with a note), or an order
+computed from the SfM cameras with ``--order``. Crops all views at their top-left corner to the
+largest common size that is a multiple of 64 (intrinsics stay valid). Every codec codes the views
+in that order to real bytes and back; writes ``WORK/eval/<codec>.json`` (CompressAI layout),
+``table.csv``, ``bd_rate.csv`` and ``rd.png``, and prints the table and the BD-rates against
+x265 low-delay P.
+
+To add a codec (e.g. a learned one), register a factory in :data:`CODECS` that turns
+:class:`EvalInputs` into an object satisfying :class:`pipelines.rd.Codec`.
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from pipelines.anchors import ANCHORS
+from pipelines.cache import read_meta
+from pipelines.commands.run import add_scene_args
+from pipelines.errors import LmvicError
+from pipelines.geometry_stage import CameraTable
+from pipelines.rd import MIN_SIDE, Codec, crop_common, run_evaluation
+
+REFERENCE = "x265-ldp"
+
+
+@dataclass(frozen=True)
+class EvalInputs:
+    """What a codec factory may use: the work folder, the cameras, and the views as coded."""
+
+    work_dir: Path
+    cameras: CameraTable
+    names: list[str]  # coding order
+    views: list[np.ndarray]  # uint8 [H, W, 3], cropped, in coding order
+
+
+#: Codec name → factory. The anchors need nothing from the scene.
+CODECS: dict[str, Callable[[EvalInputs], Codec]] = {
+    name: (lambda inputs, make=make: make()) for name, make in ANCHORS.items()
+}
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("eval", help="RD table, BD-rates, JSON per codec and RD plot",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_scene_args(p)
+    p.add_argument("--codecs", default=",".join(CODECS),
+                   help=f"comma-separated codecs (default: all of {', '.join(CODECS)})")
+    p.add_argument("--order", default=None, choices=("greedy", "sorted", "random"),
+                   help="coding order computed from the SfM cameras (default: the relations stage's order, "
+                        "else file order)")
+    p.set_defaults(handler=handle)
+
+
+def coding_order(work_dir: Path, cameras: CameraTable, mode: str | None) -> tuple[list[str], str]:
+    """(view names in coding order, where the order came from)."""
+    if mode is not None:
+        from geometry.distance import view_distances
+        from geometry.ordering import OrderError, resolve_order
+
+        try:
+            order = resolve_order(cameras.names, view_distances(cameras.T), mode)
+        except OrderError as exc:
+            raise LmvicError(str(exc)) from None
+        return [cameras.names[i] for i in order], f"{mode} order from the SfM cameras"
+    if read_meta(work_dir / "relations") is not None:
+        from pipelines.relations import finished_relations
+
+        relations = finished_relations(work_dir)
+        names = list(relations.info["order"])
+        if sorted(names) != sorted(cameras.names):
+            raise LmvicError(f"the relations stage in {relations.root} names other views than the sfm stage; "
+                             "re-run `lmvic run SCENE --stages relations`")
+        return names, f"relations stage ({relations.root / 'order.json'})"
+    print(f"note: no relations stage in {work_dir}; coding the views in file order")
+    return list(cameras.names), "file order"
+
+
+def prepare_views(cameras: CameraTable, names: list[str]) -> list[np.ndarray]:
+    """The working images in coding order, cropped to a common multiple-of-64 size."""
+    index = {n: i for i, n in enumerate(cameras.names)}
+    images = cameras.load_images()
+    views = [images[index[n]] for n in names]
+    try:
+        cropped = crop_common(views)
+    except ValueError as exc:
+        raise LmvicError(str(exc)) from None
+    h, w = cropped[0].shape[:2]
+    if min(h, w) <= MIN_SIDE:
+        raise LmvicError(f"views cropped to {w}x{h} are too small for MS-SSIM (both sides must exceed {MIN_SIDE} px)")
+    sizes = sorted({(v.shape[1], v.shape[0]) for v in views})
+    if sizes != [(w, h)]:
+        print(f"note: cropped views of {', '.join(f'{a}x{b}' for a, b in sizes)} to {w}x{h} "
+              "(top-left, a multiple of 64)")
+    return cropped
+
+
+def handle(args: argparse.Namespace) -> int:
+    import torch
+
+    from pipelines.geometry_stage import load_cameras
+    from pipelines.scene import load_scene
+
+    torch.set_num_threads(1)  # the metrics; the machine is shared and the codecs run single-threaded
+    scene = load_scene(args.scene, args.allow_mixed_sizes)
+    work_dir = (args.work_dir or scene.default_work_dir()).resolve()
+    names = [n.strip() for n in args.codecs.split(",") if n.strip()]
+    unknown = [n for n in names if n not in CODECS]
+    if unknown or not names:
+        raise LmvicError(f"unknown codec(s) {', '.join(unknown) or '(none given)'}; known: {', '.join(CODECS)}")
+    if read_meta(work_dir / "sfm") is None:
+        raise LmvicError(f"no completed sfm stage in {work_dir}; run `lmvic run {args.scene} --stages sfm` first")
+    cameras = load_cameras(work_dir / "sfm")
+    order, source = coding_order(work_dir, cameras, args.order)
+    views = prepare_views(cameras, order)
+    print(f"{len(views)} views of {views[0].shape[1]}x{views[0].shape[0]}, coding order: {source}")
+    inputs = EvalInputs(work_dir, cameras, order, views)
+    codecs = [CODECS[n](inputs) for n in names]
+    out = work_dir / "eval"
+    run_evaluation(codecs, views, order, out, f"{scene.root.name} ({len(views)} views)", REFERENCE)
+    print(f"wrote {out}/<codec>.json, table.csv, bd_rate.csv and rd.png")
+    return 0
