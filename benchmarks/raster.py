@@ -3,8 +3,9 @@
 One iteration = render (SH degree 3, RGB) + L1 loss against a target + backward + Adam step over
 all Gaussian parameters. Scenes: N Gaussians scattered in the camera frustum at depths 2-6 with
 log-normal scales (projected standard deviations of about 1-3 px), random opacities and SH.
-The baseline projects with the same PyTorch code, then composites per 16x16 tile with padded,
-depth-sorted lists in chunks, all in PyTorch tensors with autograd for the backward.
+The baseline is pure PyTorch with autograd: gsplat's reference projection and SH
+(``gsplat/cuda/_torch_impl.py``), then compositing per 16x16 tile with padded, depth-sorted lists
+in chunks of 32 Gaussians (only the tile lists come from our extension, without gradients).
 
 Usage: python benchmarks/raster.py [--threads 2] [--iters 10] [--baseline-iters 2] [--quick]
 The last line reports the 20k Gaussians @ 320x240 configuration:
@@ -21,8 +22,10 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from gsplat.cuda._torch_impl import _fully_fused_projection, _quat_scale_to_covar_preci, _spherical_harmonics
+
 from geometry.splat import rasterization
-from geometry.splat.projection import covariances, project_gaussians, sh_to_color, tile_grid
+from geometry.splat.projection import tile_grid
 from geometry.splat.rasterize import intersect_tiles
 
 TILE = 16
@@ -80,17 +83,18 @@ def _composite_torch(means2d, conics, colors, opacities, order, width, height, c
 
 def baseline_render(p: dict[str, Tensor], width: int, height: int) -> Tensor:
     opac = torch.sigmoid(p["logit_opacities"])
-    proj = project_gaussians(p["means"], covariances(p["quats"], torch.exp(p["log_scales"])), opac,
-                             p["viewmats"], p["Ks"], width, height)
-    colors = sh_to_color(3, p["means"], p["sh"], p["viewmats"])[0]
+    covars, _ = _quat_scale_to_covar_preci(p["quats"], torch.exp(p["log_scales"]), compute_preci=False)
+    radii, means2d, depths, conics, _ = _fully_fused_projection(p["means"], covars, p["viewmats"], p["Ks"], width, height)
+    campos = torch.inverse(p["viewmats"])[:, :3, 3]
+    colors = torch.clamp_min(_spherical_harmonics(3, p["means"] - campos, p["sh"]) + 0.5, 0.0)
     tiles_x, tiles_y = tile_grid(width, height, TILE)
-    offsets, ids = intersect_tiles(proj.means2d[0], proj.radii[0], proj.depths[0],
+    offsets, ids = intersect_tiles(means2d[0], radii[0], depths[0],
                                    torch.zeros(len(opac), dtype=torch.int32), 1, TILE, tiles_x, tiles_y)
     counts = (offsets[1:] - offsets[:-1]).long()
     order = torch.full((len(counts), int(counts.max())), -1, dtype=torch.long)
     slot = torch.arange(len(ids)) - torch.repeat_interleave(offsets[:-1].long(), counts)
     order[torch.repeat_interleave(torch.arange(len(counts)), counts), slot] = ids.long()
-    return _composite_torch(proj.means2d[0], proj.conics[0], colors, opac, order, width, height)
+    return _composite_torch(means2d[0], conics[0], colors, opac, order, width, height)
 
 
 def ours_render(p: dict[str, Tensor], width: int, height: int) -> Tensor:

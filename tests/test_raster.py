@@ -55,22 +55,23 @@ def _scene(n: int = 300, seed: int = 0) -> dict[str, torch.Tensor]:
     }
 
 
-def _reference(scene: dict[str, torch.Tensor], sh_degree: int) -> dict[str, torch.Tensor]:
+def _reference(scene: dict[str, torch.Tensor], sh_degree: int, antialiased: bool = False) -> dict[str, torch.Tensor]:
     """gsplat torch projection + SH, then brute-force compositing, in float64 with autograd."""
     p = {k: v.double().clone().requires_grad_(k in ("means", "quats", "scales", "opacities", "sh"))
          for k, v in scene.items()}
     covars, _ = _quat_scale_to_covar_preci(p["quats"], p["scales"], compute_preci=False)
-    radii, means2d, depths, conics, _ = _fully_fused_projection(
-        p["means"], covars, p["viewmats"], p["Ks"], WIDTH, HEIGHT
+    radii, means2d, depths, conics, comps = _fully_fused_projection(
+        p["means"], covars, p["viewmats"], p["Ks"], WIDTH, HEIGHT, calc_compensations=antialiased
     )
+    opacities = p["opacities"][None].expand(2, -1) * (comps if antialiased else 1.0)
     campos = torch.inverse(p["viewmats"])[:, :3, 3]
     dirs = p["means"][None] - campos[:, None]
     colors = torch.clamp_min(_spherical_harmonics(sh_degree, dirs, p["sh"][None].expand(2, -1, -1, -1)) + 0.5, 0)
     feats = torch.cat([colors, depths[..., None]], dim=-1)
     images, alphas, medians, stopped = [], [], [], []
     for cam in range(2):
-        img, alpha, med, done = _composite(means2d[cam], conics[cam], feats[cam], p["opacities"], depths[cam],
-                                     (radii[cam] > 0).all(-1))
+        img, alpha, med, done = _composite(means2d[cam], conics[cam], feats[cam], opacities[cam],
+                                           depths[cam], (radii[cam] > 0).all(-1))
         images.append(img)
         alphas.append(alpha)
         medians.append(med)
@@ -107,12 +108,12 @@ def _composite(means2d, conics, feats, opacities, depths, visible):
     return out, (1 - trans)[..., None], median, done
 
 
-def _ours(scene, sh_degree, packed, render_mode="RGB+ED"):
+def _ours(scene, sh_degree, packed, render_mode="RGB+ED", rasterize_mode="classic"):
     p = {k: v.clone().requires_grad_(k in ("means", "quats", "scales", "opacities", "sh"))
          for k, v in scene.items()}
     colors, alphas, meta = rasterization(
         p["means"], p["quats"], p["scales"], p["opacities"], p["sh"], p["viewmats"], p["Ks"], WIDTH, HEIGHT,
-        sh_degree=sh_degree, packed=packed, render_mode=render_mode,
+        sh_degree=sh_degree, packed=packed, render_mode=render_mode, rasterize_mode=rasterize_mode,
     )
     return p, colors, alphas, meta
 
@@ -128,15 +129,13 @@ def reference(scene):
 
 
 def test_projection_matches_gsplat_reference(scene):
-    from geometry.splat.projection import covariances, project_gaussians
+    from geometry.splat.projection import project_gaussians
 
-    covars = covariances(scene["quats"], scene["scales"])
-    ref_covars, _ = _quat_scale_to_covar_preci(scene["quats"], scene["scales"], compute_preci=False)
-    torch.testing.assert_close(covars, ref_covars, rtol=1e-5, atol=1e-7)
-    ours = project_gaussians(scene["means"], covars, torch.ones(len(covars)), scene["viewmats"], scene["Ks"],
-                             WIDTH, HEIGHT)
+    ours = project_gaussians(scene["means"], scene["quats"], scene["scales"], torch.ones(len(scene["means"])),
+                             scene["viewmats"], scene["Ks"], WIDTH, HEIGHT)
+    covars, _ = _quat_scale_to_covar_preci(scene["quats"].double(), scene["scales"].double(), compute_preci=False)
     radii, means2d, depths, conics, _ = _fully_fused_projection(
-        scene["means"].double(), ref_covars.double(), scene["viewmats"].double(), scene["Ks"].double(), WIDTH, HEIGHT
+        scene["means"].double(), covars, scene["viewmats"].double(), scene["Ks"].double(), WIDTH, HEIGHT
     )
     vis = (ours.radii > 0).all(-1)
     ref_vis = (radii > 0).all(-1)
@@ -169,8 +168,10 @@ def test_median_depth_matches_brute_force(scene, reference):
     torch.testing.assert_close(median, ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("packed", [False, True])
-def test_gradients_match_brute_force(scene, reference, packed):
+@pytest.mark.parametrize(("packed", "mode"), [(False, "classic"), (True, "classic"), (True, "antialiased")])
+def test_gradients_match_brute_force(scene, reference, packed, mode):
+    if mode == "antialiased":
+        reference = _reference(scene, sh_degree=3, antialiased=True)
     gen = torch.Generator().manual_seed(1)
     weights = torch.rand(2, HEIGHT, WIDTH, 5, generator=gen, dtype=torch.float64)
     ref_loss = (reference["colors"] * weights[..., :4]).sum() + (reference["alphas"] * weights[..., 4:]).sum()
@@ -178,7 +179,8 @@ def test_gradients_match_brute_force(scene, reference, packed):
     names = ["means", "quats", "scales", "opacities", "sh"]
     ref_grads = torch.autograd.grad(ref_loss, [ref_params[k] for k in names], retain_graph=True)
 
-    params, colors, alphas, meta = _ours(scene, 3, packed, render_mode="RGB+D")
+    params, colors, alphas, meta = _ours(scene, 3, packed, render_mode="RGB+D", rasterize_mode=mode)
+    torch.testing.assert_close(colors.double(), reference["colors"], rtol=0, atol=1e-5)
     loss = (colors * weights[..., :4].float()).sum() + (alphas * weights[..., 4:].float()).sum()
     grads = torch.autograd.grad(loss, [params[k] for k in names])
     for name, g, ref in zip(names, grads, ref_grads):

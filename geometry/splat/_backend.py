@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from types import ModuleType
 
-_SOURCE = Path(__file__).parent / "csrc" / "raster.cpp"
+_SOURCES = [Path(__file__).parent / "csrc" / name for name in ("bindings.cpp", "project.cpp", "raster.cpp")]
 
 
 def _build_dir() -> Path:
@@ -31,7 +31,7 @@ def extension() -> ModuleType:
 
     return load(
         name="lmvic_splat_cpu",
-        sources=[str(_SOURCE)],
+        sources=[str(p) for p in _SOURCES],
         extra_cflags=["-O3", "-fopenmp"],
         extra_ldflags=["-fopenmp"],
         build_directory=str(_build_dir()),

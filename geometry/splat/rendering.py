@@ -18,7 +18,7 @@ from typing import Any, Literal, Optional
 import torch
 from torch import Tensor
 
-from geometry.splat.projection import covariances, project_gaussians, sh_to_color, tile_grid
+from geometry.splat.projection import project_gaussians, sh_to_color, tile_grid
 from geometry.splat.rasterize import intersect_tiles, rasterize_to_pixels
 
 RenderMode = Literal["RGB", "D", "ED", "RGB+D", "RGB+ED"]
@@ -69,7 +69,7 @@ def rasterization(
     n_cams = viewmats.shape[0]
 
     proj = project_gaussians(
-        means, covariances(quats, scales), opacities, viewmats, Ks, width, height, eps2d=eps2d,
+        means, quats, scales, opacities, viewmats, Ks, width, height, eps2d=eps2d,
         near_plane=near_plane, far_plane=far_plane, radius_clip=radius_clip,
         calc_compensations=rasterize_mode == "antialiased",
     )

@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <cmath>
 #include <numeric>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -229,6 +230,17 @@ std::vector<torch::Tensor> intersect_tiles(torch::Tensor means2d,   // [M, 2]
     return {offsets, ids};
 }
 
+// Channel count as a compile-time constant for the common cases (1, 3, 4), else at run time.
+template <class F>
+void dispatch_channels(int64_t D, F &&f) {
+    switch (D) {
+        case 1: f(std::integral_constant<int, 1>{}); break;
+        case 3: f(std::integral_constant<int, 3>{}); break;
+        case 4: f(std::integral_constant<int, 4>{}); break;
+        default: f(std::integral_constant<int, 0>{});
+    }
+}
+
 // Forward. Per-entry inputs may carry leading dimensions ([C, N, ...] dense or [nnz, ...] packed).
 // Returns (colors [I,H,W,D], alphas [I,H,W,1], median depth [I,H,W,1], last ids [I,H,W]).
 std::vector<torch::Tensor> rasterize_forward(torch::Tensor means2d,      // [M, 2]
@@ -244,9 +256,8 @@ std::vector<torch::Tensor> rasterize_forward(torch::Tensor means2d,      // [M, 
     check_cpu_float(depths, "depths");
     const float *z = depths.data_ptr<float>();
     const Grid grid(n_images, width, height, tile_size);
-    const int64_t D = in.D;
 
-    auto out_colors = torch::empty({n_images, height, width, D}, torch::dtype(torch::kFloat32));
+    auto out_colors = torch::empty({n_images, height, width, in.D}, torch::dtype(torch::kFloat32));
     auto out_alphas = torch::empty({n_images, height, width, 1}, torch::dtype(torch::kFloat32));
     auto out_median = torch::empty({n_images, height, width, 1}, torch::dtype(torch::kFloat32));
     auto out_last = torch::empty({n_images, height, width}, torch::dtype(torch::kInt32));
@@ -255,61 +266,75 @@ std::vector<torch::Tensor> rasterize_forward(torch::Tensor means2d,      // [M, 
     float *omed = out_median.data_ptr<float>();
     int32_t *olast = out_last.data_ptr<int32_t>();
 
+    dispatch_channels(in.D, [&](auto dt) {
+        constexpr int DT = decltype(dt)::value;
+        const int64_t D = DT > 0 ? DT : in.D;
 #pragma omp parallel
-    {
-        const int block = (int)(tile_size * tile_size);
-        std::vector<float> T(block), acc(block * D), med(block);
-        std::vector<int32_t> last(block);
-        std::vector<uint8_t> done(block);
+        {
+            const int block = (int)(tile_size * tile_size);
+            std::vector<float> T_(block), acc_(block * D), med_(block);
+            std::vector<int32_t> last_(block);
+            std::vector<uint8_t> done_(block);
+            float *__restrict__ T = T_.data();
+            float *__restrict__ acc = acc_.data();
+            float *__restrict__ med = med_.data();
+            int32_t *__restrict__ last = last_.data();
+            uint8_t *__restrict__ done = done_.data();
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t it = 0; it < grid.n_tiles(); ++it) {
-            const int64_t image = grid.image_of(it);
-            const TileBox box = grid.box(it);
-            const int bw = box.x1 - box.x0;
-            const int n_pix = bw * (box.y1 - box.y0);
-            std::fill(T.begin(), T.begin() + n_pix, 1.f);
-            std::fill(acc.begin(), acc.begin() + n_pix * D, 0.f);
-            std::fill(med.begin(), med.begin() + n_pix, 0.f);
-            std::fill(last.begin(), last.begin() + n_pix, -1);
-            std::fill(done.begin(), done.begin() + n_pix, 0);
-            int n_done = 0;
-            for (int32_t idx = in.offsets[it]; idx < in.offsets[it + 1] && n_done < n_pix; ++idx) {
-                const int64_t g = in.ids[idx];
-                const Splat s = in.splat(g);
-                const float *cg = in.colors + g * D;
-                for_each_covered_pixel(s, box, [&](int row, int col) {
-                    const int p = (row - box.y0) * bw + (col - box.x0);
-                    if (done[p]) return;
-                    float sigma, vis, alpha;
-                    if (!evaluate(s, (float)col + 0.5f, (float)row + 0.5f, sigma, vis, alpha)) return;
-                    const float next_T = T[p] * (1.f - alpha);
-                    if (next_T <= kTransmittanceMin) {
-                        done[p] = 1;
-                        ++n_done;
-                        return;
+            for (int64_t it = 0; it < grid.n_tiles(); ++it) {
+                const int64_t image = grid.image_of(it);
+                const TileBox box = grid.box(it);
+                const int bw = box.x1 - box.x0;
+                const int n_pix = bw * (box.y1 - box.y0);
+                std::fill(T, T + n_pix, 1.f);
+                std::fill(acc, acc + n_pix * D, 0.f);
+                std::fill(med, med + n_pix, 0.f);
+                std::fill(last, last + n_pix, -1);
+                std::fill(done, done + n_pix, 0);
+                int n_done = 0;
+                for (int32_t idx = in.offsets[it]; idx < in.offsets[it + 1] && n_done < n_pix; ++idx) {
+                    const int64_t g = in.ids[idx];
+                    const Splat s = in.splat(g);
+                    const float *cg = in.colors + g * D;
+                    const float zg = z[g];
+                    for_each_covered_pixel(s, box, [&](int row, int col) {
+                        const int p = (row - box.y0) * bw + (col - box.x0);
+                        if (done[p]) return;
+                        float sigma, vis, alpha;
+                        if (!evaluate(s, (float)col + 0.5f, (float)row + 0.5f, sigma, vis, alpha)) return;
+                        const float T_p = T[p];
+                        const float next_T = T_p * (1.f - alpha);
+                        if (next_T <= kTransmittanceMin) {
+                            done[p] = 1;
+                            ++n_done;
+                            return;
+                        }
+                        const float w = alpha * T_p;
+                        for (int64_t k = 0; k < D; ++k) acc[p * D + k] += cg[k] * w;
+                        if (T_p >= kMedianLevel && next_T < kMedianLevel) med[p] = zg;
+                        last[p] = idx;
+                        T[p] = next_T;
+                    });
+                }
+                for (int row = box.y0; row < box.y1; ++row) {
+                    for (int col = box.x0; col < box.x1; ++col) {
+                        const int p = (row - box.y0) * bw + (col - box.x0);
+                        const int64_t pix = (image * height + row) * width + col;
+                        for (int64_t k = 0; k < D; ++k)
+                            oc[pix * D + k] =
+                                acc[p * D + k] + (in.backgrounds ? T[p] * in.backgrounds[image * D + k] : 0.f);
+                        oa[pix] = 1.f - T[p];
+                        omed[pix] = med[p];
+                        olast[pix] = last[p];
                     }
-                    const float w = alpha * T[p];
-                    for (int64_t k = 0; k < D; ++k) acc[p * D + k] += cg[k] * w;
-                    if (T[p] >= kMedianLevel && next_T < kMedianLevel) med[p] = z[g];
-                    last[p] = idx;
-                    T[p] = next_T;
-                });
-            }
-            for (int row = box.y0; row < box.y1; ++row) {
-                for (int col = box.x0; col < box.x1; ++col) {
-                    const int p = (row - box.y0) * bw + (col - box.x0);
-                    const int64_t pix = (image * height + row) * width + col;
-                    for (int64_t k = 0; k < D; ++k)
-                        oc[pix * D + k] = acc[p * D + k] + (in.backgrounds ? T[p] * in.backgrounds[image * D + k] : 0.f);
-                    oa[pix] = 1.f - T[p];
-                    omed[pix] = med[p];
-                    olast[pix] = last[p];
                 }
             }
         }
-    }
+    });
     return {out_colors, out_alphas, out_median, out_last};
 }
+
+constexpr int64_t kMaxBackwardChannels = 32;
 
 // Backward (gsplat's back-to-front recursion, T recovered as T / (1 - alpha)). Gradients are
 // written per intersection, then summed per entry in a serial, deterministic pass.
@@ -327,89 +352,112 @@ std::vector<torch::Tensor> rasterize_backward(torch::Tensor means2d, torch::Tens
     const Entries in(means2d, conics, colors, opacities, backgrounds, tile_offsets, flatten_ids);
     check_cpu_float(v_render_colors, "v_render_colors");
     check_cpu_float(v_render_alphas, "v_render_alphas");
+    TORCH_CHECK(in.D <= kMaxBackwardChannels, "the CPU rasteriser backward supports at most ",
+                kMaxBackwardChannels, " channels, got ", in.D);
     const Grid grid(n_images, width, height, tile_size);
     const int64_t M = opacities.numel();
-    const int64_t D = in.D;
     const int64_t n_isects = flatten_ids.numel();
-    const int64_t stride = 8 + D;  // per intersection: xy (2), conic (3), colour (D), opacity, |xy| (2)
+    const int64_t stride = 8 + in.D;  // per intersection: xy (2), conic (3), colour (D), opacity, |xy| (2)
     std::vector<float> part(n_isects * stride, 0.f);
     const float *ra = render_alphas.data_ptr<float>();
     const int32_t *rl = last_ids.data_ptr<int32_t>();
     const float *vc = v_render_colors.data_ptr<float>();
     const float *va = v_render_alphas.data_ptr<float>();
 
+    dispatch_channels(in.D, [&](auto dt) {
+        constexpr int DT = decltype(dt)::value;
+        const int64_t D = DT > 0 ? DT : in.D;
 #pragma omp parallel
-    {
-        const int block = (int)(tile_size * tile_size);
-        std::vector<float> T(block), T_final(block), buf(block * D), v_out(block * D), v_alpha_out(block);
-        std::vector<int32_t> last(block);
-        std::vector<float> g_acc(stride);
+        {
+            const int block = (int)(tile_size * tile_size);
+            std::vector<float> T_(block), T_final_(block), buf_(block * D), v_out_(block * D), v_alpha_out_(block);
+            std::vector<int32_t> last_(block);
+            float *__restrict__ T = T_.data();
+            float *__restrict__ T_final = T_final_.data();
+            float *__restrict__ buf = buf_.data();
+            float *__restrict__ v_out = v_out_.data();
+            float *__restrict__ v_alpha_out = v_alpha_out_.data();
+            int32_t *__restrict__ last = last_.data();
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t it = 0; it < grid.n_tiles(); ++it) {
-            const int64_t image = grid.image_of(it);
-            const TileBox box = grid.box(it);
-            const int bw = box.x1 - box.x0;
-            int32_t max_last = -1;
-            for (int row = box.y0; row < box.y1; ++row) {
-                for (int col = box.x0; col < box.x1; ++col) {
-                    const int p = (row - box.y0) * bw + (col - box.x0);
-                    const int64_t pix = (image * height + row) * width + col;
-                    T_final[p] = T[p] = 1.f - ra[pix];
-                    last[p] = rl[pix];
-                    max_last = std::max(max_last, last[p]);
-                    float bg_dot = 0.f;
-                    for (int64_t k = 0; k < D; ++k) {
-                        buf[p * D + k] = 0.f;
-                        v_out[p * D + k] = vc[pix * D + k];
-                        if (in.backgrounds) bg_dot += in.backgrounds[image * D + k] * vc[pix * D + k];
+            for (int64_t it = 0; it < grid.n_tiles(); ++it) {
+                const int64_t image = grid.image_of(it);
+                const TileBox box = grid.box(it);
+                const int bw = box.x1 - box.x0;
+                int32_t max_last = -1;
+                for (int row = box.y0; row < box.y1; ++row) {
+                    for (int col = box.x0; col < box.x1; ++col) {
+                        const int p = (row - box.y0) * bw + (col - box.x0);
+                        const int64_t pix = (image * height + row) * width + col;
+                        T_final[p] = T[p] = 1.f - ra[pix];
+                        last[p] = rl[pix];
+                        max_last = std::max(max_last, last[p]);
+                        float bg_dot = 0.f;
+                        for (int64_t k = 0; k < D; ++k) {
+                            buf[p * D + k] = 0.f;
+                            v_out[p * D + k] = vc[pix * D + k];
+                            if (in.backgrounds) bg_dot += in.backgrounds[image * D + k] * vc[pix * D + k];
+                        }
+                        // d(out)/d(alpha_i) has the term T_final / (1 - alpha_i) * (v_alpha - bg . v_color)
+                        v_alpha_out[p] = va[pix] - bg_dot;
                     }
-                    // d(out)/d(alpha_i) has the term T_final / (1 - alpha_i) * (v_alpha - bg . v_color)
-                    v_alpha_out[p] = va[pix] - bg_dot;
+                }
+                for (int32_t idx = max_last; idx >= in.offsets[it]; --idx) {
+                    const int64_t g = in.ids[idx];
+                    const Splat s = in.splat(g);
+                    const float *cg = in.colors + g * D;
+                    float v_col[DT > 0 ? DT : kMaxBackwardChannels] = {};
+                    float gx_sum = 0.f, gy_sum = 0.f, ca = 0.f, cb = 0.f, cc = 0.f, v_op = 0.f, ax = 0.f, ay = 0.f;
+                    bool touched = false;
+                    for_each_covered_pixel(s, box, [&](int row, int col) {
+                        const int p = (row - box.y0) * bw + (col - box.x0);
+                        if (idx > last[p]) return;
+                        const float px = (float)col + 0.5f, py = (float)row + 0.5f;
+                        float sigma, vis, alpha;
+                        if (!evaluate(s, px, py, sigma, vis, alpha)) return;
+                        touched = true;
+                        const float rinv = 1.f / (1.f - alpha);
+                        const float T_p = T[p] * rinv;
+                        T[p] = T_p;
+                        const float w = alpha * T_p;
+                        float v_alpha = 0.f;
+                        for (int64_t k = 0; k < D; ++k) {
+                            const float vo = v_out[p * D + k];
+                            v_col[k] += w * vo;
+                            v_alpha += (cg[k] * T_p - buf[p * D + k] * rinv) * vo;
+                            buf[p * D + k] += cg[k] * w;
+                        }
+                        v_alpha += T_final[p] * rinv * v_alpha_out[p];
+                        if (s.opacity * vis <= kMaxAlpha) {
+                            const float v_sigma = -s.opacity * vis * v_alpha;
+                            const float dx = s.x - px, dy = s.y - py;
+                            const float gx = v_sigma * (s.a * dx + s.b * dy);
+                            const float gy = v_sigma * (s.b * dx + s.c * dy);
+                            gx_sum += gx;
+                            gy_sum += gy;
+                            ca += 0.5f * v_sigma * dx * dx;
+                            cb += v_sigma * dx * dy;
+                            cc += 0.5f * v_sigma * dy * dy;
+                            v_op += vis * v_alpha;
+                            ax += std::fabs(gx);
+                            ay += std::fabs(gy);
+                        }
+                    });
+                    if (!touched) continue;
+                    float *q = part.data() + idx * stride;
+                    q[0] = gx_sum;
+                    q[1] = gy_sum;
+                    q[2] = ca;
+                    q[3] = cb;
+                    q[4] = cc;
+                    for (int64_t k = 0; k < D; ++k) q[5 + k] = v_col[k];
+                    q[5 + D] = v_op;
+                    q[6 + D] = ax;
+                    q[7 + D] = ay;
                 }
             }
-            for (int32_t idx = max_last; idx >= in.offsets[it]; --idx) {
-                const int64_t g = in.ids[idx];
-                const Splat s = in.splat(g);
-                const float *cg = in.colors + g * D;
-                std::fill(g_acc.begin(), g_acc.end(), 0.f);
-                bool touched = false;
-                for_each_covered_pixel(s, box, [&](int row, int col) {
-                    const int p = (row - box.y0) * bw + (col - box.x0);
-                    if (idx > last[p]) return;
-                    const float px = (float)col + 0.5f, py = (float)row + 0.5f;
-                    float sigma, vis, alpha;
-                    if (!evaluate(s, px, py, sigma, vis, alpha)) return;
-                    touched = true;
-                    const float rinv = 1.f / (1.f - alpha);
-                    T[p] *= rinv;
-                    const float w = alpha * T[p];
-                    float v_alpha = 0.f;
-                    for (int64_t k = 0; k < D; ++k) {
-                        const float vo = v_out[p * D + k];
-                        g_acc[5 + k] += w * vo;
-                        v_alpha += (cg[k] * T[p] - buf[p * D + k] * rinv) * vo;
-                        buf[p * D + k] += cg[k] * w;
-                    }
-                    v_alpha += T_final[p] * rinv * v_alpha_out[p];
-                    if (s.opacity * vis <= kMaxAlpha) {
-                        const float v_sigma = -s.opacity * vis * v_alpha;
-                        const float dx = s.x - px, dy = s.y - py;
-                        const float gx = v_sigma * (s.a * dx + s.b * dy);
-                        const float gy = v_sigma * (s.b * dx + s.c * dy);
-                        g_acc[0] += gx;
-                        g_acc[1] += gy;
-                        g_acc[2] += 0.5f * v_sigma * dx * dx;
-                        g_acc[3] += v_sigma * dx * dy;
-                        g_acc[4] += 0.5f * v_sigma * dy * dy;
-                        g_acc[5 + D] += vis * v_alpha;
-                        g_acc[6 + D] += std::fabs(gx);
-                        g_acc[7 + D] += std::fabs(gy);
-                    }
-                });
-                if (touched) std::copy(g_acc.begin(), g_acc.end(), part.begin() + idx * stride);
-            }
         }
-    }
+    });
+    const int64_t D = in.D;
 
     auto v_means2d = torch::zeros({M, 2}, torch::dtype(torch::kFloat32));
     auto v_conics = torch::zeros({M, 3}, torch::dtype(torch::kFloat32));
@@ -435,10 +483,4 @@ std::vector<torch::Tensor> rasterize_backward(torch::Tensor means2d, torch::Tens
         }
     }
     return {v_means2d, v_conics, v_colors, v_opacities, v_abs};
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
-    mod.def("intersect_tiles", &intersect_tiles, "per-tile depth-sorted Gaussian lists");
-    mod.def("rasterize_forward", &rasterize_forward, "rasterise Gaussians to pixels (forward)");
-    mod.def("rasterize_backward", &rasterize_backward, "rasterise Gaussians to pixels (backward)");
 }

@@ -1,0 +1,413 @@
+// EWA projection of 3-D Gaussians and spherical-harmonics colour, forward and hand-written
+// backward, OpenMP over Gaussians (each thread owns a Gaussian across all cameras: no races).
+//
+// The same function as gsplat's fused CUDA projection (ProjectionEWA3DGSFused.cu, pinhole) and
+// SphericalHarmonicsCUDA.cu: OpenCV world-to-camera viewmats, Jacobian at the mean clamped to 1.3x
+// the field of view, eps2d blur (optional antialiasing compensation), opacity-aware radii, culling
+// outside [near, far], det <= 0, opacity below 1/255 and off-screen.
+
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <vector>
+
+namespace {
+
+constexpr float kAlphaThreshold = 1.f / 255.f;
+
+using Mat3 = std::array<std::array<float, 3>, 3>;
+
+Mat3 matmul(const Mat3 &a, const Mat3 &b) {
+    Mat3 r{};
+    for (int i = 0; i < 3; ++i)
+        for (int j = 0; j < 3; ++j) r[i][j] = a[i][0] * b[0][j] + a[i][1] * b[1][j] + a[i][2] * b[2][j];
+    return r;
+}
+
+Mat3 transpose(const Mat3 &a) {
+    Mat3 r{};
+    for (int i = 0; i < 3; ++i)
+        for (int j = 0; j < 3; ++j) r[i][j] = a[j][i];
+    return r;
+}
+
+// Rotation of the normalised quaternion (w, x, y, z).
+Mat3 quat_to_rot(float w, float x, float y, float z) {
+    return Mat3{{{1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y)},
+                 {2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x)},
+                 {2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)}}};
+}
+
+// Everything the projection of one Gaussian into one camera computes (reused by the backward).
+struct Projected {
+    bool valid;
+    float px, py, pz;     // camera-space mean
+    Mat3 cov_c;           // camera-space covariance
+    float J[2][3];        // Jacobian (with the field-of-view clamp)
+    bool clamp_x, clamp_y;
+    float tx, ty;         // camera-space x, y after the clamp
+    float a, b, c;        // blurred 2-D covariance
+    float det, det_orig;  // of the blurred and the unblurred 2-D covariance
+    float mx, my;         // 2-D mean
+};
+
+struct Camera {
+    Mat3 R;
+    float t[3];
+    float fx, fy, cx, cy;
+};
+
+Camera camera(const float *viewmat, const float *K) {
+    Camera cam;
+    for (int i = 0; i < 3; ++i) {
+        for (int j = 0; j < 3; ++j) cam.R[i][j] = viewmat[4 * i + j];
+        cam.t[i] = viewmat[4 * i + 3];
+    }
+    cam.fx = K[0];
+    cam.fy = K[4];
+    cam.cx = K[2];
+    cam.cy = K[5];
+    return cam;
+}
+
+// Normalised quaternion, rotation, M = R S and the world covariance M M^T of Gaussian g.
+struct Shape {
+    float qn[4], qnorm;
+    Mat3 R, M, cov;
+};
+
+Shape shape(const float *q, const float *s) {
+    Shape sh;
+    sh.qnorm = std::sqrt(q[0] * q[0] + q[1] * q[1] + q[2] * q[2] + q[3] * q[3]);
+    const float inv = 1.f / std::max(sh.qnorm, 1e-12f);
+    for (int i = 0; i < 4; ++i) sh.qn[i] = q[i] * inv;
+    sh.R = quat_to_rot(sh.qn[0], sh.qn[1], sh.qn[2], sh.qn[3]);
+    for (int i = 0; i < 3; ++i)
+        for (int j = 0; j < 3; ++j) sh.M[i][j] = sh.R[i][j] * s[j];
+    sh.cov = matmul(sh.M, transpose(sh.M));
+    return sh;
+}
+
+Projected project(const Shape &sh, const float *mean, const Camera &cam, int width, int height, float eps2d,
+                  float near_plane, float far_plane) {
+    Projected p{};
+    p.px = cam.R[0][0] * mean[0] + cam.R[0][1] * mean[1] + cam.R[0][2] * mean[2] + cam.t[0];
+    p.py = cam.R[1][0] * mean[0] + cam.R[1][1] * mean[1] + cam.R[1][2] * mean[2] + cam.t[1];
+    p.pz = cam.R[2][0] * mean[0] + cam.R[2][1] * mean[1] + cam.R[2][2] * mean[2] + cam.t[2];
+    if (p.pz < near_plane || p.pz > far_plane) return p;
+    p.cov_c = matmul(matmul(cam.R, sh.cov), transpose(cam.R));
+    const float tan_x = 0.5f * width / cam.fx, tan_y = 0.5f * height / cam.fy;
+    const float lim_xp = (width - cam.cx) / cam.fx + 0.3f * tan_x, lim_xn = cam.cx / cam.fx + 0.3f * tan_x;
+    const float lim_yp = (height - cam.cy) / cam.fy + 0.3f * tan_y, lim_yn = cam.cy / cam.fy + 0.3f * tan_y;
+    const float rz = 1.f / p.pz, rz2 = rz * rz;
+    const float u = p.px * rz, v = p.py * rz;
+    p.clamp_x = !(u <= lim_xp && u >= -lim_xn);
+    p.clamp_y = !(v <= lim_yp && v >= -lim_yn);
+    p.tx = p.pz * std::min(lim_xp, std::max(-lim_xn, u));
+    p.ty = p.pz * std::min(lim_yp, std::max(-lim_yn, v));
+    p.J[0][0] = cam.fx * rz;
+    p.J[0][1] = 0.f;
+    p.J[0][2] = -cam.fx * p.tx * rz2;
+    p.J[1][0] = 0.f;
+    p.J[1][1] = cam.fy * rz;
+    p.J[1][2] = -cam.fy * p.ty * rz2;
+    float JS[2][3];
+    for (int i = 0; i < 2; ++i)
+        for (int j = 0; j < 3; ++j)
+            JS[i][j] = p.J[i][0] * p.cov_c[0][j] + p.J[i][1] * p.cov_c[1][j] + p.J[i][2] * p.cov_c[2][j];
+    float cov2[2][2];
+    for (int i = 0; i < 2; ++i)
+        for (int j = 0; j < 2; ++j) cov2[i][j] = JS[i][0] * p.J[j][0] + JS[i][1] * p.J[j][1] + JS[i][2] * p.J[j][2];
+    p.a = cov2[0][0];
+    p.b = 0.5f * (cov2[0][1] + cov2[1][0]);
+    p.c = cov2[1][1];
+    p.det_orig = p.a * p.c - p.b * p.b;
+    p.a += eps2d;
+    p.c += eps2d;
+    p.det = p.a * p.c - p.b * p.b;
+    p.mx = cam.fx * p.px * rz + cam.cx;
+    p.my = cam.fy * p.py * rz + cam.cy;
+    p.valid = p.det > 0.f;
+    return p;
+}
+
+void check_float(const torch::Tensor &t, const char *name) {
+    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kFloat32 && t.is_contiguous(), name,
+                " must be a contiguous float32 CPU tensor");
+}
+
+// ---- spherical harmonics (degree <= 3), 3DGS / gsplat basis ordering ----
+constexpr float SH_C0 = 0.28209479177387814f;
+constexpr float SH_C1 = 0.4886025119029199f;
+constexpr float SH_C2[5] = {1.0925484305920792f, -1.0925484305920792f, 0.31539156525252005f,
+                            -1.0925484305920792f, 0.5462742152960396f};
+constexpr float SH_C3[7] = {-0.5900435899266435f, 2.890611442640554f, -0.4570457994644658f, 0.3731763325901154f,
+                            -0.4570457994644658f, 1.445305721320277f, -0.5900435899266435f};
+
+// Basis values B[k] and their derivatives dB[k][0..2] with respect to the unit direction (x, y, z).
+void sh_basis(int degree, float x, float y, float z, float *B, float (*dB)[3]) {
+    auto set = [&](int k, float v, float dx, float dy, float dz) {
+        B[k] = v;
+        if (dB) {
+            dB[k][0] = dx;
+            dB[k][1] = dy;
+            dB[k][2] = dz;
+        }
+    };
+    set(0, SH_C0, 0.f, 0.f, 0.f);
+    if (degree < 1) return;
+    set(1, -SH_C1 * y, 0.f, -SH_C1, 0.f);
+    set(2, SH_C1 * z, 0.f, 0.f, SH_C1);
+    set(3, -SH_C1 * x, -SH_C1, 0.f, 0.f);
+    if (degree < 2) return;
+    const float xx = x * x, yy = y * y, zz = z * z;
+    set(4, SH_C2[0] * x * y, SH_C2[0] * y, SH_C2[0] * x, 0.f);
+    set(5, SH_C2[1] * y * z, 0.f, SH_C2[1] * z, SH_C2[1] * y);
+    set(6, SH_C2[2] * (2 * zz - xx - yy), -2 * SH_C2[2] * x, -2 * SH_C2[2] * y, 4 * SH_C2[2] * z);
+    set(7, SH_C2[3] * x * z, SH_C2[3] * z, 0.f, SH_C2[3] * x);
+    set(8, SH_C2[4] * (xx - yy), 2 * SH_C2[4] * x, -2 * SH_C2[4] * y, 0.f);
+    if (degree < 3) return;
+    set(9, SH_C3[0] * y * (3 * xx - yy), SH_C3[0] * 6 * x * y, SH_C3[0] * (3 * xx - 3 * yy), 0.f);
+    set(10, SH_C3[1] * x * y * z, SH_C3[1] * y * z, SH_C3[1] * x * z, SH_C3[1] * x * y);
+    set(11, SH_C3[2] * y * (4 * zz - xx - yy), SH_C3[2] * (-2 * x * y), SH_C3[2] * (4 * zz - xx - 3 * yy),
+        SH_C3[2] * 8 * y * z);
+    set(12, SH_C3[3] * z * (2 * zz - 3 * xx - 3 * yy), SH_C3[3] * (-6 * x * z), SH_C3[3] * (-6 * y * z),
+        SH_C3[3] * (6 * zz - 3 * xx - 3 * yy));
+    set(13, SH_C3[4] * x * (4 * zz - xx - yy), SH_C3[4] * (4 * zz - 3 * xx - yy), SH_C3[4] * (-2 * x * y),
+        SH_C3[4] * 8 * x * z);
+    set(14, SH_C3[5] * z * (xx - yy), SH_C3[5] * 2 * x * z, SH_C3[5] * (-2 * y * z), SH_C3[5] * (xx - yy));
+    set(15, SH_C3[6] * x * (xx - 3 * yy), SH_C3[6] * (3 * xx - 3 * yy), SH_C3[6] * (-6 * x * y), 0.f);
+}
+
+}  // namespace
+
+// Returns (radii [C,N,2] int32, means2d [C,N,2], depths [C,N], conics [C,N,3], compensations [C,N]
+// (empty unless calc_compensations)). Culled entries have radii 0 and zero outputs.
+std::vector<torch::Tensor> project_forward(torch::Tensor means, torch::Tensor quats, torch::Tensor scales,
+                                           torch::Tensor opacities, torch::Tensor viewmats, torch::Tensor Ks,
+                                           int64_t width, int64_t height, double eps2d, double near_plane,
+                                           double far_plane, double radius_clip, bool calc_compensations) {
+    for (auto *t : {&means, &quats, &scales, &opacities, &viewmats, &Ks}) check_float(*t, "projection input");
+    const int64_t N = means.size(0), C = viewmats.size(0);
+    auto f32 = torch::dtype(torch::kFloat32);
+    auto radii = torch::zeros({C, N, 2}, torch::dtype(torch::kInt32));
+    auto means2d = torch::zeros({C, N, 2}, f32);
+    auto depths = torch::zeros({C, N}, f32);
+    auto conics = torch::zeros({C, N, 3}, f32);
+    auto comps = torch::zeros({calc_compensations ? C : 0, N}, f32);
+    const float *mu = means.data_ptr<float>(), *q = quats.data_ptr<float>(), *s = scales.data_ptr<float>();
+    const float *op = opacities.data_ptr<float>(), *vm = viewmats.data_ptr<float>(), *k = Ks.data_ptr<float>();
+    int32_t *rad = radii.data_ptr<int32_t>();
+    float *m2 = means2d.data_ptr<float>(), *dep = depths.data_ptr<float>(), *con = conics.data_ptr<float>();
+    float *cmp = calc_compensations ? comps.data_ptr<float>() : nullptr;
+    std::vector<Camera> cams;
+    for (int64_t c = 0; c < C; ++c) cams.push_back(camera(vm + 16 * c, k + 9 * c));
+
+#pragma omp parallel for schedule(static)
+    for (int64_t g = 0; g < N; ++g) {
+        const Shape sh = shape(q + 4 * g, s + 3 * g);
+        for (int64_t c = 0; c < C; ++c) {
+            const Projected p = project(sh, mu + 3 * g, cams[c], (int)width, (int)height, (float)eps2d,
+                                        (float)near_plane, (float)far_plane);
+            if (!p.valid) continue;
+            const float comp = std::sqrt(std::max(0.f, p.det_orig / p.det));
+            const float opacity = op[g] * (calc_compensations ? comp : 1.f);
+            if (opacity < kAlphaThreshold) continue;
+            const float extent = std::min(3.33f, std::sqrt(2.f * std::log(opacity / kAlphaThreshold)));
+            const float rx = std::ceil(extent * std::sqrt(p.a)), ry = std::ceil(extent * std::sqrt(p.c));
+            if (rx <= radius_clip && ry <= radius_clip) continue;
+            if (p.mx + rx <= 0 || p.mx - rx >= width || p.my + ry <= 0 || p.my - ry >= height) continue;
+            const int64_t i = c * N + g;
+            rad[2 * i] = (int32_t)rx;
+            rad[2 * i + 1] = (int32_t)ry;
+            m2[2 * i] = p.mx;
+            m2[2 * i + 1] = p.my;
+            dep[i] = p.pz;
+            con[3 * i] = p.c / p.det;
+            con[3 * i + 1] = -p.b / p.det;
+            con[3 * i + 2] = p.a / p.det;
+            if (cmp) cmp[i] = comp;
+        }
+    }
+    return {radii, means2d, depths, conics, comps};
+}
+
+// Returns (v_means [N,3], v_quats [N,4], v_scales [N,3]) summed over cameras, for the entries
+// with radii > 0.
+std::vector<torch::Tensor> project_backward(torch::Tensor means, torch::Tensor quats, torch::Tensor scales,
+                                            torch::Tensor viewmats, torch::Tensor Ks, int64_t width, int64_t height,
+                                            double eps2d, torch::Tensor radii, torch::Tensor v_means2d,
+                                            torch::Tensor v_depths, torch::Tensor v_conics,
+                                            torch::Tensor v_compensations) {
+    for (auto *t : {&v_means2d, &v_depths, &v_conics}) check_float(*t, "projection gradient");
+    const int64_t N = means.size(0), C = viewmats.size(0);
+    const bool has_comp = v_compensations.numel() > 0;
+    auto v_means = torch::zeros({N, 3}, torch::dtype(torch::kFloat32));
+    auto v_quats = torch::zeros({N, 4}, torch::dtype(torch::kFloat32));
+    auto v_scales = torch::zeros({N, 3}, torch::dtype(torch::kFloat32));
+    const float *mu = means.data_ptr<float>(), *q = quats.data_ptr<float>(), *s = scales.data_ptr<float>();
+    const float *vm = viewmats.data_ptr<float>(), *k = Ks.data_ptr<float>();
+    const int32_t *rad = radii.data_ptr<int32_t>();
+    const float *vm2 = v_means2d.data_ptr<float>(), *vdep = v_depths.data_ptr<float>();
+    const float *vcon = v_conics.data_ptr<float>(), *vcmp = has_comp ? v_compensations.data_ptr<float>() : nullptr;
+    float *gmu = v_means.data_ptr<float>(), *gq = v_quats.data_ptr<float>(), *gs = v_scales.data_ptr<float>();
+    std::vector<Camera> cams;
+    for (int64_t c = 0; c < C; ++c) cams.push_back(camera(vm + 16 * c, k + 9 * c));
+    const float eps = (float)eps2d;
+
+#pragma omp parallel for schedule(static)
+    for (int64_t g = 0; g < N; ++g) {
+        const Shape sh = shape(q + 4 * g, s + 3 * g);
+        Mat3 v_cov{};  // world covariance gradient, summed over cameras
+        float v_mu[3] = {0.f, 0.f, 0.f};
+        for (int64_t c = 0; c < C; ++c) {
+            const int64_t i = c * N + g;
+            if (rad[2 * i] <= 0 || rad[2 * i + 1] <= 0) continue;
+            const Camera &cam = cams[c];
+            const Projected p = project(sh, mu + 3 * g, cam, (int)width, (int)height, eps, -INFINITY, INFINITY);
+            // conic = inverse(S2) with S2 = [[a, b], [b, c]]: v_S2 = -P G P, G = [[v0, v1/2], [v1/2, v2]]
+            const float P00 = p.c / p.det, P01 = -p.b / p.det, P11 = p.a / p.det;
+            const float G00 = vcon[3 * i], G01 = 0.5f * vcon[3 * i + 1], G11 = vcon[3 * i + 2];
+            const float PG00 = P00 * G00 + P01 * G01, PG01 = P00 * G01 + P01 * G11;
+            const float PG10 = P01 * G00 + P11 * G01, PG11 = P01 * G01 + P11 * G11;
+            float vS[2][2] = {{-(PG00 * P00 + PG01 * P01), -(PG00 * P01 + PG01 * P11)},
+                              {-(PG10 * P00 + PG11 * P01), -(PG10 * P01 + PG11 * P11)}};
+            if (vcmp) {  // comp = sqrt(det_orig / det): d comp^2 / d S2 = (1 - comp^2) P - eps I / det
+                const float comp2 = std::max(0.f, p.det_orig / p.det);
+                if (comp2 > 0.f) {
+                    const float f = vcmp[i] / (2.f * std::sqrt(comp2));
+                    vS[0][0] += f * ((1 - comp2) * P00 - eps / p.det);
+                    vS[0][1] += f * (1 - comp2) * P01;
+                    vS[1][0] += f * (1 - comp2) * P01;
+                    vS[1][1] += f * ((1 - comp2) * P11 - eps / p.det);
+                }
+            }
+            // cov2d = J S_c J^T: v_J = 2 vS J S_c, v_S_c = J^T vS J
+            float JS[2][3], vJ[2][3];
+            for (int r = 0; r < 2; ++r)
+                for (int j = 0; j < 3; ++j)
+                    JS[r][j] = p.J[r][0] * p.cov_c[0][j] + p.J[r][1] * p.cov_c[1][j] + p.J[r][2] * p.cov_c[2][j];
+            for (int r = 0; r < 2; ++r)
+                for (int j = 0; j < 3; ++j) vJ[r][j] = 2.f * (vS[r][0] * JS[0][j] + vS[r][1] * JS[1][j]);
+            Mat3 v_cov_c{};
+            for (int a = 0; a < 3; ++a)
+                for (int b = 0; b < 3; ++b)
+                    for (int r = 0; r < 2; ++r)
+                        v_cov_c[a][b] += p.J[r][a] * (vS[r][0] * p.J[0][b] + vS[r][1] * p.J[1][b]);
+            // camera-space mean: from the 2-D mean, the depth and the Jacobian
+            const float rz = 1.f / p.pz, rz2 = rz * rz, rz3 = rz2 * rz;
+            const float vmx = vm2[2 * i], vmy = vm2[2 * i + 1];
+            float vp[3] = {cam.fx * rz * vmx, cam.fy * rz * vmy,
+                           -(cam.fx * p.px * vmx + cam.fy * p.py * vmy) * rz2 + vdep[i]};
+            const float tx = p.tx, ty = p.ty;
+            if (!p.clamp_x) vp[0] += -cam.fx * rz2 * vJ[0][2];
+            else vp[2] += -cam.fx * rz3 * vJ[0][2] * tx;
+            if (!p.clamp_y) vp[1] += -cam.fy * rz2 * vJ[1][2];
+            else vp[2] += -cam.fy * rz3 * vJ[1][2] * ty;
+            vp[2] += -cam.fx * rz2 * vJ[0][0] - cam.fy * rz2 * vJ[1][1] + 2.f * cam.fx * tx * rz3 * vJ[0][2] +
+                     2.f * cam.fy * ty * rz3 * vJ[1][2];
+            for (int a = 0; a < 3; ++a) v_mu[a] += cam.R[0][a] * vp[0] + cam.R[1][a] * vp[1] + cam.R[2][a] * vp[2];
+            const Mat3 vc = matmul(matmul(transpose(cam.R), v_cov_c), cam.R);
+            for (int a = 0; a < 3; ++a)
+                for (int b = 0; b < 3; ++b) v_cov[a][b] += vc[a][b];
+        }
+        for (int a = 0; a < 3; ++a) gmu[3 * g + a] = v_mu[a];
+        // cov = M M^T (v_cov symmetric): v_M = 2 v_cov M; M = R diag(s)
+        const Mat3 vM = matmul(v_cov, sh.M);
+        Mat3 vR{};
+        for (int a = 0; a < 3; ++a) {
+            float acc = 0.f;
+            for (int r = 0; r < 3; ++r) {
+                vR[r][a] = 2.f * vM[r][a] * s[3 * g + a];
+                acc += 2.f * vM[r][a] * sh.R[r][a];
+            }
+            gs[3 * g + a] = acc;
+        }
+        const float w = sh.qn[0], x = sh.qn[1], y = sh.qn[2], z = sh.qn[3];
+        const float vqn[4] = {
+            2.f * (-z * vR[0][1] + y * vR[0][2] + z * vR[1][0] - x * vR[1][2] - y * vR[2][0] + x * vR[2][1]),
+            2.f * (y * vR[0][1] + z * vR[0][2] + y * vR[1][0] - 2 * x * vR[1][1] - w * vR[1][2] + z * vR[2][0] +
+                   w * vR[2][1] - 2 * x * vR[2][2]),
+            2.f * (-2 * y * vR[0][0] + x * vR[0][1] + w * vR[0][2] + x * vR[1][0] + z * vR[1][2] - w * vR[2][0] +
+                   z * vR[2][1] - 2 * y * vR[2][2]),
+            2.f * (-2 * z * vR[0][0] - w * vR[0][1] + x * vR[0][2] + w * vR[1][0] - 2 * z * vR[1][1] + y * vR[1][2] +
+                   x * vR[2][0] + y * vR[2][1]),
+        };
+        const float dot = vqn[0] * w + vqn[1] * x + vqn[2] * y + vqn[3] * z;
+        const float inv = 1.f / std::max(sh.qnorm, 1e-12f);
+        for (int a = 0; a < 4; ++a) gq[4 * g + a] = (vqn[a] - dot * sh.qn[a]) * inv;
+    }
+    return {v_means, v_quats, v_scales};
+}
+
+// Colours [C,N,3] = max(sum_k B_k(dir) coeffs_k + 0.5, 0), dir = normalise(mean - campos).
+torch::Tensor sh_forward(int64_t degree, torch::Tensor means, torch::Tensor coeffs, torch::Tensor campos) {
+    for (auto *t : {&means, &coeffs, &campos}) check_float(*t, "SH input");
+    TORCH_CHECK(degree >= 0 && degree <= 3, "sh_degree must be in 0..3");
+    const int64_t N = means.size(0), C = campos.size(0), K = coeffs.size(1);
+    const int nb = (int)((degree + 1) * (degree + 1));
+    TORCH_CHECK(K >= nb, "not enough SH coefficients for the degree");
+    auto colors = torch::empty({C, N, 3}, torch::dtype(torch::kFloat32));
+    const float *mu = means.data_ptr<float>(), *co = coeffs.data_ptr<float>(), *cp = campos.data_ptr<float>();
+    float *out = colors.data_ptr<float>();
+#pragma omp parallel for schedule(static)
+    for (int64_t g = 0; g < N; ++g) {
+        float B[16];
+        for (int64_t c = 0; c < C; ++c) {
+            float d[3] = {mu[3 * g] - cp[3 * c], mu[3 * g + 1] - cp[3 * c + 1], mu[3 * g + 2] - cp[3 * c + 2]};
+            const float inv = 1.f / std::max(std::sqrt(d[0] * d[0] + d[1] * d[1] + d[2] * d[2]), 1e-12f);
+            sh_basis((int)degree, d[0] * inv, d[1] * inv, d[2] * inv, B, nullptr);
+            for (int ch = 0; ch < 3; ++ch) {
+                float v = 0.5f;
+                for (int b = 0; b < nb; ++b) v += B[b] * co[(g * K + b) * 3 + ch];
+                out[(c * N + g) * 3 + ch] = std::max(v, 0.f);
+            }
+        }
+    }
+    return colors;
+}
+
+// Returns (v_coeffs [N,K,3], v_means [N,3]) for v_colors [C,N,3].
+std::vector<torch::Tensor> sh_backward(int64_t degree, torch::Tensor means, torch::Tensor coeffs, torch::Tensor campos,
+                                       torch::Tensor colors, torch::Tensor v_colors) {
+    check_float(v_colors, "SH gradient");
+    const int64_t N = means.size(0), C = campos.size(0), K = coeffs.size(1);
+    const int nb = (int)((degree + 1) * (degree + 1));
+    auto v_coeffs = torch::zeros({N, K, 3}, torch::dtype(torch::kFloat32));
+    auto v_means = torch::zeros({N, 3}, torch::dtype(torch::kFloat32));
+    const float *mu = means.data_ptr<float>(), *co = coeffs.data_ptr<float>(), *cp = campos.data_ptr<float>();
+    const float *col = colors.data_ptr<float>(), *vc = v_colors.data_ptr<float>();
+    float *gco = v_coeffs.data_ptr<float>(), *gmu = v_means.data_ptr<float>();
+#pragma omp parallel for schedule(static)
+    for (int64_t g = 0; g < N; ++g) {
+        float B[16], dB[16][3];
+        for (int64_t c = 0; c < C; ++c) {
+            float vrgb[3];
+            bool any = false;
+            for (int ch = 0; ch < 3; ++ch) {  // clamp at 0: no gradient where the colour was clamped
+                const int64_t i = (c * N + g) * 3 + ch;
+                vrgb[ch] = col[i] > 0.f ? vc[i] : 0.f;
+                any |= vrgb[ch] != 0.f;
+            }
+            if (!any) continue;
+            float d[3] = {mu[3 * g] - cp[3 * c], mu[3 * g + 1] - cp[3 * c + 1], mu[3 * g + 2] - cp[3 * c + 2]};
+            const float inv = 1.f / std::max(std::sqrt(d[0] * d[0] + d[1] * d[1] + d[2] * d[2]), 1e-12f);
+            const float n[3] = {d[0] * inv, d[1] * inv, d[2] * inv};
+            sh_basis((int)degree, n[0], n[1], n[2], B, dB);
+            float vn[3] = {0.f, 0.f, 0.f};
+            for (int b = 0; b < nb; ++b) {
+                float vB = 0.f;
+                for (int ch = 0; ch < 3; ++ch) {
+                    gco[(g * K + b) * 3 + ch] += B[b] * vrgb[ch];
+                    vB += co[(g * K + b) * 3 + ch] * vrgb[ch];
+                }
+                for (int a = 0; a < 3; ++a) vn[a] += vB * dB[b][a];
+            }
+            const float dot = vn[0] * n[0] + vn[1] * n[1] + vn[2] * n[2];
+            for (int a = 0; a < 3; ++a) gmu[3 * g + a] += (vn[a] - dot * n[a]) * inv;
+        }
+    }
+    return {v_coeffs, v_means};
+}
