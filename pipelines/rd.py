@@ -14,6 +14,7 @@ order), ``per_view`` and ``bd_rate_percent``, which CompressAI's readers ignore.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -90,6 +91,7 @@ class RDCurve:
     description: str
     views: list[str]
     points: list[RDPoint]
+    views_digest: str = ""  # SHA-256 of the views' pixels (see :func:`views_digest`)
 
     @property
     def bpp(self) -> list[float]:
@@ -154,7 +156,16 @@ def measure(codec: Codec, views: Sequence[np.ndarray], names: Sequence[str],
         points.append(point)
         log(f"{codec.name} q={q}: {point.bpp:.4f} bpp  {point.mean_psnr:.2f} dB  "
             f"MS-SSIM {point.mean_ms_ssim:.4f}  ({(point.encode_seconds + point.decode_seconds) / len(views):.2f} s/view)")
-    return RDCurve(codec.name, codec.description, list(names), points)
+    return RDCurve(codec.name, codec.description, list(names), points, views_digest(views))
+
+
+def views_digest(views: Sequence[np.ndarray]) -> str:
+    """SHA-256 over the views' shapes and pixels, in order."""
+    h = hashlib.sha256()
+    for v in views:
+        h.update(repr(v.shape).encode())
+        h.update(np.ascontiguousarray(v).tobytes())
+    return h.hexdigest()
 
 
 def crop_common(views: Sequence[np.ndarray], multiple: int = 64) -> list[np.ndarray]:
@@ -241,8 +252,9 @@ def to_compressai_json(curve: RDCurve, bd_rates: dict | None = None) -> dict:
         },
         "qualities": [p.quality for p in pts],
         "views": curve.views,
+        "views_sha256": curve.views_digest,
         "per_view": [{"quality": p.quality, "bytes": p.num_bytes, "height": p.height, "width": p.width,
-                      "psnr-rgb": [_finite(x) for x in p.psnr], "ms-ssim-rgb": p.ms_ssim} for p in pts],
+                      "bpp": p.view_bpp, "psnr-rgb": [_finite(x) for x in p.psnr], "ms-ssim-rgb": p.ms_ssim} for p in pts],
     }
     if bd_rates is not None:
         out["bd_rate_percent"] = bd_rates
@@ -256,7 +268,20 @@ def from_compressai_json(data: dict) -> RDCurve:
     points = [RDPoint(v["quality"], v["bytes"], v["height"], v["width"],
                       [math.inf if x is None else x for x in v["psnr-rgb"]], v["ms-ssim-rgb"], e * n, d * n)
               for v, e, d in zip(data["per_view"], enc, dec)]
-    return RDCurve(data["name"], data["description"], data["views"], points)
+    return RDCurve(data["name"], data["description"], data["views"], points, data.get("views_sha256", ""))
+
+
+def load_matching(path: Path, codec: Codec, names: Sequence[str], digest: str) -> RDCurve | None:
+    """The curve stored at ``path`` if it was measured by this codec (name, description, qualities)
+    on these views (names in this order, pixels with this :func:`views_digest`); None otherwise or
+    if unreadable."""
+    try:
+        curve = from_compressai_json(json.loads(path.read_text()))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    same = (curve.name == codec.name and curve.description == codec.description and curve.views == list(names)
+            and [p.quality for p in curve.points] == list(codec.qualities) and curve.views_digest == digest)
+    return curve if same else None
 
 
 def write_json(curve: RDCurve, path: Path, bd_rates: dict | None = None) -> Path:
@@ -329,16 +354,26 @@ def write_bd_rates(bd_rates: dict[str, dict[str, float | str]], path: Path) -> P
 
 
 def run_evaluation(codecs: Sequence[Codec], views: Sequence[np.ndarray], names: Sequence[str], out_dir: Path,
-                   title: str, reference: str = "x265-ldp",
+                   title: str, reference: str = "x265-ldp", reuse: bool = True,
                    log: Callable[[str], None] = print) -> tuple[list[RDCurve], dict[str, dict[str, float | str]]]:
     """Measure every codec on ``views`` (coding order), then write into ``out_dir``: ``<codec>.json``
     (CompressAI layout, with BD-rates vs ``reference`` if it is among the codecs), ``table.csv``,
-    ``bd_rate.csv`` and ``rd.png``; log the table and the BD-rates. Returns (curves, BD-rates)."""
+    ``bd_rate.csv`` and ``rd.png``; log the table and the BD-rates. Returns (curves, BD-rates).
+
+    With ``reuse``, a codec whose ``<codec>.json`` already holds the same views (names, order and
+    pixels), description and qualities is read back instead of re-run (see :func:`load_matching`)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     curves = []
+    digest = views_digest(views)
     for codec in codecs:
+        path = out_dir / f"{codec.name}.json"
+        cached = load_matching(path, codec, names, digest) if reuse else None
+        if cached is not None:
+            log(f"{codec.name}: reusing {path} (same views, settings and qualities)")
+            curves.append(cached)
+            continue
         curves.append(measure(codec, views, names, log))
-        write_json(curves[-1], out_dir / f"{codec.name}.json")  # kept even if a later codec fails
+        write_json(curves[-1], path)  # kept even if a later codec fails
     anchor = next((c for c in curves if c.name == reference), None)
     bd = {c.name: curve_bd_rates(anchor, c) for c in curves if c is not anchor} if anchor else {}
     for curve in curves:

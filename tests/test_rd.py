@@ -188,6 +188,11 @@ def test_eval_command_orders(tmp_path, capsys):
     assert main(["eval", str(scene), "--work-dir", str(work), "--codecs", "jpeg"]) == 0
     assert "no relations stage" in capsys.readouterr().out
     assert json.loads((work / "eval" / "jpeg.json").read_text())["views"] == names
+    assert main(["eval", str(scene), "--work-dir", str(work), "--codecs", "jpeg"]) == 0
+    assert "jpeg: reusing" in capsys.readouterr().out  # same views, order and settings
+    assert main(["eval", str(scene), "--work-dir", str(work), "--codecs", "jpeg", "--rerun"]) == 0
+    assert "reusing" not in capsys.readouterr().out
     assert main(["eval", str(scene), "--work-dir", str(work), "--codecs", "jpeg", "--order", "greedy"]) == 0
-    assert "greedy order from the SfM cameras" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "greedy order from the SfM cameras" in out and "reusing" not in out  # another order: re-measured
     assert json.loads((work / "eval" / "jpeg.json").read_text())["views"] == [names[0], names[2], names[1]]

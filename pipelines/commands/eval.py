@@ -6,7 +6,8 @@ computed from the SfM cameras with ``--order``. Crops all views at their top-lef
 largest common size that is a multiple of 64 (intrinsics stay valid). Every codec codes the views
 in that order to real bytes and back; writes ``WORK/eval/<codec>.json`` (CompressAI layout),
 ``table.csv``, ``bd_rate.csv`` and ``rd.png``, and prints the table and the BD-rates against
-x265 low-delay P.
+x265 low-delay P. A codec whose JSON already holds the same views, size and settings is read
+back instead of re-run (``--rerun`` re-measures).
 
 To add a codec (e.g. a learned one), register a factory in :data:`CODECS` that turns
 :class:`EvalInputs` into an object satisfying :class:`pipelines.rd.Codec`.
@@ -22,7 +23,7 @@ import numpy as np
 
 from pipelines.anchors import ANCHORS
 from pipelines.cache import read_meta
-from pipelines.commands.run import add_scene_args
+from pipelines.commands.run import add_scene_args, default_device
 from pipelines.errors import LmvicError
 from pipelines.geometry_stage import CameraTable
 from pipelines.rd import MIN_SIDE, Codec, crop_common, run_evaluation
@@ -35,6 +36,7 @@ class EvalInputs:
     """What a codec factory may use: the work folder, the cameras, and the views as coded."""
 
     work_dir: Path
+    device: str  # torch device for learned codecs
     cameras: CameraTable
     names: list[str]  # coding order
     views: list[np.ndarray]  # uint8 [H, W, 3], cropped, in coding order
@@ -55,6 +57,8 @@ def register(subparsers) -> None:
     p.add_argument("--order", default=None, choices=("greedy", "sorted", "random"),
                    help="coding order computed from the SfM cameras (default: the relations stage's order, "
                         "else file order)")
+    p.add_argument("--rerun", action="store_true",
+                   help="re-measure every codec even if WORK/eval/<codec>.json holds the same views and settings")
     p.set_defaults(handler=handle)
 
 
@@ -120,9 +124,10 @@ def handle(args: argparse.Namespace) -> int:
     order, source = coding_order(work_dir, cameras, args.order)
     views = prepare_views(cameras, order)
     print(f"{len(views)} views of {views[0].shape[1]}x{views[0].shape[0]}, coding order: {source}")
-    inputs = EvalInputs(work_dir, cameras, order, views)
+    inputs = EvalInputs(work_dir, args.device or default_device(), cameras, order, views)
     codecs = [CODECS[n](inputs) for n in names]
     out = work_dir / "eval"
-    run_evaluation(codecs, views, order, out, f"{scene.root.name} ({len(views)} views)", REFERENCE)
+    run_evaluation(codecs, views, order, out, f"{scene.root.name} ({len(views)} views)", REFERENCE,
+                   reuse=not args.rerun)
     print(f"wrote {out}/<codec>.json, table.csv, bd_rate.csv and rd.png")
     return 0
