@@ -301,7 +301,10 @@ def decode_scene_file(source: str | Path, codec: JointCodec | None = None,
         if header.references != references_of(header.order):
             raise BitstreamError("joint-mode references must be the previous view in the coding order")
         if codec is None:
-            codec = load_joint(header.model_id)
+            try:
+                codec = load_joint(header.model_id)
+            except WeightsError as exc:
+                raise LmvicError(str(exc)) from exc
         if codec.model_id != header.model_id:
             raise BitstreamError(f"file was coded with model {header.model_id!r}, decoder has {codec.model_id!r}")
         if not 1 <= header.quality <= codec.num_qualities:

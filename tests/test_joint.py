@@ -187,3 +187,30 @@ def test_missing_or_corrupt_weights(tmp_path) -> None:
     path.write_bytes(path.read_bytes()[:-10])
     with pytest.raises(WeightsError, match="SHA-256"):
         load_joint_file(path)
+
+
+def test_clip_crops_keep_the_geometry_exact() -> None:
+    """A crop with the principal point shifted gives the full image's disparity and mask, cropped."""
+    from geometry.warp import relate
+    from lmvic.clips import ClipSampler, ViewSequence
+
+    scene = render(5, 96, 80, arc=30.0)
+    seq = ViewSequence(np.stack(scene.images), np.stack(scene.depths), scene.intrinsics, scene.world_to_camera)
+    sampler = ClipSampler([seq], length=4, crop=64, seed=1)
+    clip = sampler.batch(3)
+    assert clip.images.shape == (3, 4, 3, 64, 64) and clip.depths.shape == (3, 4, 64, 64)
+    assert clip.K.shape == (3, 4, 3, 3) and clip.T.shape == (3, 4, 4, 4)
+    sampler.rng = np.random.default_rng(1)
+    images, depths, K, T = sampler.one()
+    start = next(s for s in range(2) if np.array_equal(seq.world_to_camera[s], T[0]))
+    x0, y0 = seq.intrinsics[0, 0, 2] - K[0, 0, 2], seq.intrinsics[0, 1, 2] - K[0, 1, 2]
+    assert x0 == int(x0) and y0 == int(y0)
+    x0, y0 = int(x0), int(y0)
+    assert np.array_equal(images[1], seq.images[start + 1, y0:y0 + 64, x0:x0 + 64])
+    full = relate(*(torch.from_numpy(a).float()[None] for a in (seq.depths[start + 1], seq.intrinsics[start + 1],
+                  seq.world_to_camera[start + 1], seq.depths[start], seq.intrinsics[start], seq.world_to_camera[start])))
+    crop = relate(*(torch.from_numpy(np.asarray(a)).float()[None] for a in (depths[1], K[1], T[1], depths[0], K[0], T[0])))
+    window = (slice(None), slice(y0, y0 + 64), slice(x0, x0 + 64))
+    assert torch.allclose(crop.disparity, full.disparity[(slice(None), slice(None)) + window[1:]], atol=1e-3)
+    # the crop sees less of the reference: its mask is the full mask minus points leaving the window
+    assert bool((crop.mask <= full.mask[window]).all()) and crop.mask.float().mean() > 0.5

@@ -253,8 +253,3 @@ def build_joint_image(size: str = "cpu", lambdas: tuple[float, ...] = DEFAULT_LA
     """Joint image codec on ``backbone`` (e.g. shipped single-view weights) or on a fresh one of ``size``."""
     return JointImageCodec(backbone if backbone is not None else build_single_view(size, lambdas))
 
-
-def exact(fn, *args):
-    """``fn(*args)`` under ``no_grad`` on ``EXACT_THREADS`` threads (reference-path computations when coding)."""
-    with fixed_threads(EXACT_THREADS), torch.no_grad():
-        return fn(*args)

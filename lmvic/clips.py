@@ -1,0 +1,93 @@
+"""Training clips for the joint codec: runs of consecutive views in coding order, randomly cropped.
+
+A :class:`ViewSequence` holds one scene's views already in coding order (images, depths in camera
+z, intrinsics, world-to-camera). :class:`ClipSampler` draws a sequence (weighted by its number of
+clips), a run of ``length`` consecutive views and one crop window shared by the run; each view's
+principal point is shifted by the crop offset (``geometry.cameras.crop_intrinsics``), so the
+geometry of the crop stays exact. No flips: a flip would need mirrored cameras too.
+
+Sources: :func:`synthetic_sequence` reads a scene made by ``scenes.synthetic.generate`` (exact
+depth and poses; its arc order is the coding order). Real scenes enter as ``ViewSequence`` built
+from their stage-one depth cache and greedy order (the caller's job; see the report of this
+helper).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from geometry.cameras import crop_intrinsics
+
+
+@dataclass(frozen=True)
+class ViewSequence:
+    """One scene in coding order: images (V, H, W, 3) uint8, depths (V, H, W) float32 (0 = invalid),
+    intrinsics (V, 3, 3), world_to_camera (V, 4, 4)."""
+
+    images: np.ndarray
+    depths: np.ndarray
+    intrinsics: np.ndarray
+    world_to_camera: np.ndarray
+
+    def __post_init__(self) -> None:
+        v, h, w = self.depths.shape
+        if self.images.shape != (v, h, w, 3) or self.intrinsics.shape != (v, 3, 3) \
+                or self.world_to_camera.shape != (v, 4, 4):
+            raise ValueError("ViewSequence: images, depths and cameras disagree in count or size")
+
+
+def synthetic_sequence(scene_dir: Path) -> ViewSequence:
+    """A scene written by ``scenes.synthetic.generate`` (views in file order = arc order)."""
+    meta = json.loads((scene_dir / "gt" / "cameras.json").read_text())["views"]
+    images = np.stack([np.asarray(Image.open(scene_dir / "images" / v["name"]).convert("RGB")) for v in meta])
+    depths = np.stack([np.load(scene_dir / "depth_gt" / f"{Path(v['name']).stem}.npy") for v in meta])
+    return ViewSequence(images, depths.astype(np.float32), np.array([v["K"] for v in meta]),
+                        np.array([v["T"] for v in meta]))
+
+
+@dataclass(frozen=True)
+class Clip:
+    """A batch of clips: images (B, L, 3, h, w) in [0, 1], depths (B, L, h, w), K (B, L, 3, 3),
+    T (B, L, 4, 4) (float32)."""
+
+    images: torch.Tensor
+    depths: torch.Tensor
+    K: torch.Tensor
+    T: torch.Tensor
+
+
+class ClipSampler:
+    """Random clips of ``length`` consecutive views cropped to ``crop`` × ``crop``."""
+
+    def __init__(self, sequences: Sequence[ViewSequence], length: int = 4, crop: int = 128, seed: int = 0):
+        self.sequences = [s for s in sequences
+                          if len(s.depths) >= length and min(s.depths.shape[1:]) >= crop]
+        if not self.sequences:
+            raise ValueError(f"no sequence has {length} views of at least {crop} px")
+        self.length, self.crop = length, crop
+        counts = np.array([len(s.depths) - length + 1 for s in self.sequences], dtype=np.float64)
+        self.weights = counts / counts.sum()
+        self.rng = np.random.default_rng(seed)
+
+    def one(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(images (L, c, c, 3), depths (L, c, c), K (L, 3, 3) with shifted principal point, T (L, 4, 4))."""
+        seq = self.sequences[int(self.rng.choice(len(self.sequences), p=self.weights))]
+        start = int(self.rng.integers(0, len(seq.depths) - self.length + 1))
+        views = slice(start, start + self.length)
+        h, w = seq.depths.shape[1:]
+        y0 = int(self.rng.integers(0, h - self.crop + 1))
+        x0 = int(self.rng.integers(0, w - self.crop + 1))
+        window = (views, slice(y0, y0 + self.crop), slice(x0, x0 + self.crop))
+        return (seq.images[window], seq.depths[window], crop_intrinsics(seq.intrinsics[views], x0, y0),
+                seq.world_to_camera[views])
+
+    def batch(self, size: int) -> Clip:
+        images, depths, K, T = (np.stack(parts) for parts in zip(*(self.one() for _ in range(size))))
+        return Clip(torch.from_numpy(images).permute(0, 1, 4, 2, 3).float().div_(255),
+                    torch.from_numpy(depths).float(), torch.from_numpy(K).float(), torch.from_numpy(T).float())

@@ -1,0 +1,170 @@
+"""Training of the joint codec on clips (paper eq. 9), resumable, with a CSV curve.
+
+Loss of a clip of L views in coding order (each view coded with the previous one's *decoded*
+image, features and depth as reference, exactly the coding path)::
+
+    Σ_t w_t (λ·255²·(MSE(x_t, x̂_t) + depth_weight·MSE(d_t, d̂_t)) + bpp_img,t + bpp_depth,t)
+
+with ``w = (0.5, 1.2, 0.5, 0.9)``, depths in the normalised inverse-depth domain of the clip's
+``DepthRange`` and λ the quality's λ of the variable-rate backbone (a random quality per sample).
+The aux loss of the entropy bottlenecks is optimised alongside. ``freeze_backbone`` trains only
+the reference path, QPEM and the depth codec (stage two of a staged training on top of shipped
+single-view weights). Single process (``threads`` intra-op threads); the schedule is
+``lmvic.training.schedule.Schedule`` over the step budget.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lmvic.clips import Clip, ClipSampler, synthetic_sequence
+from lmvic.models.depth_codec import DepthRange
+from lmvic.models.single_view import bits_per_pixel
+from lmvic.scene_codec import JointCodec, build_joint, save_joint
+from lmvic.training.loop import _append_csv, _save_atomic, psnr_from_mse
+from lmvic.training.schedule import Schedule
+from lmvic.zoo import load_single_view
+
+VIEW_WEIGHTS = (0.5, 1.2, 0.5, 0.9)
+
+
+def clip_loss(codec: JointCodec, clip: Clip, quality: Tensor, depth_weight: float = 1.0,
+              weights: tuple[float, ...] = VIEW_WEIGHTS) -> tuple[Tensor, dict[str, float]]:
+    """Weighted RD loss of a clip batch; stats are per-view means of bpp and PSNR (image, depth)."""
+    B, L, _, H, W = clip.images.shape
+    if len(weights) != L:
+        raise ValueError(f"{len(weights)} view weights for clips of {L} views")
+    lam = codec.image.backbone.lambda_of(quality, B) * 255**2
+    depth_range = DepthRange.of(clip.depths)
+    ref, loss = None, clip.images.new_zeros(())
+    stats = {"bpp_img": 0.0, "bpp_depth": 0.0, "psnr": 0.0, "psnr_depth": 0.0}
+    for t, w in enumerate(weights):
+        x, d = clip.images[:, t], clip.depths[:, t]
+        out, ref = codec.forward_view(x, d, clip.K[:, t], clip.T[:, t], quality, depth_range, ref)
+        mse = F.mse_loss(out["image"]["x_hat"], x, reduction="none").flatten(1).mean(1)
+        d_mse = F.mse_loss(out["depth"]["x_hat"], depth_range.normalise(d), reduction="none").flatten(1).mean(1)
+        bpp_img = bits_per_pixel(out["image"]["likelihoods"], H * W)
+        bpp_depth = bits_per_pixel(out["depth"]["likelihoods"], H * W)
+        loss = loss + w * (lam * (mse + depth_weight * d_mse) + bpp_img + bpp_depth).mean()
+        for key, value in (("bpp_img", bpp_img.mean()), ("bpp_depth", bpp_depth.mean()),
+                           ("psnr", psnr_from_mse(mse.mean())), ("psnr_depth", psnr_from_mse(d_mse.mean()))):
+            stats[key] += float(value.detach()) / L
+    return loss, stats
+
+
+@dataclass
+class JointTrainConfig:
+    out_dir: str
+    scenes: tuple[str, ...]  # folders written by scenes.synthetic.generate
+    size: str = "cpu"
+    init_single_view: str = ""  # shipped single-view weights for the image backbone ("" = fresh)
+    freeze_backbone: bool = False
+    steps: int = 1000
+    batch: int = 2
+    crop: int = 128
+    depth_weight: float = 1.0
+    schedule: Schedule = field(default_factory=lambda: Schedule(peak_lr=1e-4, warmup_steps=20))
+    aux_lr: float = 1e-3
+    clip: float = 1.0
+    threads: int = 1
+    seed: int = 0
+    log_every: int = 10
+    ckpt_every: int = 50
+
+
+def _build(cfg: JointTrainConfig) -> JointCodec:
+    torch.manual_seed(cfg.seed)
+    backbone = load_single_view(cfg.init_single_view) if cfg.init_single_view else None
+    return build_joint(cfg.size, backbone=backbone)
+
+
+def train_joint(cfg: JointTrainConfig, resume: bool = False, log=print) -> JointCodec:
+    """Run (or resume from ``out_dir/checkpoint.pt``) the training; returns the model."""
+    torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out / "checkpoint.pt"
+    codec = _build(cfg).train()
+    frozen = set(n for n, _ in codec.image.backbone.named_parameters()) if cfg.freeze_backbone else set()
+    main = [p for n, p in codec.named_parameters()
+            if not n.endswith(".quantiles") and n.removeprefix("image.backbone.") not in frozen]
+    aux = [p for n, p in codec.named_parameters() if n.endswith(".quantiles")]
+    opt = torch.optim.Adam(main, lr=cfg.schedule.peak_lr)
+    aux_opt = torch.optim.Adam(aux, lr=cfg.aux_lr)
+    step = 0
+    if resume and ckpt_path.exists():
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        codec.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["opt"])
+        aux_opt.load_state_dict(ck["aux_opt"])
+        step = ck["step"]
+        log(f"resumed at step {step}")
+    else:
+        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+    sampler = ClipSampler([synthetic_sequence(Path(s)) for s in cfg.scenes], len(VIEW_WEIGHTS), cfg.crop,
+                          seed=cfg.seed + 7919 * step)
+    gen = torch.Generator().manual_seed(cfg.seed + 7919 * step)
+
+    def save() -> None:
+        _save_atomic({"model": codec.state_dict(), "opt": opt.state_dict(), "aux_opt": aux_opt.state_dict(),
+                      "step": step, "config": dataclasses.asdict(cfg)}, ckpt_path)
+
+    acc: dict[str, float] = {}
+    t0 = time.perf_counter()
+    while step < cfg.steps:
+        lr = cfg.schedule.lr(step, step / cfg.steps)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        quality = torch.randint(1, codec.num_qualities + 1, (cfg.batch,), generator=gen).float()
+        loss, stats = clip_loss(codec, sampler.batch(cfg.batch), quality, cfg.depth_weight)
+        aux_loss = codec.aux_loss()
+        opt.zero_grad(set_to_none=True)
+        aux_opt.zero_grad(set_to_none=True)
+        (loss + aux_loss).backward()
+        if cfg.clip > 0:
+            torch.nn.utils.clip_grad_norm_(main, cfg.clip)
+        opt.step()
+        aux_opt.step()
+        step += 1
+        for k, v in {"loss": loss.item(), **stats}.items():
+            acc[k] = acc.get(k, 0.0) + v
+        if step % cfg.log_every == 0:
+            row = {"step": step, "lr": lr, **{k: v / cfg.log_every for k, v in acc.items()},
+                   "s_per_step": (time.perf_counter() - t0) / cfg.log_every}
+            _append_csv(out / "train.csv", row)
+            log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+            acc, t0 = {}, time.perf_counter()
+        if step % cfg.ckpt_every == 0:
+            save()
+    save()
+    return codec
+
+
+if __name__ == "__main__":
+    import argparse
+
+    p = argparse.ArgumentParser(description="train the joint codec on synthetic clips")
+    p.add_argument("out_dir")
+    p.add_argument("scenes", nargs="+", help="folders written by scenes.synthetic.generate")
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--crop", type=int, default=128)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--init-single-view", default="")
+    p.add_argument("--freeze-backbone", action="store_true")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--export", default="", help="write the trained codec as shippable weights (e.g. "
+                   "lmvic/weights/joint-cpu.pt); with --steps 0 this ships the untrained initialisation")
+    a = p.parse_args()
+    model = train_joint(JointTrainConfig(a.out_dir, tuple(a.scenes), steps=a.steps, batch=a.batch, crop=a.crop,
+                                 init_single_view=a.init_single_view, freeze_backbone=a.freeze_backbone,
+                                 schedule=Schedule(peak_lr=a.lr, warmup_steps=20)), resume=a.resume)
+    if a.export:
+        print(save_joint(model.eval(), Path(a.export)))
