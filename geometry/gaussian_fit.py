@@ -140,7 +140,7 @@ def fit_gaussians(
     if config.threads > 0:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
-    targets, Ks = _working_images(images, Ks, config.max_side)
+    targets, Ks = working_images(images, Ks, config.max_side)
     scale = scene_scale(viewmats)
 
     init = initial_gaussians(points, point_colors, config.sh_degree, config.init_opacity)
@@ -230,7 +230,7 @@ def _as_float_tensor(x: Tensor | np.ndarray) -> Tensor:
     return (x if isinstance(x, Tensor) else torch.from_numpy(np.asarray(x))).detach().float().cpu()
 
 
-def _working_images(images: Sequence[Tensor | np.ndarray], Ks: Tensor, max_side: int) -> tuple[list[Tensor], Tensor]:
+def working_images(images: Sequence[Tensor | np.ndarray], Ks: Tensor, max_side: int) -> tuple[list[Tensor], Tensor]:
     """Images as float [h, w, 3] tensors scaled (area) so the long side is <= max_side; Ks scaled to match.
 
     With pixel centres at +0.5, scaling continuous coordinates by (w/W, h/H) is exact, so fx, cx
