@@ -7,9 +7,9 @@ principal point is shifted by the crop offset (``geometry.cameras.crop_intrinsic
 geometry of the crop stays exact. No flips: a flip would need mirrored cameras too.
 
 Sources: :func:`synthetic_sequence` reads a scene made by ``scenes.synthetic.generate`` (exact
-depth and poses; its arc order is the coding order). Real scenes enter as ``ViewSequence`` built
-from their stage-one depth cache and greedy order (the caller's job; see the report of this
-helper).
+depth and poses; its arc order is the coding order); :func:`stage_sequence` takes a scene's
+stage-one outputs (``pipelines.relations.Views``: working images, median depth, cameras) in the
+coding order of its relations stage.
 """
 from __future__ import annotations
 
@@ -49,6 +49,16 @@ def synthetic_sequence(scene_dir: Path) -> ViewSequence:
     depths = np.stack([np.load(scene_dir / "depth_gt" / f"{Path(v['name']).stem}.npy") for v in meta])
     return ViewSequence(images, depths.astype(np.float32), np.array([v["K"] for v in meta]),
                         np.array([v["T"] for v in meta]))
+
+
+def stage_sequence(views, order: Sequence[int], depth_kind: str = "median") -> ViewSequence:
+    """A real scene from its stage outputs: ``views`` a ``pipelines.relations.Views`` (names, K, T,
+    ``depth(kind, i)``, ``image(i)``), ``order`` the coding order as view indexes."""
+    if views.image is None:
+        raise ValueError("these views carry no images")
+    return ViewSequence(np.stack([views.image(i) for i in order]),
+                        np.stack([views.depth(depth_kind, i) for i in order]).astype(np.float32),
+                        np.asarray(views.K)[list(order)], np.asarray(views.T)[list(order)])
 
 
 @dataclass(frozen=True)

@@ -214,3 +214,20 @@ def test_clip_crops_keep_the_geometry_exact() -> None:
     assert torch.allclose(crop.disparity, full.disparity[(slice(None), slice(None)) + window[1:]], atol=1e-3)
     # the crop sees less of the reference: its mask is the full mask minus points leaving the window
     assert bool((crop.mask <= full.mask[window]).all()) and crop.mask.float().mean() > 0.5
+
+
+def test_paper_size_builds_and_runs() -> None:
+    from lmvic.models.depth_codec import DepthRange
+
+    torch.manual_seed(5)
+    codec = build_joint("paper")
+    assert (codec.image.backbone.N, codec.image.backbone.M) == (128, 192)
+    K, T = torch.tensor([[[64.0, 0, 32], [0, 64.0, 32], [0, 0, 1]]]), torch.eye(4)[None]
+    first, ref = codec.forward_view(torch.rand(1, 3, 64, 64), torch.full((1, 64, 64), 2.0), K, T, 2.0,
+                                    DepthRange(1.0, 3.0), None)
+    T2 = T.clone()
+    T2[0, 0, 3] = -0.1
+    second, _ = codec.forward_view(torch.rand(1, 3, 64, 64), torch.full((1, 64, 64), 2.0), K, T2, 2.0,
+                                   DepthRange(1.0, 3.0), ref)
+    assert second["image"]["x_hat"].shape == (1, 3, 64, 64) and second["depth"]["x_hat"].shape == (1, 1, 64, 64)
+    assert second["image"]["likelihoods"]["y"].shape == (1, 192, 4, 4)

@@ -69,19 +69,22 @@ class DepthRange:
 
 
 class Pyramid(nn.Module):
-    """(B, 1, H, W) map → features at 1/2, 1/4, 1/8, 1/16 through stride-2 5×5 convs (last one ``final``)."""
+    """(B, 1, H, W) map → features at 1/2, 1/4, 1/8, 1/16 through stride-2 5×5 convs.
 
-    def __init__(self, channels: int, final: nn.Module):
+    With ``gate`` each scale's output is ``sigmoid(conv1×1(feature))`` (a feature mask in (0, 1)).
+    """
+
+    def __init__(self, channels: int, gate: bool = False):
         super().__init__()
         self.down = nn.ModuleList([conv(1, channels)] + [conv(channels, channels) for _ in range(3)])
         self.act = nn.LeakyReLU()
-        self.final = final
+        self.heads = nn.ModuleList(conv(channels, channels, 1, 1) for _ in range(4)) if gate else None
 
     def forward(self, x: Tensor) -> list[Tensor]:
         feats = []
-        for down in self.down:
+        for k, down in enumerate(self.down):
             x = self.act(down(x))
-            feats.append(self.final(x))
+            feats.append(x if self.heads is None else torch.sigmoid(self.heads[k](x)))
         return feats
 
 
@@ -114,8 +117,8 @@ class DepthCodec(ConditionalCodec):
         super().__init__(depth_backbone(N, M, lambdas),
                          [DepthContextIntegration(N) for _ in ENCODER_SCALES],
                          [DepthContextIntegration(N) for _ in DECODER_SCALES], context_ch=N)
-        self.prediction_features = Pyramid(N, nn.Identity())
-        self.mask_features = Pyramid(N, nn.Sigmoid())
+        self.prediction_features = Pyramid(N)
+        self.mask_features = Pyramid(N, gate=True)
 
     def prediction_side(self, prediction: Tensor, hit: Tensor) -> Side:
         """Side information from a normalised prediction (B, 1, H, W) and its hit mask (B, 1, H, W)."""
