@@ -22,7 +22,7 @@ from lmvic.training.loop import rd_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = [  # (size, crop, batch, threads)
-    ("cpu", 64, 32, 1), ("cpu", 96, 14, 1), ("cpu", 128, 8, 1), ("cpu", 192, 4, 1), ("cpu", 256, 2, 1),
+    ("cpu", 64, 32, 1), ("cpu", 128, 8, 1), ("cpu", 192, 4, 1), ("cpu", 256, 2, 1),
     ("cpu", 128, 8, 2), ("paper", 128, 8, 1),
 ]
 

@@ -12,7 +12,7 @@ import torch
 
 import lmvic  # noqa: F401
 from lmvic.layers import EntropyParameters, GainUnit
-from lmvic.models.bitstream import BitstreamError, ImageStream
+from lmvic.models.bitstream import HEADER_BYTES, BitstreamError, ImageStream
 from lmvic.models.single_view import SingleViewCodec, bits_per_pixel
 from lmvic.zoo import WEIGHTS_DIR, WeightsError, export_single_view, load_single_view
 from pipelines.metrics import bpp, ms_ssim, psnr
@@ -159,5 +159,5 @@ def test_shipped_likelihoods_predict_the_bytes():
     for q in (1, model.num_qualities):
         with torch.no_grad():
             est_bits = float(bits_per_pixel(model(x, q)["likelihoods"], 1))
-        real_bits = 8 * (len(encode_image(model, img, q)) - 13)  # minus the 13-byte header
+        real_bits = 8 * (len(encode_image(model, img, q)) - HEADER_BYTES)
         assert abs(real_bits - est_bits) / est_bits < 0.05

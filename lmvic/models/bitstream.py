@@ -11,6 +11,7 @@ from dataclasses import dataclass
 MAGIC = b"LSV"
 VERSION = 1
 _HEADER = struct.Struct(">3sBBHHI")
+HEADER_BYTES = _HEADER.size
 
 
 class BitstreamError(ValueError):

@@ -151,6 +151,8 @@ def _append_csv(path: Path, row: dict[str, object]) -> None:
 def train(cfg: TrainConfig, resume: bool = False, val_crops: Tensor | None = None,
           log=print) -> SingleViewCodec:
     """Run (or resume) the training described by ``cfg``; returns the trained model (rank 0's)."""
+    if cfg.crop % 64:
+        raise ValueError(f"crop {cfg.crop} must be a multiple of 64 (the hyper-latent is at 1/64)")
     rank, world = dist_info()
     torch.set_num_threads(cfg.threads)
     out = Path(cfg.out_dir)

@@ -44,6 +44,8 @@ def run(args: argparse.Namespace) -> None:
     from lmvic.training.loop import TrainConfig, dist_info, train
     from lmvic.training.schedule import Schedule
 
+    if args.crop % 64:
+        raise LmvicError(f"--crop {args.crop} must be a multiple of 64")
     torch.set_num_threads(args.threads)
     rank, world = dist_info()
     ckpt = args.run_dir / "checkpoint.pt"
