@@ -92,9 +92,10 @@ def train_joint(cfg: JointTrainConfig, resume: bool = False, log=print) -> Joint
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / "checkpoint.pt"
     codec = _build(cfg).train()
-    frozen = set(n for n, _ in codec.image.backbone.named_parameters()) if cfg.freeze_backbone else set()
-    main = [p for n, p in codec.named_parameters()
-            if not n.endswith(".quantiles") and n.removeprefix("image.backbone.") not in frozen]
+    if cfg.freeze_backbone:
+        codec.image.backbone.requires_grad_(False)
+        codec.image.backbone.entropy_bottleneck.quantiles.requires_grad_(True)  # aux loss only
+    main = [p for n, p in codec.named_parameters() if p.requires_grad and not n.endswith(".quantiles")]
     aux = [p for n, p in codec.named_parameters() if n.endswith(".quantiles")]
     opt = torch.optim.Adam(main, lr=cfg.schedule.peak_lr)
     aux_opt = torch.optim.Adam(aux, lr=cfg.aux_lr)

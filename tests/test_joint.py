@@ -231,3 +231,21 @@ def test_paper_size_builds_and_runs() -> None:
                                    DepthRange(1.0, 3.0), ref)
     assert second["image"]["x_hat"].shape == (1, 3, 64, 64) and second["depth"]["x_hat"].shape == (1, 1, 64, 64)
     assert second["image"]["likelihoods"]["y"].shape == (1, 192, 4, 4)
+
+
+def test_joint_training_runs_resumes_and_freezes(tmp_path) -> None:
+    from lmvic.joint_training import JointTrainConfig, train_joint
+    from scenes.synthetic import generate
+
+    scene = generate(tmp_path / "scene", ArcCameras(n_views=5, width=64, height=64, arc_degrees=20.0), seed=1)
+    cfg = JointTrainConfig(str(tmp_path / "run"), (str(scene),), steps=2, batch=1, crop=64, log_every=1,
+                           ckpt_every=1, freeze_backbone=True)
+    first = train_joint(cfg, log=lambda _: None)
+    before = {k: v.clone() for k, v in first.image.backbone.state_dict().items() if not k.endswith("quantiles")}
+    rows = (tmp_path / "run" / "train.csv").read_text().splitlines()
+    assert len(rows) == 3 and all(np.isfinite(float(r.split(",")[2])) for r in rows[1:])
+    resumed = train_joint(replace(cfg, steps=3), resume=True, log=lambda _: None)
+    assert len((tmp_path / "run" / "train.csv").read_text().splitlines()) == 4  # one more step, not three
+    after = resumed.image.backbone.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items() if "_quantized_cdf" not in k)
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["step"] == 3
