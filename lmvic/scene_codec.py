@@ -13,9 +13,10 @@ threads, float64 entropy parameters), so decoding in another process is bit-exac
 padded (edge replication) to multiples of 64 on the right and bottom — the principal point does
 not move — and cropped back after decoding.
 
-Streams per view (``lmvic.bitstream.LatentStream``, one chunk each): ``depth.y0``–``depth.y3``
-(QPEM steps, shape (M_d, H/16, W/16)), ``depth.z`` (shape (H/64, W/64)), ``image.y0``–``image.y3``,
-``image.z``; the first coded view also holds ``scene.depth_range`` (two float64: near, far).
+Streams per view (``lmvic.bitstream.LatentStream``): ``depth`` and ``image``, each with five
+chunks — the range-coded QPEM steps y0…y3 and the hyper-latent z — and the shape (H/64, W/64) of z
+(the latent is (M, H/16, W/16)); the first coded view also holds ``scene.depth_range`` (two
+float64: near, far). Two streams per view keep the container's per-stream overhead small.
 
 Model ids are ``joint-<size>``; weights are ``lmvic/weights/<model id>.pt`` with a SHA-256 sidecar.
 """
@@ -41,7 +42,7 @@ from geometry.warp import multiscale, relate
 from lmvic.bitstream import (BitstreamError, LatentStream, SceneHeader, SceneReader, ViewInfo, ViewRecord,
                              write_scene)
 from lmvic.models.depth_codec import DepthCodec, DepthRange, build_depth_codec, cross_view_prediction
-from lmvic.models.joint import ConditionalCodec, JointImageCodec, Side, build_joint_image
+from lmvic.models.joint import JointImageCodec, Side, build_joint_image
 from lmvic.models.single_view import DEFAULT_LAMBDAS, EXACT_THREADS, SIZES, SingleViewCodec, fixed_threads
 from lmvic.zoo import WEIGHTS_DIR, WeightsError
 from pipelines.errors import LmvicError
@@ -129,21 +130,21 @@ class JointCodec(CompressionModel):
         size = tuple(image.shape[-2:])
         d_side = _exact(self.depth_side, ref, K, T, size, depth_range)
         strings, shape, y_hat = self.depth.encode(depth_range.normalise(depth), quality, d_side)
-        streams = _streams("depth", strings, shape, y_hat.shape[1:])
+        streams = {"depth": _stream(strings, shape)}
         depth_hat = depth_range.denormalise(self.depth.reconstruct(y_hat, quality, d_side)[-1])
         i_side = _exact(self.image_side, ref, depth_hat, K, T)
         strings, shape, y_hat = self.image.encode(image, quality, i_side)
-        streams.update(_streams("image", strings, shape, y_hat.shape[1:]))
+        streams["image"] = _stream(strings, shape)
         return streams, self._decoded(y_hat, quality, i_side, depth_hat, K, T)
 
     def decode_view(self, streams: ViewRecord, K: Tensor, T: Tensor, size: tuple[int, int], quality: int,
                     depth_range: DepthRange, ref: DecodedView | None) -> DecodedView:
         """Inverse of ``encode_view`` for a padded size (H, W)."""
         d_side = _exact(self.depth_side, ref, K, T, size, depth_range)
-        y_hat = self.depth.decode_latent(*_strings(streams, "depth", self.depth, size), d_side)
+        y_hat = self.depth.decode_latent(*_strings(streams, "depth", size), d_side)
         depth_hat = depth_range.denormalise(self.depth.reconstruct(y_hat, quality, d_side)[-1])
         i_side = _exact(self.image_side, ref, depth_hat, K, T)
-        y_hat = self.image.decode_latent(*_strings(streams, "image", self.image, size), i_side)
+        y_hat = self.image.decode_latent(*_strings(streams, "image", size), i_side)
         return self._decoded(y_hat, quality, i_side, depth_hat, K, T)
 
     def _decoded(self, y_hat: Tensor, quality: int, side: Side | None, depth_hat: Tensor,
@@ -158,28 +159,21 @@ def _exact(fn: Callable, *args: object) -> object:
         return fn(*args)
 
 
-def _streams(prefix: str, strings: list[list[bytes]], z_shape: tuple[int, int],
-             y_shape: torch.Size) -> dict[str, LatentStream]:
-    out = {f"{prefix}.y{s}": LatentStream(tuple(strings[s]), tuple(y_shape)) for s in range(4)}
-    out[f"{prefix}.z"] = LatentStream(tuple(strings[4]), tuple(z_shape))
-    return out
+def _stream(strings: list[list[bytes]], z_shape: tuple[int, int]) -> LatentStream:
+    """One codec's five strings (batch 1) → a stream of five chunks with the z shape."""
+    return LatentStream(tuple(bytes(s[0]) for s in strings), tuple(z_shape))
 
 
-def _strings(streams: ViewRecord, prefix: str, codec: ConditionalCodec,
-             size: tuple[int, int]) -> tuple[list[list[bytes]], tuple[int, int]]:
-    """Check and unpack the five streams of one codec → (strings, z shape) for ``decode_latent``."""
+def _strings(streams: ViewRecord, name: str, size: tuple[int, int]) -> tuple[list[list[bytes]], tuple[int, int]]:
+    """Check and unpack one codec's stream → (strings, z shape) for ``decode_latent``."""
     z_shape = (size[0] // PAD, size[1] // PAD)
-    y_shape = (codec.backbone.M, size[0] // 16, size[1] // 16)
-    strings = []
-    for key, shape in [(f"{prefix}.y{s}", y_shape) for s in range(4)] + [(f"{prefix}.z", z_shape)]:
-        stream = streams.get(key)
-        if stream is None:
-            raise BitstreamError(f"stream {key!r} missing from a view record")
-        if tuple(stream.shape) != shape or len(stream.chunks) != 1:
-            raise BitstreamError(f"stream {key!r} has shape {tuple(stream.shape)} / {len(stream.chunks)} "
-                                 f"chunks, expected {shape} / 1 for this image size and model")
-        strings.append([bytes(stream.chunks[0])])
-    return strings, z_shape
+    stream = streams.get(name)
+    if stream is None:
+        raise BitstreamError(f"stream {name!r} missing from a view record")
+    if tuple(stream.shape) != z_shape or len(stream.chunks) != 5:
+        raise BitstreamError(f"stream {name!r} has shape {tuple(stream.shape)} and {len(stream.chunks)} chunks, "
+                             f"expected {z_shape} and 5 for this image size")
+    return [[bytes(c)] for c in stream.chunks], z_shape
 
 
 # ---- scene level --------------------------------------------------------------------------------

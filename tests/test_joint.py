@@ -143,7 +143,7 @@ def test_reference_changes_the_coding(coded_scene) -> None:
                                               intrinsics=scene.intrinsics[:1],
                                               world_to_camera=scene.world_to_camera[:1]), [0], QUALITY)
     # view 0 is coded second (reference view 1): its streams differ from coding it alone
-    assert records[0]["image.y0"].chunks != alone[0]["image.y0"].chunks
+    assert records[0]["image"].chunks[0] != alone[0]["image"].chunks[0]
 
 
 def test_corrupt_containers_are_refused(coded_scene, tmp_path) -> None:
@@ -167,7 +167,10 @@ def test_corrupt_containers_are_refused(coded_scene, tmp_path) -> None:
     for label, (hdr, recs) in {
         "unknown model": (replace(header, model_id="joint-huge"), records),
         "other model": (replace(header, model_id="joint-paper"), records),
-        "missing stream": (header, [{k: v for k, v in r.items() if k != "image.y2"} for r in records]),
+        "missing stream": (header, [{k: v for k, v in r.items() if k != "image"} for r in records]),
+        "missing chunk": (header, [{**r, "depth": replace(r["depth"], chunks=r["depth"].chunks[:4])}
+                                   for r in records]),
+        "wrong latent shape": (header, [{**r, "image": replace(r["image"], shape=(1, 1))} for r in records]),
         "no depth range": (header, [{k: v for k, v in r.items() if k != "scene.depth_range"} for r in records]),
         "quality out of range": (replace(header, quality=99), records),
         "distributed mode": (replace(header, mode="distributed"), records),
