@@ -39,7 +39,7 @@ class FitConfig:
 
     iterations: int = 2000
     max_side: int = 400  # images are fitted with their long side scaled down to at most this
-    max_gaussians: int = 60_000
+    max_gaussians: int = 50_000
     sh_degree: int = 3
     sh_degree_interval: int = 400  # raise the SH degree by one every this many iterations
     ssim_weight: float = 0.2
@@ -150,7 +150,7 @@ def fit_gaussians(
     })
     lrs = {"means": config.lr_means * scale, "quats": config.lr_quats, "scales": config.lr_scales,
            "opacities": config.lr_opacities, "sh0": config.lr_sh0, "shN": config.lr_shN}
-    optimizers = {k: torch.optim.Adam([params[k]], lr=lr, eps=1e-15) for k, lr in lrs.items()}
+    optimizers = {k: torch.optim.Adam([params[k]], lr=lr, eps=1e-15, fused=True) for k, lr in lrs.items()}
     means_decay = 0.01 ** (1.0 / max(config.iterations, 1))
     strategy = DefaultStrategy(
         refine_start_iter=config.refine_start,
