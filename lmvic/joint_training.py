@@ -9,8 +9,9 @@ with ``w = (0.5, 1.2, 0.5, 0.9)``, depths in the normalised inverse-depth domain
 ``DepthRange`` and λ the quality's λ of the variable-rate backbone (a random quality per sample).
 The aux loss of the entropy bottlenecks is optimised alongside. ``freeze_backbone`` trains only
 the reference path, QPEM and the depth codec (stage two of a staged training on top of shipped
-single-view weights). Single process (``threads`` intra-op threads); the schedule is
-``lmvic.training.schedule.Schedule`` over the step budget.
+single-view weights). Under ``torchrun`` (``WORLD_SIZE`` > 1) every rank samples its own clips
+and DistributedDataParallel averages the gradients (gloo on the CPU); rank 0 writes the log, the
+CSV and the checkpoint. The schedule is ``lmvic.training.schedule.Schedule`` over the step budget.
 """
 from __future__ import annotations
 
@@ -23,31 +24,35 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
 
 from lmvic.clips import Clip, ClipSampler, synthetic_sequence
 from lmvic.models.depth_codec import DepthRange
 from lmvic.models.single_view import bits_per_pixel
 from lmvic.scene_codec import JointCodec, build_joint, save_joint
-from lmvic.training.loop import _append_csv, _save_atomic, psnr_from_mse
+from lmvic.training.loop import _append_csv, _save_atomic, check_replicas_equal, dist_info, psnr_from_mse
 from lmvic.training.schedule import Schedule
 from lmvic.zoo import load_single_view
 
 VIEW_WEIGHTS = (0.5, 1.2, 0.5, 0.9)
 
 
-def clip_loss(codec: JointCodec, clip: Clip, quality: Tensor, depth_weight: float = 1.0,
+def clip_loss(net: torch.nn.Module, codec: JointCodec, clip: Clip, quality: Tensor, depth_weight: float = 1.0,
               weights: tuple[float, ...] = VIEW_WEIGHTS) -> tuple[Tensor, dict[str, float]]:
-    """Weighted RD loss of a clip batch; stats are per-view means of bpp and PSNR (image, depth)."""
+    """Weighted RD loss of a clip batch; stats are per-view means of bpp and PSNR (image, depth).
+
+    ``net`` runs the forward (``codec`` itself or its DDP wrapper, which averages the gradients).
+    """
     B, L, _, H, W = clip.images.shape
     if len(weights) != L:
         raise ValueError(f"{len(weights)} view weights for clips of {L} views")
     lam = codec.image.backbone.lambda_of(quality, B) * 255**2
     depth_range = DepthRange.of(clip.depths)
-    ref, loss = None, clip.images.new_zeros(())
+    outs = net(clip.images, clip.depths, clip.K, clip.T, quality, depth_range)
+    loss = clip.images.new_zeros(())
     stats = {"bpp_img": 0.0, "bpp_depth": 0.0, "psnr": 0.0, "psnr_depth": 0.0}
-    for t, w in enumerate(weights):
+    for t, (w, out) in enumerate(zip(weights, outs)):
         x, d = clip.images[:, t], clip.depths[:, t]
-        out, ref = codec.forward_view(x, d, clip.K[:, t], clip.T[:, t], quality, depth_range, ref)
         mse = F.mse_loss(out["image"]["x_hat"], x, reduction="none").flatten(1).mean(1)
         d_mse = F.mse_loss(out["depth"]["x_hat"], depth_range.normalise(d), reduction="none").flatten(1).mean(1)
         bpp_img = bits_per_pixel(out["image"]["likelihoods"], H * W)
@@ -87,9 +92,11 @@ def _build(cfg: JointTrainConfig) -> JointCodec:
 
 def train_joint(cfg: JointTrainConfig, resume: bool = False, log=print) -> JointCodec:
     """Run (or resume from ``out_dir/checkpoint.pt``) the training; returns the model."""
+    rank, world = dist_info()
     torch.set_num_threads(cfg.threads)
     out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / "checkpoint.pt"
     codec = _build(cfg).train()
     if cfg.freeze_backbone:
@@ -107,15 +114,17 @@ def train_joint(cfg: JointTrainConfig, resume: bool = False, log=print) -> Joint
         aux_opt.load_state_dict(ck["aux_opt"])
         step = ck["step"]
         log(f"resumed at step {step}")
-    else:
+    elif rank == 0:
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
     sampler = ClipSampler([synthetic_sequence(Path(s)) for s in cfg.scenes], len(VIEW_WEIGHTS), cfg.crop,
-                          seed=cfg.seed + 7919 * step)
-    gen = torch.Generator().manual_seed(cfg.seed + 7919 * step)
+                          seed=cfg.seed * 1000 + rank + 7919 * step)
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank + 7919 * step)
+    net = DistributedDataParallel(codec) if world > 1 else codec
 
     def save() -> None:
-        _save_atomic({"model": codec.state_dict(), "opt": opt.state_dict(), "aux_opt": aux_opt.state_dict(),
-                      "step": step, "config": dataclasses.asdict(cfg)}, ckpt_path)
+        if rank == 0:
+            _save_atomic({"model": codec.state_dict(), "opt": opt.state_dict(), "aux_opt": aux_opt.state_dict(),
+                          "step": step, "config": dataclasses.asdict(cfg)}, ckpt_path)
 
     acc: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -124,7 +133,7 @@ def train_joint(cfg: JointTrainConfig, resume: bool = False, log=print) -> Joint
         for g in opt.param_groups:
             g["lr"] = lr
         quality = torch.randint(1, codec.num_qualities + 1, (cfg.batch,), generator=gen).float()
-        loss, stats = clip_loss(codec, sampler.batch(cfg.batch), quality, cfg.depth_weight)
+        loss, stats = clip_loss(net, codec, sampler.batch(cfg.batch), quality, cfg.depth_weight)
         aux_loss = codec.aux_loss()
         opt.zero_grad(set_to_none=True)
         aux_opt.zero_grad(set_to_none=True)
@@ -136,7 +145,7 @@ def train_joint(cfg: JointTrainConfig, resume: bool = False, log=print) -> Joint
         step += 1
         for k, v in {"loss": loss.item(), **stats}.items():
             acc[k] = acc.get(k, 0.0) + v
-        if step % cfg.log_every == 0:
+        if step % cfg.log_every == 0 and rank == 0:
             row = {"step": step, "lr": lr, **{k: v / cfg.log_every for k, v in acc.items()},
                    "s_per_step": (time.perf_counter() - t0) / cfg.log_every}
             _append_csv(out / "train.csv", row)
@@ -145,6 +154,8 @@ def train_joint(cfg: JointTrainConfig, resume: bool = False, log=print) -> Joint
         if step % cfg.ckpt_every == 0:
             save()
     save()
+    if world > 1:
+        check_replicas_equal(codec)
     return codec
 
 
@@ -161,11 +172,12 @@ if __name__ == "__main__":
     p.add_argument("--init-single-view", default="")
     p.add_argument("--freeze-backbone", action="store_true")
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--export", default="", help="write the trained codec as shippable weights (e.g. "
                    "lmvic/weights/joint-cpu.pt); with --steps 0 this ships the untrained initialisation")
     a = p.parse_args()
     model = train_joint(JointTrainConfig(a.out_dir, tuple(a.scenes), steps=a.steps, batch=a.batch, crop=a.crop,
-                                 init_single_view=a.init_single_view, freeze_backbone=a.freeze_backbone,
+                                 init_single_view=a.init_single_view, freeze_backbone=a.freeze_backbone, threads=a.threads,
                                  schedule=Schedule(peak_lr=a.lr, warmup_steps=20)), resume=a.resume)
-    if a.export:
+    if a.export and dist_info()[0] == 0:
         print(save_joint(model.eval(), Path(a.export)))

@@ -123,6 +123,16 @@ class JointCodec(CompressionModel):
         decoded = DecodedView(i_out["x_hat"].clamp(0, 1), i_out["features"], depth_hat, K, T)
         return {"depth": d_out, "image": i_out}, decoded
 
+    def forward(self, images: Tensor, depths: Tensor, K: Tensor, T: Tensor, quality: float | Tensor,
+                depth_range: DepthRange) -> list[dict[str, object]]:
+        """A clip in coding order: images (B, L, 3, H, W), depths (B, L, H, W), K (B, L, 3, 3),
+        T (B, L, 4, 4) → per view the ``forward_view`` outputs (the first view has no reference)."""
+        ref, outs = None, []
+        for t in range(images.shape[1]):
+            out, ref = self.forward_view(images[:, t], depths[:, t], K[:, t], T[:, t], quality, depth_range, ref)
+            outs.append(out)
+        return outs
+
     # ---- coding -----------------------------------------------------------------------------
     def encode_view(self, image: Tensor, depth: Tensor, K: Tensor, T: Tensor, quality: int,
                     depth_range: DepthRange, ref: DecodedView | None) -> tuple[dict[str, LatentStream], DecodedView]:

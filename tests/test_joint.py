@@ -5,6 +5,7 @@ process; every corrupt-container case is a ``BitstreamError``.
 """
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from dataclasses import replace
@@ -252,3 +253,18 @@ def test_joint_training_runs_resumes_and_freezes(tmp_path) -> None:
     after = resumed.image.backbone.state_dict()
     assert all(torch.equal(v, after[k]) for k, v in before.items() if "_quantized_cdf" not in k)
     assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["step"] == 3
+
+
+def test_joint_training_ddp_two_gloo_processes(tmp_path) -> None:
+    from scenes.synthetic import generate
+
+    scene = generate(tmp_path / "scene", ArcCameras(n_views=4, width=64, height=64, arc_degrees=20.0), seed=2)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+           "-m", "lmvic.joint_training", str(tmp_path / "run"), str(scene), "--steps", "2", "--batch", "1",
+           "--crop", "64"]
+    # train_joint ends with check_replicas_equal: it raises if the two ranks' weights differ
+    result = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["step"] == 2
