@@ -203,15 +203,16 @@ def bd_rate(anchor_rate: Sequence[float], anchor_dist: Sequence[float], test_rat
     at equal quality), via the ``bjontegaard`` package (``akima``, ``pchip`` or ``cubic``).
 
     The curves are sorted by rate and must rise strictly; the integration interval is their common
-    quality range, which must cover at least ``min_overlap`` of the union of both ranges.
-    Raises BDRateError with the reason otherwise.
+    quality range, which must cover at least ``min_overlap`` of the shorter curve's quality range
+    (so a test curve reaching far beyond the anchor is not penalised). Raises BDRateError with the
+    reason otherwise.
     """
     import bjontegaard
 
     ra, da = _monotone("anchor", anchor_rate, anchor_dist)
     rt, dt = _monotone("test", test_rate, test_dist)
     low, high = max(da[0], dt[0]), min(da[-1], dt[-1])
-    overlap = max(high - low, 0.0) / (max(da[-1], dt[-1]) - min(da[0], dt[0]))
+    overlap = max(high - low, 0.0) / min(da[-1] - da[0], dt[-1] - dt[0])
     if overlap < min_overlap:
         raise BDRateError(f"quality ranges overlap too little ({overlap:.0%} < {min_overlap:.0%}): anchor "
                           f"{da[0]:.2f}–{da[-1]:.2f}, test {dt[0]:.2f}–{dt[-1]:.2f}")
