@@ -69,7 +69,7 @@ class JointTrainConfig:
     out_dir: str
     scenes: tuple[str, ...]  # folders written by scenes.synthetic.generate
     size: str = "cpu"
-    init_single_view: str = ""  # shipped single-view weights for the image backbone ("" = fresh)
+    init_single_view: str = ""  # single-view weights (shipped name or .pt path) for the image backbone; "" = fresh
     freeze_backbone: bool = False
     steps: int = 1000
     batch: int = 2
@@ -86,7 +86,11 @@ class JointTrainConfig:
 
 def _build(cfg: JointTrainConfig) -> JointCodec:
     torch.manual_seed(cfg.seed)
-    backbone = load_single_view(cfg.init_single_view) if cfg.init_single_view else None
+    backbone = None
+    if cfg.init_single_view:  # a shipped name, or a path to a weight file exported by lmvic.zoo
+        path = Path(cfg.init_single_view)
+        backbone = (load_single_view(path.stem, path.parent) if path.suffix == ".pt"
+                    else load_single_view(cfg.init_single_view))
     return build_joint(cfg.size, backbone=backbone)
 
 

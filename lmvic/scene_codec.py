@@ -251,7 +251,10 @@ def encode_scene(codec: JointCodec, scene: SceneInput, order: Sequence[int], qua
             raise LmvicError(f"view {name!r}: need uint8 (H, W, 3) image and (H, W) depth of the same size")
         views.append(ViewInfo(name, image.shape[0], image.shape[1], K, T))
     header = SceneHeader("joint", codec.model_id, quality, tuple(views), tuple(order), references_of(order))
-    depth_range = DepthRange.of(torch.cat([torch.as_tensor(d, dtype=torch.float32).flatten() for d in scene.depths]))
+    try:
+        depth_range = DepthRange.of(torch.cat([torch.as_tensor(d, dtype=torch.float32).flatten() for d in scene.depths]))
+    except ValueError as exc:
+        raise LmvicError(f"cannot code the scene's depth: {exc}") from exc
     records: list[dict[str, LatentStream]] = [{} for _ in range(count)]
     decoded: dict[int, DecodedView] = {}
     codec.eval()

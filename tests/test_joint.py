@@ -183,6 +183,18 @@ def test_corrupt_containers_are_refused(coded_scene, tmp_path) -> None:
     assert isinstance(header, SceneHeader)
 
 
+def test_bad_scene_input_is_a_clear_error(coded_scene) -> None:
+    from pipelines.errors import LmvicError
+
+    codec, _, scene, _, _, _ = coded_scene
+    with pytest.raises(LmvicError, match="quality"):
+        encode_scene(codec, scene, [0, 1, 2], 99)
+    with pytest.raises(LmvicError, match="no valid depth"):
+        encode_scene(codec, replace(scene, depths=[np.zeros_like(d) for d in scene.depths]), [0, 1, 2], QUALITY)
+    with pytest.raises(LmvicError, match="same size"):
+        encode_scene(codec, replace(scene, depths=[d[:-1] for d in scene.depths]), [0, 1, 2], QUALITY)
+
+
 def test_missing_or_corrupt_weights(tmp_path) -> None:
     with pytest.raises(WeightsError, match="not found"):
         load_joint_file(tmp_path / "none.pt")
