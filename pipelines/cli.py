@@ -1,8 +1,15 @@
 """``lmvic``: the command line. Subcommands live in ``pipelines/commands/``, one module each."""
 from __future__ import annotations
 
-import argparse
-import importlib
+import os
+
+# OpenMP threads (torch's and the splatting kernels') sleep instead of spinning while they wait:
+# spinning threads starve everything else when the CPU is shared, which made the 3DGS fit ~10x
+# slower on a loaded 2-core machine. Must be set before torch (and libgomp) load.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import importlib  # noqa: E402
 import logging
 import pkgutil
 import sys

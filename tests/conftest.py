@@ -1,6 +1,10 @@
 """Shared fixtures: small generated scenes and a CLI runner."""
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the CLI does (pipelines/cli.py); before torch loads
+
 import subprocess
 import sys
 from pathlib import Path
