@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Sequence
 
@@ -23,6 +24,7 @@ import torch
 from PIL import Image
 
 from geometry.cameras import crop_intrinsics
+from lmvic.models.depth_codec import DepthRange
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,11 @@ class ViewSequence:
         if self.images.shape != (v, h, w, 3) or self.intrinsics.shape != (v, 3, 3) \
                 or self.world_to_camera.shape != (v, 4, 4):
             raise ValueError("ViewSequence: images, depths and cameras disagree in count or size")
+
+    @cached_property
+    def depth_range(self) -> DepthRange:
+        """The whole sequence's range, as the scene codec normalises (not the crop's)."""
+        return DepthRange.of(torch.from_numpy(self.depths))
 
 
 def synthetic_sequence(scene_dir: Path) -> ViewSequence:
@@ -64,12 +71,13 @@ def stage_sequence(views, order: Sequence[int], depth_kind: str = "median") -> V
 @dataclass(frozen=True)
 class Clip:
     """A batch of clips: images (B, L, 3, h, w) in [0, 1], depths (B, L, h, w), K (B, L, 3, 3),
-    T (B, L, 4, 4) (float32)."""
+    T (B, L, 4, 4) (float32) and each clip's sequence depth range (near, far: (B,))."""
 
     images: torch.Tensor
     depths: torch.Tensor
     K: torch.Tensor
     T: torch.Tensor
+    depth_range: DepthRange
 
 
 class ClipSampler:
@@ -85,8 +93,9 @@ class ClipSampler:
         self.weights = counts / counts.sum()
         self.rng = np.random.default_rng(seed)
 
-    def one(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """(images (L, c, c, 3), depths (L, c, c), K (L, 3, 3) with shifted principal point, T (L, 4, 4))."""
+    def one(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, tuple[float, float]]:
+        """(images (L, c, c, 3), depths (L, c, c), K (L, 3, 3) with shifted principal point, T (L, 4, 4),
+        (near, far) of the sequence)."""
         seq = self.sequences[int(self.rng.choice(len(self.sequences), p=self.weights))]
         start = int(self.rng.integers(0, len(seq.depths) - self.length + 1))
         views = slice(start, start + self.length)
@@ -95,9 +104,10 @@ class ClipSampler:
         x0 = int(self.rng.integers(0, w - self.crop + 1))
         window = (views, slice(y0, y0 + self.crop), slice(x0, x0 + self.crop))
         return (seq.images[window], seq.depths[window], crop_intrinsics(seq.intrinsics[views], x0, y0),
-                seq.world_to_camera[views])
+                seq.world_to_camera[views], (seq.depth_range.near, seq.depth_range.far))
 
     def batch(self, size: int) -> Clip:
-        images, depths, K, T = (np.stack(parts) for parts in zip(*(self.one() for _ in range(size))))
+        images, depths, K, T, bounds = (np.stack(parts) for parts in zip(*(self.one() for _ in range(size))))
         return Clip(torch.from_numpy(images).permute(0, 1, 4, 2, 3).float().div_(255),
-                    torch.from_numpy(depths).float(), torch.from_numpy(K).float(), torch.from_numpy(T).float())
+                    torch.from_numpy(depths).float(), torch.from_numpy(K).float(), torch.from_numpy(T).float(),
+                    DepthRange(torch.from_numpy(bounds[:, 0]), torch.from_numpy(bounds[:, 1])))

@@ -6,7 +6,8 @@ image, features and depth as reference, exactly the coding path)::
     Σ_t w_t (λ·255²·(MSE(x_t, x̂_t) + depth_weight·MSE(d_t, d̂_t)) + bpp_img,t + bpp_depth,t)
 
 with ``w = (0.5, 1.2, 0.5, 0.9)``, depths in the normalised inverse-depth domain of the clip's
-``DepthRange`` and λ the quality's λ of the variable-rate backbone (a random quality per sample).
+sequence ``DepthRange`` (as the scene codec normalises) and λ the quality's λ of the
+variable-rate backbone (a random quality per sample).
 The aux loss of the entropy bottlenecks is optimised alongside. ``freeze_backbone`` trains only
 the reference path, QPEM and the depth codec (stage two of a staged training on top of shipped
 single-view weights). Under ``torchrun`` (``WORLD_SIZE`` > 1) every rank samples its own clips
@@ -27,7 +28,6 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
 from lmvic.clips import Clip, ClipSampler, synthetic_sequence
-from lmvic.models.depth_codec import DepthRange
 from lmvic.models.single_view import bits_per_pixel
 from lmvic.scene_codec import JointCodec, build_joint, save_joint
 from lmvic.training.loop import _append_csv, _save_atomic, check_replicas_equal, dist_info, psnr_from_mse
@@ -47,7 +47,7 @@ def clip_loss(net: torch.nn.Module, codec: JointCodec, clip: Clip, quality: Tens
     if len(weights) != L:
         raise ValueError(f"{len(weights)} view weights for clips of {L} views")
     lam = codec.image.backbone.lambda_of(quality, B) * 255**2
-    depth_range = DepthRange.of(clip.depths)
+    depth_range = clip.depth_range
     outs = net(clip.images, clip.depths, clip.K, clip.T, quality, depth_range)
     loss = clip.images.new_zeros(())
     stats = {"bpp_img": 0.0, "bpp_depth": 0.0, "psnr": 0.0, "psnr_depth": 0.0}

@@ -27,6 +27,13 @@ def test_normalisation_is_scaled_inverse_depth() -> None:
     assert DepthRange.of(depth) == DepthRange(1.0, 8.0)
     with pytest.raises(ValueError):
         DepthRange(2.0, 1.0)
+    # per-sample ranges (training batches from several scenes) = each scene's own normalisation
+    batch = DepthRange(torch.tensor([1.0, 2.0]), torch.tensor([4.0, 8.0]))
+    both = batch.normalise(depth.expand(2, -1, -1))
+    assert torch.equal(both[1:], DepthRange(2.0, 8.0).normalise(depth))
+    assert torch.allclose(batch.denormalise(both)[0], rng.denormalise(code)[0])
+    with pytest.raises(ValueError):
+        DepthRange(torch.tensor([1.0, 2.0]), torch.tensor([4.0, 2.0]))
     with pytest.raises(ValueError, match="no valid depth"):
         DepthRange.of(torch.zeros(3, 3))
 

@@ -217,7 +217,9 @@ def test_clip_crops_keep_the_geometry_exact() -> None:
     assert clip.images.shape == (3, 4, 3, 64, 64) and clip.depths.shape == (3, 4, 64, 64)
     assert clip.K.shape == (3, 4, 3, 3) and clip.T.shape == (3, 4, 4, 4)
     sampler.rng = np.random.default_rng(1)
-    images, depths, K, T = sampler.one()
+    images, depths, K, T, bounds = sampler.one()
+    assert bounds == (seq.depth_range.near, seq.depth_range.far)  # the sequence's range, not the crop's
+    assert clip.depth_range.near.shape == (3,)
     start = next(s for s in range(2) if np.array_equal(seq.world_to_camera[s], T[0]))
     x0, y0 = seq.intrinsics[0, 0, 2] - K[0, 0, 2], seq.intrinsics[0, 1, 2] - K[0, 1, 2]
     assert x0 == int(x0) and y0 == int(y0)

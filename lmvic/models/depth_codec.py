@@ -37,13 +37,16 @@ _SCALES = (2, 4, 8, CONTEXT_SCALE)
 
 @dataclass(frozen=True)
 class DepthRange:
-    """Scene depth range used by the normalisation (``0 < near < far``)."""
+    """Depth range used by the normalisation (``0 < near < far``): floats for a whole scene, or
+    (B,) tensors giving each sample of a batch its own scene's range (training)."""
 
-    near: float
-    far: float
+    near: float | Tensor
+    far: float | Tensor
 
     def __post_init__(self) -> None:
-        if not (0 < self.near < self.far < float("inf")):
+        near = torch.as_tensor(self.near, dtype=torch.float64)
+        far = torch.as_tensor(self.far, dtype=torch.float64)
+        if not bool(((near > 0) & (far > near) & torch.isfinite(far)).all()):
             raise ValueError(f"invalid depth range near={self.near}, far={self.far}")
 
     @staticmethod
@@ -55,17 +58,23 @@ class DepthRange:
         near, far = float(d[valid].min()), float(d[valid].max())
         return DepthRange(near, far if far > near * 1.01 else near * 1.01)
 
+    def _inverse_bounds(self, like: Tensor) -> tuple[Tensor, Tensor]:
+        """(1/near, 1/far) as (B or 1, 1, 1) tensors of ``like``'s dtype."""
+        return tuple((1.0 / torch.as_tensor(v, dtype=torch.float64)).to(like.dtype).reshape(-1, 1, 1)
+                     for v in (self.near, self.far))
+
     def normalise(self, depth: Tensor) -> Tensor:
         """depth (B, H, W) → normalised inverse depth (B, 1, H, W) in [0, 1]."""
         d, valid = clean_depth(depth)
+        inv_near, inv_far = self._inverse_bounds(d)
         inv = torch.where(valid, 1.0 / torch.where(valid, d, torch.ones_like(d)), torch.zeros_like(d))
-        out = (inv - 1.0 / self.far) / (1.0 / self.near - 1.0 / self.far)
+        out = (inv - inv_far) / (inv_near - inv_far)
         return torch.where(valid, out, torch.zeros_like(out)).clamp(0, 1)[:, None]
 
     def denormalise(self, code: Tensor) -> Tensor:
         """normalised (B, 1, H, W) → depth (B, H, W) in [near, far] (code clamped to [0, 1])."""
-        inv = code[:, 0].clamp(0, 1) * (1.0 / self.near - 1.0 / self.far) + 1.0 / self.far
-        return 1.0 / inv
+        inv_near, inv_far = self._inverse_bounds(code)
+        return 1.0 / (code[:, 0].clamp(0, 1) * (inv_near - inv_far) + inv_far)
 
 
 class Pyramid(nn.Module):
