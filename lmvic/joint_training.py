@@ -1,7 +1,7 @@
 """Training of the joint codec on clips (paper eq. 9), resumable, with a CSV curve.
 
 Loss of a clip of L views in coding order (each view coded with the previous one's *decoded*
-image, features and depth as reference, exactly the coding path)::
+image, features and depth as reference, the same chain as coding)::
 
     Σ_t w_t (λ·255²·(MSE(x_t, x̂_t) + depth_weight·MSE(d_t, d̂_t)) + bpp_img,t + bpp_depth,t)
 
