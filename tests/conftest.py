@@ -39,3 +39,14 @@ def shared_scene(name: str) -> Path:
     if not path.is_dir():
         pytest.skip(f"the development scenes are not present at {SHARED_SCENES}")
     return path
+
+
+@pytest.fixture(scope="session")
+def small_scene_work(small_scene) -> Path:
+    """``small_scene`` with its sfm stage computed once (work folder ``small_scene/.lmvic``)."""
+    from pipelines.scene import load_scene
+    from pipelines.stages import default_configs, run, select
+
+    scene = load_scene(small_scene)
+    run(scene, scene.default_work_dir(), default_configs(), select(["sfm"]), quiet=True)
+    return scene.default_work_dir()

@@ -1,0 +1,86 @@
+"""Single mode (the paper's "Separate"): every view coded alone by the shipped single-view codec.
+
+The container (``lmvic.bitstream``, mode ``single``) holds per view one stream ``image`` with two
+chunks, CompressAI's y and z strings, and the z shape. No view refers to another, so any subset
+decodes. Views are padded to multiples of 64 (edge replication) and cropped back.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Collection, Sequence
+
+import numpy as np
+import torch
+
+from lmvic.bitstream import BitstreamError, LatentStream, SceneHeader, SceneReader, ViewInfo, write_scene
+from lmvic.models.single_view import SingleViewCodec
+from lmvic.scene_codec import DecodedScene, pad
+from lmvic.zoo import WeightsError, check_quality, load_single_view
+from pipelines.errors import LmvicError
+
+MODEL_IDS = ("single_view_cpu",)
+STREAM = "image"
+
+
+def _to_uint8(x: torch.Tensor, height: int, width: int) -> np.ndarray:
+    return (x[0, :, :height, :width].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+
+
+def load_model(model_id: str) -> SingleViewCodec:
+    if model_id not in MODEL_IDS:
+        raise BitstreamError(f"unknown single-view model {model_id!r} (known: {', '.join(MODEL_IDS)})")
+    try:
+        return load_single_view(model_id)
+    except WeightsError as exc:
+        raise LmvicError(str(exc)) from exc
+
+
+@torch.no_grad()
+def encode_separate_file(path: str | Path, model_id: str, views: Sequence[ViewInfo], images: Sequence[np.ndarray],
+                         order: Sequence[int], quality: int) -> tuple[int, DecodedScene]:
+    """Code each uint8 [H, W, 3] image alone → (file bytes, the images the decoder will output)."""
+    model = load_model(model_id)
+    try:
+        check_quality(model, quality)
+    except WeightsError as exc:
+        raise LmvicError(str(exc)) from exc
+    records, decoded = [], {}
+    for info, image in zip(views, images):
+        x = pad(torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float() / 255)
+        out = model.compress(x, quality)
+        (y_strings, z_strings), shape = out["strings"], out["shape"]
+        records.append({STREAM: LatentStream((y_strings[0], z_strings[0]), tuple(shape))})
+        x_hat = model.decompress(out["strings"], shape, quality)["x_hat"]
+        decoded[info.name] = _to_uint8(x_hat, info.height, info.width)
+    header = SceneHeader("single", model_id, quality, tuple(views), tuple(order), tuple(() for _ in views))
+    return write_scene(path, header, records), DecodedScene(header, decoded, {})
+
+
+@torch.no_grad()
+def decode_separate_file(source: str | Path, views: Collection[str] | None = None) -> DecodedScene:
+    """Decode a single-mode container (any subset of its views)."""
+    with SceneReader(source, models=MODEL_IDS) as reader:
+        header = reader.header
+        if header.mode != "single":
+            raise BitstreamError(f"this is a {header.mode}-mode file; the single-view decoder reads single mode")
+        model = load_model(header.model_id)
+        if not 1 <= header.quality <= model.num_qualities:
+            raise BitstreamError(f"quality {header.quality} is not a level of model {header.model_id!r}")
+        names = [v.name for v in header.views]
+        wanted = names if views is None else [n for n in names if n in set(views)]
+        unknown = set(views or ()) - set(names)
+        if unknown:
+            raise LmvicError(f"views not in the file: {', '.join(sorted(unknown))}")
+        images = {}
+        for name in wanted:
+            info = header.views[names.index(name)]
+            stream = reader.read_view(names.index(name)).get(STREAM)
+            if stream is None or len(stream.chunks) != 2 or len(stream.shape) != 2:
+                raise BitstreamError(f"view {name!r} has no valid {STREAM!r} stream")
+            expected = ((info.height + 63) // 64, (info.width + 63) // 64)
+            if tuple(stream.shape) != expected:
+                raise BitstreamError(f"view {name!r}: latent shape {tuple(stream.shape)} does not fit {info.height}x{info.width}")
+            strings = [[stream.chunks[0]], [stream.chunks[1]]]
+            x_hat = model.decompress(strings, tuple(stream.shape), header.quality)["x_hat"]
+            images[name] = _to_uint8(x_hat, info.height, info.width)
+    return DecodedScene(header, images, {})
