@@ -42,9 +42,17 @@ class EvalInputs:
     views: list[np.ndarray]  # uint8 [H, W, 3], cropped, in coding order
 
 
+def _separate(inputs: EvalInputs) -> Codec:
+    from lmvic.separate_codec import SeparateCodec
+
+    index = [inputs.cameras.names.index(n) for n in inputs.names]
+    return SeparateCodec(inputs.names, inputs.cameras.K[index], inputs.cameras.T[index])
+
+
 #: Codec name → factory. The anchors need nothing from the scene.
 CODECS: dict[str, Callable[[EvalInputs], Codec]] = {
-    name: (lambda inputs, make=make: make()) for name, make in ANCHORS.items()
+    **{name: (lambda inputs, make=make: make()) for name, make in ANCHORS.items()},
+    "lmvic-single": _separate,
 }
 
 
