@@ -37,11 +37,11 @@ class FitDiverged(RuntimeError):
 class FitConfig:
     """Options of :func:`fit_gaussians` (defaults sized for a 2-core CPU, ~50 views)."""
 
-    iterations: int = 2000
+    iterations: int = 1500
     max_side: int = 400  # images are fitted with their long side scaled down to at most this
     max_gaussians: int = 50_000
     sh_degree: int = 3
-    sh_degree_interval: int = 400  # raise the SH degree by one every this many iterations
+    sh_degree_interval: int = 300  # raise the SH degree by one every this many iterations
     ssim_weight: float = 0.2
     lr_means: float = 1.6e-4  # times the scene scale; decays to 1 % at the end
     lr_scales: float = 5e-3
