@@ -33,31 +33,35 @@ class FitDiverged(RuntimeError):
     """The fit produced non-finite or exploding values; the message names the iteration."""
 
 
+def _opt(default, help_text: str):
+    return field(default=default, metadata={"help": help_text})
+
+
 @dataclass(frozen=True)
 class FitConfig:
     """Options of :func:`fit_gaussians` (defaults sized for a 2-core CPU, ~50 views)."""
 
-    iterations: int = 1500
-    max_side: int = 400  # images are fitted with their long side scaled down to at most this
-    max_gaussians: int = 50_000
-    sh_degree: int = 3
-    sh_degree_interval: int = 300  # raise the SH degree by one every this many iterations
-    ssim_weight: float = 0.2
-    lr_means: float = 1.6e-4  # times the scene scale; decays to 1 % at the end
-    lr_scales: float = 5e-3
-    lr_quats: float = 1e-3
-    lr_opacities: float = 5e-2
-    lr_sh0: float = 2.5e-3
-    lr_shN: float = 2.5e-3 / 20
-    init_opacity: float = 0.1
-    seed: int = 0
-    refine_start: int = 200
-    refine_stop_fraction: float = 0.75  # densify until this fraction of the iterations
-    refine_every: int = 100
-    grow_grad2d: float = 2e-4
-    reset_every: int = 3000  # opacity reset (gsplat default; beyond the default schedule)
-    threads: int = 0  # torch/OpenMP threads; 0 keeps the current setting
-    explode_scale: float = 1e3  # a Gaussian larger than this times the scene scale is an explosion
+    iterations: int = _opt(1500, "3DGS fit iterations (one view each)")
+    max_side: int = _opt(400, "fit images with their long side scaled down to at most this many pixels")
+    max_gaussians: int = _opt(50_000, "cap on the number of Gaussians (lowest opacities removed beyond it)")
+    sh_degree: int = _opt(3, "spherical-harmonics degree of the colours (0..3)")
+    sh_degree_interval: int = _opt(300, "raise the SH degree by one every this many iterations")
+    ssim_weight: float = _opt(0.2, "weight of 1 - SSIM in the loss (the rest is L1)")
+    lr_means: float = _opt(1.6e-4, "learning rate of the means, times the scene scale; decays to 1 %")
+    lr_scales: float = _opt(5e-3, "learning rate of the log-scales")
+    lr_quats: float = _opt(1e-3, "learning rate of the rotations")
+    lr_opacities: float = _opt(5e-2, "learning rate of the opacity logits")
+    lr_sh0: float = _opt(2.5e-3, "learning rate of the SH band 0")
+    lr_shN: float = _opt(2.5e-3 / 20, "learning rate of the higher SH bands")
+    init_opacity: float = _opt(0.1, "initial opacity of the Gaussians at the SfM points")
+    seed: int = _opt(0, "random seed (view order, densification)")
+    refine_start: int = _opt(200, "first iteration of densification")
+    refine_stop_fraction: float = _opt(0.75, "densify until this fraction of the iterations")
+    refine_every: int = _opt(100, "densify every this many iterations")
+    grow_grad2d: float = _opt(2e-4, "2-D gradient threshold for duplicating/splitting (gsplat DefaultStrategy)")
+    reset_every: int = _opt(3000, "opacity reset period (gsplat DefaultStrategy)")
+    threads: int = _opt(0, "torch/OpenMP threads for the fit; 0 keeps the current setting")
+    explode_scale: float = _opt(1e3, "a Gaussian larger than this times the scene scale stops the fit as exploded")
 
 
 @dataclass
