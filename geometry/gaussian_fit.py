@@ -47,7 +47,7 @@ class FitConfig:
     sh_degree: int = _opt(3, "spherical-harmonics degree of the colours (0..3)")
     sh_degree_interval: int = _opt(300, "raise the SH degree by one every this many iterations")
     ssim_weight: float = _opt(0.2, "weight of 1 - SSIM in the loss (the rest is L1)")
-    lr_means: float = _opt(1.6e-4, "learning rate of the means, times the scene scale; decays to 1 %")
+    lr_means: float = _opt(1.6e-4, "learning rate of the means, times the scene scale; decays to 0.01x by the end")
     lr_scales: float = _opt(5e-3, "learning rate of the log-scales")
     lr_quats: float = _opt(1e-3, "learning rate of the rotations")
     lr_opacities: float = _opt(5e-2, "learning rate of the opacity logits")
