@@ -231,7 +231,9 @@ def _check_finite(params, step: int, max_scale: float) -> None:
 
 
 def _as_float_tensor(x: Tensor | np.ndarray) -> Tensor:
-    return (x if isinstance(x, Tensor) else torch.from_numpy(np.asarray(x))).detach().float().cpu()
+    if isinstance(x, Tensor):
+        return x.detach().float().cpu()
+    return torch.from_numpy(np.array(x, dtype=np.float32))  # a copy: inputs may be read-only arrays
 
 
 def working_images(images: Sequence[Tensor | np.ndarray], Ks: Tensor, max_side: int) -> tuple[list[Tensor], Tensor]:
