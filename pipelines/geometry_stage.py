@@ -141,6 +141,7 @@ def run_depth(ctx: StageContext) -> dict:
     cameras = load_cameras(ctx.stage_dir("sfm"))
     gaussians = read_ply(ctx.stage_dir("splat") / "gaussians.ply")
     valid_fraction = {kind: [] for kind in DEPTH_KINDS}
+    (ctx.out / "png").mkdir()
     views = zip(cameras.names, cameras.sizes, cameras.K, cameras.T)
     for name, (width, height), K, T in tqdm(list(views), desc="depth", disable=ctx.quiet, unit="view"):
         median, mean, _, _ = render_depths(gaussians, torch.from_numpy(K[None]), torch.from_numpy(T[None]),
