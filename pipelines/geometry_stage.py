@@ -75,14 +75,24 @@ def run_sfm(ctx: StageContext) -> dict:
     if scene.colmap_model is not None:
         log.info("using the scene's COLMAP model %s", scene.colmap_model)
         model, source = sfm.load_colmap_model(scene.colmap_model, scales), "sparse/0"
-    elif scene.transforms is not None:
-        log.info("using the cameras of %s; triangulating points", scene.transforms)
-        model = sfm.model_from_transforms(scene.transforms, scales, scratch / "from_transforms")
-        model, source = sfm.triangulate(model, working, scratch, config), "transforms.json"
     else:
-        log.info("structure from motion on %d views", len(originals))
-        names = [sfm.working_name(n) for n in originals]
-        model, source = sfm.reconstruct(working, scratch, names, config), "sfm"
+        model = None
+        if scene.transforms is not None:
+            log.info("using the cameras of %s; triangulating points", scene.transforms)
+            model = sfm.model_from_transforms(scene.transforms, scales, scratch / "from_transforms")
+            try:
+                model, source = sfm.triangulate(model, working, scratch, config), "transforms.json"
+            except (RuntimeError, ValueError) as exc:
+                # pycolmap 4 refuses to triangulate into a model whose rigs/frames it did not create
+                # itself ("existing_frame.RigId() == frame.RigId()"); recover the cameras by SfM instead.
+                log.warning("triangulating with the poses of transforms.json failed (%s); running SfM instead",
+                            str(exc).splitlines()[0][:120])
+                (scratch / "database.db").unlink(missing_ok=True)
+                model = None
+        if model is None:
+            log.info("structure from motion on %d views", len(originals))
+            names = [sfm.working_name(n) for n in originals]
+            model, source = sfm.reconstruct(working, scratch, names, config), "sfm"
     result = sfm.summarize(sfm.undistort(model, working, scratch, ctx.out), list(originals), source)
     shutil.rmtree(scratch)
     if result.excluded:
