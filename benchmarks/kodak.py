@@ -24,18 +24,23 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results"
 
 
-def snapshot_curve(snap_dir: Path, kodak: Path) -> list[dict]:
-    """Estimated Kodak BD-rate vs hyperprior for every snapshot, in training order."""
-    images = landscape_batch(sorted(kodak.glob("*.png")))
-    rows = []
+def snapshot_curve(snap_dir: Path, kodak: Path, every: int, done: list[dict]) -> list[dict]:
+    """Estimated Kodak BD-rates (every ``every``-th image) for each snapshot not yet in ``done``."""
+    images = landscape_batch(sorted(kodak.glob("*.png"))[::every])
+    rows = list(done)
+    seen = {r["snapshot"] for r in done}
     for snap in sorted(snap_dir.glob("step*.pt")):
+        if snap.name in seen:
+            continue
         model, _ = checkpoint_model(snap)
         est = validate(model, images, batch=1)
         res = {"bpp": [r["bpp"] for r in est], "psnr-rgb": [r["psnr"] for r in est]}
         bd = bd_rates(res, kodak / "compressai-results")
         ck = torch.load(snap, map_location="cpu", weights_only=False)
         rows.append({"snapshot": snap.name, "step": ck["step"], "cpu_hours": ck["cpu_seconds"] / 3600,
-                     **{f"bd_{k}": (v if isinstance(v, float) else float("nan")) for k, v in bd.items()}})
+                     "images": len(images),
+                     **{f"bd_{k}": (v if isinstance(v, float) else float("nan")) for k, v in bd.items()
+                        if not k.endswith("range")}})
         print(rows[-1], flush=True)
     return rows
 
@@ -45,14 +50,21 @@ def main() -> None:
     ap.add_argument("--kodak", type=Path, default=Path("/work/shared/kodak"))
     ap.add_argument("--weights", default="single_view_cpu")
     ap.add_argument("--snapshots", type=Path, default=None, help="a run's snapshots folder")
+    ap.add_argument("--every", type=int, default=1, help="snapshots: probe every k-th Kodak image")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     OUT.mkdir(parents=True, exist_ok=True)
     anchors = args.kodak / "compressai-results"
     if args.snapshots is not None:
-        rows = snapshot_curve(args.snapshots, args.kodak)
-        with open(OUT / "kodak_bd_vs_cpu_hours.csv", "w", newline="") as f:
+        table = OUT / "kodak_bd_vs_cpu_hours.csv"
+        done = []
+        if table.exists():
+            with open(table) as f:
+                done = list(csv.DictReader(f))
+        rows = snapshot_curve(args.snapshots, args.kodak, args.every, done)
+        rows = [{k: (v if k == "snapshot" else float(v)) for k, v in r.items()} for r in rows]
+        with open(table, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(rows[0]))
             w.writeheader()
             w.writerows(rows)
@@ -84,7 +96,7 @@ def main() -> None:
         print(f"{i + 1:2d} {results['bpp'][i]:7.4f} {results['psnr-rgb'][i]:6.2f} {results['ms-ssim-rgb'][i]:7.4f} "
               f"{results['encoding_time'][i]:6.2f} {results['decoding_time'][i]:6.2f}")
     for label, v in bd.items():
-        print(f"BD-rate vs {label}: " + (v if isinstance(v, str) else f"{v:+.1f} %"))
+        print(f"BD-rate vs {label}: {v:+.1f} %" if isinstance(v, float) else f"{label}: {v}")
 
 
 if __name__ == "__main__":

@@ -48,13 +48,15 @@ def main() -> None:
     ap.add_argument("--kodak", type=Path, default=Path("/work/shared/kodak"))
     ap.add_argument("--runs", type=Path, default=ROOT / "runs" / "schedules")
     ap.add_argument("--only", default="", help="comma-separated subset of configurations")
+    ap.add_argument("--probe-only", action="store_true",
+                    help="probe the runs' latest checkpoints as they are (no training; unfinished runs show their CPU-minutes)")
     ap.add_argument("--every", type=int, default=1, help="probe every k-th Kodak image (1: all 24)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     names = args.only.split(",") if args.only else list(CONFIGS)
     for name in names:
         run = args.runs / name
-        if (run / "curves.png").exists():
+        if args.probe_only or (run / "curves.png").exists():
             continue
         cmd = [sys.executable, "-m", "pipelines.commands.train", str(run), "--minutes", str(args.minutes),
                "--threads", "1", "--val-every", str(args.minutes / 2), "--ckpt-every", "1",

@@ -13,7 +13,7 @@ import torch
 import lmvic  # noqa: F401
 from lmvic.layers import EntropyParameters, GainUnit
 from lmvic.models.bitstream import HEADER_BYTES, BitstreamError, ImageStream
-from lmvic.models.single_view import SingleViewCodec, bits_per_pixel
+from lmvic.models.single_view import SingleViewCodec, bits_per_pixel, fixed_threads
 from lmvic.zoo import WEIGHTS_DIR, WeightsError, export_single_view, load_single_view
 from pipelines.metrics import bpp, ms_ssim, psnr
 
@@ -138,9 +138,9 @@ def test_shipped_weights_decode_bit_exactly_in_another_process(tmp_path):
 
     model = shipped_model()
     img = np.ascontiguousarray(read_image(KODAK / "kodim23.png")[:192, :256])  # not a multiple of 64 in H
-    torch.set_num_threads(2)
-    data = encode_image(model, img, 3)
-    rec = decode_image(model, data)
+    with fixed_threads(2):  # the decoding process below runs on 1 thread
+        data = encode_image(model, img, 3)
+        rec = decode_image(model, data)
     (tmp_path / "s.bin").write_bytes(data)
     np.save(tmp_path / "rec.npy.src.npy", img)
     subprocess.run([sys.executable, "-c", DECODE_SCRIPT, str(tmp_path / "s.bin"), str(tmp_path / "rec.npy"), "1"],

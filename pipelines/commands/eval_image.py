@@ -136,8 +136,9 @@ def load_anchor(path: Path) -> dict[str, list[float]]:
 
 
 def bd_rates(results: dict[str, list[float]], anchors_dir: Path) -> dict[str, float | str]:
-    """BD-rate (%) of ``results`` against each anchor in ``ANCHORS`` on PSNR-RGB (Akima, common
-    PSNR range); where it cannot be computed, the reason."""
+    """BD-rate (%) of ``results`` against each anchor in ``ANCHORS`` on PSNR-RGB (Akima), integrated
+    over the PSNR interval both curves cover (``"<label> PSNR range"`` gives it; the curves of a
+    briefly trained model may overlap an anchor only partly). Where it cannot be computed, the reason."""
     from pipelines.rd import BDRateError, bd_rate
 
     out: dict[str, float | str] = {}
@@ -145,8 +146,11 @@ def bd_rates(results: dict[str, list[float]], anchors_dir: Path) -> dict[str, fl
         if not (anchors_dir / fname).exists():
             continue
         a = load_anchor(anchors_dir / fname)
+        low = max(min(a["psnr-rgb"]), min(results["psnr-rgb"]))
+        high = min(max(a["psnr-rgb"]), max(results["psnr-rgb"]))
         try:
-            out[label] = bd_rate(a["bpp"], a["psnr-rgb"], results["bpp"], results["psnr-rgb"], min_overlap=0.2)
+            out[label] = bd_rate(a["bpp"], a["psnr-rgb"], results["bpp"], results["psnr-rgb"], min_overlap=0.01)
+            out[f"{label} PSNR range"] = f"{low:.2f}-{high:.2f} dB"
         except BDRateError as exc:
             out[label] = str(exc)
     return out
@@ -201,5 +205,5 @@ def run(args: argparse.Namespace) -> None:
          "results": results, "bd_rate_percent": bd}, indent=1) + "\n")
     plot_rd({args.name: results}, anchors, args.out / f"{stem}.png", f"{args.folder.name}: {args.name}")
     for label, v in bd.items():
-        print(f"BD-rate vs {label}: " + (v if isinstance(v, str) else f"{v:+.1f} %"))
+        print(f"BD-rate vs {label}: {v:+.1f} %" if isinstance(v, float) else f"{label}: {v}")
     print(f"wrote {args.out / (stem + '.json')} and {args.out / (stem + '.png')}")
