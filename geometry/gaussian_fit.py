@@ -60,7 +60,8 @@ class FitConfig:
     refine_every: int = _opt(100, "densify every this many iterations")
     grow_grad2d: float = _opt(2e-4, "2-D gradient threshold for duplicating/splitting (gsplat DefaultStrategy)")
     reset_every: int = _opt(3000, "opacity reset period (gsplat DefaultStrategy)")
-    threads: int = _opt(0, "torch/OpenMP threads for the fit; 0 keeps the current setting")
+    threads: int = field(default=0, metadata={"help": "torch/OpenMP threads for the fit; 0 keeps the current setting",
+                                              "cache": False})  # no effect on the result: not in the cache key
     explode_scale: float = _opt(1e3, "a Gaussian larger than this times the scene scale stops the fit as exploded")
 
 

@@ -97,8 +97,10 @@ def files_digest(files: list[Path], root: Path) -> str:
 
 
 def config_digest(config: Any) -> str:
-    """Digest of a config dataclass (its fields as sorted JSON)."""
-    payload = json.dumps(dataclasses.asdict(config), sort_keys=True, default=str)
+    """Digest of a config dataclass (its fields as sorted JSON), leaving out fields that cannot
+    change a result (``field(metadata={"cache": False})``, e.g. a thread count)."""
+    values = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.metadata.get("cache", True)}
+    payload = json.dumps(values, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()
 
 

@@ -154,3 +154,10 @@ def test_killed_run_resumes(small_scene, tmp_path):
     assert meta["summary"]["registered"] == 10
     third = run_lmvic("run", small_scene, "--work-dir", work, "--stages", "sfm")
     assert "cached" in third.stdout
+
+
+def test_fields_marked_cache_false_do_not_change_the_key():
+    from geometry.gaussian_fit import FitConfig
+
+    assert cache.config_digest(FitConfig(threads=1)) == cache.config_digest(FitConfig(threads=2))
+    assert cache.config_digest(FitConfig(iterations=10)) != cache.config_digest(FitConfig(iterations=11))
