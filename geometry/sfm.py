@@ -79,7 +79,7 @@ def prepare_images(images: dict[str, np.ndarray], out_dir: Path, max_size: int) 
 
 def _extract_and_match(database: Path, image_dir: Path, names: list[str], config: SfmConfig,
                        camera_mode: pycolmap.CameraMode) -> None:
-    pycolmap.logging.minloglevel = 0 if log.isEnabledFor(logging.DEBUG) else 2  # COLMAP's own log: errors only
+    pycolmap.logging.minloglevel = 0 if log.isEnabledFor(logging.DEBUG) else 3  # COLMAP log off; lmvic reports
     log.info("SfM: extracting SIFT features from %d images", len(names))
     reader = pycolmap.ImageReaderOptions()
     reader.camera_model = config.camera_model

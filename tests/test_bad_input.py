@@ -5,6 +5,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from pipelines import cache
@@ -96,3 +97,16 @@ def test_console_script_exit_code(tmp_path):
     result = run_lmvic("run", tmp_path / "absent")
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "does not exist" in result.stderr
+
+
+def test_views_without_overlap_fail_sfm_cleanly(tmp_path, capsys):
+    """Two unrelated noise images: real pycolmap finds no registrable pair; one-line error, nothing cached."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "images").mkdir()
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 256, (240, 320, 3), dtype=np.uint8)).save(tmp_path / "images" / f"{i}.png")
+    message = fails(capsys, "run", tmp_path, "--stages", "sfm")
+    assert "SfM" in message
+    assert not (tmp_path / ".lmvic" / "sfm").exists() and not list((tmp_path / ".lmvic").glob(".tmp-*"))
