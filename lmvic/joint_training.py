@@ -30,7 +30,8 @@ from torch.nn.parallel import DistributedDataParallel
 from lmvic.clips import Clip, ClipSampler, synthetic_sequence
 from lmvic.models.single_view import bits_per_pixel
 from lmvic.scene_codec import JointCodec, build_joint, save_joint
-from lmvic.training.loop import _append_csv, _save_atomic, check_replicas_equal, dist_info, psnr_from_mse
+from lmvic.training.loop import (_append_csv, _save_atomic, check_replicas_equal, dist_info, optimisation_step,
+                                psnr_from_mse)
 from lmvic.training.schedule import Schedule
 from lmvic.zoo import load_single_view
 
@@ -138,14 +139,7 @@ def train_joint(cfg: JointTrainConfig, resume: bool = False, log=print) -> Joint
             g["lr"] = lr
         quality = torch.randint(1, codec.num_qualities + 1, (cfg.batch,), generator=gen).float()
         loss, stats = clip_loss(net, codec, sampler.batch(cfg.batch), quality, cfg.depth_weight)
-        aux_loss = codec.aux_loss()
-        opt.zero_grad(set_to_none=True)
-        aux_opt.zero_grad(set_to_none=True)
-        (loss + aux_loss).backward()
-        if cfg.clip > 0:
-            torch.nn.utils.clip_grad_norm_(main, cfg.clip)
-        opt.step()
-        aux_opt.step()
+        optimisation_step(loss, codec.aux_loss(), opt, aux_opt, main, cfg.clip)
         step += 1
         for k, v in {"loss": loss.item(), **stats}.items():
             acc[k] = acc.get(k, 0.0) + v

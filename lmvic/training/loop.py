@@ -63,6 +63,18 @@ class TrainConfig:
         return TrainConfig(**d)
 
 
+def optimisation_step(loss: torch.Tensor, aux_loss: torch.Tensor, opt: torch.optim.Optimizer,
+                      aux_opt: torch.optim.Optimizer, params, clip: float) -> None:
+    """One step of both optimisers: the RD loss (its gradient norm clipped to ``clip`` over
+    ``params`` when ``clip > 0``) and CompressAI's auxiliary quantile loss."""
+    opt.zero_grad(set_to_none=True)
+    aux_opt.zero_grad(set_to_none=True)
+    (loss + aux_loss).backward()
+    if clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, clip)
+    opt.step()
+    aux_opt.step()
+
 def rd_loss(net: torch.nn.Module, model: SingleViewCodec, x: Tensor,
             quality: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Mean over the batch of λ_q·255²·MSE + bpp → (loss, bpp (B,), mse (B,)).
@@ -234,13 +246,7 @@ def train(cfg: TrainConfig, resume: bool = False, val_crops: Tensor | None = Non
             quality = torch.randint(1, model.num_qualities + 1, (cfg.batch,), generator=gen).float()
         loss, bpp, mse = rd_loss(net, model, x, quality)
         aux = model.aux_loss()
-        opt.zero_grad(set_to_none=True)
-        aux_opt.zero_grad(set_to_none=True)
-        (loss + aux).backward()
-        if cfg.clip > 0:
-            torch.nn.utils.clip_grad_norm_(main_params, cfg.clip)
-        opt.step()
-        aux_opt.step()
+        optimisation_step(loss, aux, opt, aux_opt, main_params, cfg.clip)
         if ema is not None:
             ema.update(model, step)
         step += 1
