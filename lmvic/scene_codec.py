@@ -22,9 +22,6 @@ Model ids are ``joint-<size>``; weights are ``lmvic/weights/<model id>.pt`` with
 """
 from __future__ import annotations
 
-import hashlib
-import io
-import json
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +41,7 @@ from lmvic.bitstream import (BitstreamError, LatentStream, SceneHeader, SceneRea
 from lmvic.models.depth_codec import DepthCodec, DepthRange, build_depth_codec, cross_view_prediction
 from lmvic.models.joint import JointImageCodec, Side, build_joint_image
 from lmvic.models.single_view import DEFAULT_LAMBDAS, EXACT_THREADS, SIZES, SingleViewCodec, fixed_threads
-from lmvic.zoo import WEIGHTS_DIR, WeightsError
+from lmvic.zoo import WEIGHTS_DIR, WeightsError, read_weights, write_weights
 from pipelines.errors import LmvicError
 
 PAD = 64
@@ -348,42 +345,16 @@ def build_joint(size: str = "cpu", lambdas: tuple[float, ...] = DEFAULT_LAMBDAS,
 
 def save_joint(codec: JointCodec, path: Path, half: bool = True) -> Path:
     """Write ``codec`` (CDFs refreshed; float16 parameters if ``half``) and its ``.json`` SHA-256 sidecar."""
-    if half:  # round first so the CDF update sees the weights the decoder will load
-        with torch.no_grad():
-            for p in codec.parameters():
-                p.copy_(p.half().float())
-    codec.update(force=True, update_quantiles=True)
-    sd = {k: (v.half() if half and v.is_floating_point() and not k.endswith("scale_table") else v)
-          for k, v in codec.state_dict().items()}
-    buf = io.BytesIO()
-    torch.save({"format": WEIGHT_FORMAT, "size": codec.size, "lambdas": codec.image.backbone.lambdas.tolist(),
-                "state_dict": sd}, buf)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(buf.getvalue())
-    path.with_suffix(".json").write_text(json.dumps(
-        {"sha256": hashlib.sha256(buf.getvalue()).hexdigest(), "model_id": codec.model_id}, indent=1) + "\n")
-    return path
+    return write_weights(codec, path, {"format": WEIGHT_FORMAT, "size": codec.size,
+                                       "lambdas": codec.image.backbone.lambdas.tolist()},
+                         {"model_id": codec.model_id}, half)
 
 
 def load_joint_file(path: Path) -> JointCodec:
     """A codec written by ``save_joint`` (eval mode, CDFs ready); ``WeightsError`` if missing or corrupt."""
-    path = Path(path)
-    meta_path = path.with_suffix(".json")
-    if not path.exists() or not meta_path.exists():
-        raise WeightsError(f"joint weights not found: need {path} and {meta_path.name}")
-    data = path.read_bytes()
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise WeightsError(f"corrupt weight metadata {meta_path}: {exc}") from exc
-    if hashlib.sha256(data).hexdigest() != meta.get("sha256"):
-        raise WeightsError(f"corrupt weight file {path}: SHA-256 does not match {meta_path.name}")
-    ck = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    if ck.get("format") != WEIGHT_FORMAT:
-        raise WeightsError(f"{path} has weight format {ck.get('format')}, expected {WEIGHT_FORMAT}")
+    ck = read_weights(path, WEIGHT_FORMAT, "joint weights")
     codec = build_joint(ck["size"], tuple(ck["lambdas"]))
-    codec.load_state_dict({k: v.float() if v.dtype == torch.float16 else v for k, v in ck["state_dict"].items()})
+    codec.load_state_dict(ck["state_dict"])
     return codec.eval()
 
 

@@ -29,12 +29,14 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def export_single_view(state: dict[str, torch.Tensor], size: str, lambdas: tuple[float, ...],
-                       name: str, half: bool = True, directory: Path = WEIGHTS_DIR) -> Path:
-    """Build the codec from ``state``, refresh quantiles and CDFs, and write ``name``.pt/.json."""
-    model = build_single_view(size, lambdas)
-    model.load_state_dict(state, strict=False)
-    if half:  # round the parameters first so the CDF update sees the weights the decoder will use
+def write_weights(model: torch.nn.Module, path: Path, payload: dict, meta: dict, half: bool = True) -> Path:
+    """Ship ``model``: quantiles and CDFs refreshed, parameters stored as float16 if ``half``,
+    written to ``path`` with ``{**payload, "state_dict"}`` and a ``.json`` sidecar (SHA-256 + ``meta``).
+
+    With ``half`` the parameters are rounded first, so the CDFs are built from the weights the
+    decoder will load.
+    """
+    if half:
         with torch.no_grad():
             for p in model.parameters():
                 p.copy_(p.half().float())
@@ -42,21 +44,21 @@ def export_single_view(state: dict[str, torch.Tensor], size: str, lambdas: tuple
     sd = {k: (v.half() if half and v.is_floating_point() and not k.endswith("scale_table") else v)
           for k, v in model.state_dict().items()}
     buf = io.BytesIO()
-    torch.save({"format": FORMAT, "size": size, "lambdas": list(lambdas), "state_dict": sd}, buf)
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"{name}.pt"
+    torch.save({**payload, "state_dict": sd}, buf)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(buf.getvalue())
-    (directory / f"{name}.json").write_text(json.dumps(
-        {"sha256": _sha256(buf.getvalue()), "size": size, "lambdas": list(lambdas),
-         "qualities": len(lambdas), "half": half}, indent=1) + "\n")
+    path.with_suffix(".json").write_text(json.dumps({"sha256": _sha256(buf.getvalue()), **meta}, indent=1) + "\n")
     return path
 
 
-def load_single_view(name: str = "single_view_cpu", directory: Path = WEIGHTS_DIR) -> SingleViewCodec:
-    """The shipped codec ``name`` in eval mode, CDFs ready for ``compress``/``decompress``."""
-    path, meta_path = directory / f"{name}.pt", directory / f"{name}.json"
+def read_weights(path: Path, expected_format: int, what: str) -> dict:
+    """A file written by :func:`write_weights`, checked against its sidecar (``WeightsError`` if
+    missing, corrupt or of another format); its state_dict back in float32."""
+    path = Path(path)
+    meta_path = path.with_suffix(".json")
     if not path.exists() or not meta_path.exists():
-        raise WeightsError(f"shipped weights {name!r} not found in {directory} (need {path.name} and {meta_path.name})")
+        raise WeightsError(f"{what} not found in {path.parent} (need {path.name} and {meta_path.name})")
     data = path.read_bytes()
     try:
         meta = json.loads(meta_path.read_text())
@@ -65,11 +67,26 @@ def load_single_view(name: str = "single_view_cpu", directory: Path = WEIGHTS_DI
     if _sha256(data) != meta.get("sha256"):
         raise WeightsError(f"corrupt weight file {path}: SHA-256 does not match {meta_path.name}")
     ck = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    if ck.get("format") != FORMAT:
-        raise WeightsError(f"{path} has weight format {ck.get('format')}, expected {FORMAT}")
+    if ck.get("format") != expected_format:
+        raise WeightsError(f"{path} has weight format {ck.get('format')}, expected {expected_format}")
+    ck["state_dict"] = {k: v.float() if v.dtype == torch.float16 else v for k, v in ck["state_dict"].items()}
+    return ck
+
+
+def export_single_view(state: dict[str, torch.Tensor], size: str, lambdas: tuple[float, ...],
+                       name: str, half: bool = True, directory: Path = WEIGHTS_DIR) -> Path:
+    """Build the codec from ``state``, refresh quantiles and CDFs, and write ``name``.pt/.json."""
+    model = build_single_view(size, lambdas)
+    model.load_state_dict(state, strict=False)
+    return write_weights(model, directory / f"{name}.pt", {"format": FORMAT, "size": size, "lambdas": list(lambdas)},
+                         {"size": size, "lambdas": list(lambdas), "qualities": len(lambdas), "half": half}, half)
+
+
+def load_single_view(name: str = "single_view_cpu", directory: Path = WEIGHTS_DIR) -> SingleViewCodec:
+    """The shipped codec ``name`` in eval mode, CDFs ready for ``compress``/``decompress``."""
+    ck = read_weights(directory / f"{name}.pt", FORMAT, f"shipped weights {name!r}")
     model = build_single_view(ck["size"], tuple(ck["lambdas"]))
-    state = {k: v.float() if v.dtype == torch.float16 else v for k, v in ck["state_dict"].items()}
-    model.load_state_dict(state)
+    model.load_state_dict(ck["state_dict"])
     return model.eval()
 
 
