@@ -78,11 +78,11 @@ def prepare_images(images: dict[str, np.ndarray], out_dir: Path, max_size: int) 
 
 
 def _extract_and_match(database: Path, image_dir: Path, names: list[str], config: SfmConfig,
-                       camera_mode: pycolmap.CameraMode) -> None:
+                       camera_mode: pycolmap.CameraMode, camera_model: str) -> None:
     pycolmap.logging.minloglevel = 0 if log.isEnabledFor(logging.DEBUG) else 3  # COLMAP log off; lmvic reports
     log.info("SfM: extracting SIFT features from %d images", len(names))
     reader = pycolmap.ImageReaderOptions()
-    reader.camera_model = config.camera_model
+    reader.camera_model = camera_model
     extraction = pycolmap.FeatureExtractionOptions()
     extraction.sift.max_num_features = config.max_num_features
     pycolmap.extract_features(database, image_dir, image_names=names, camera_mode=camera_mode,
@@ -110,7 +110,7 @@ def reconstruct(image_dir: Path, work: Path, names: list[str], config: SfmConfig
     """Incremental SfM on the working images; the model with the most registered views."""
     database = work / "database.db"
     mode = pycolmap.CameraMode.SINGLE if config.single_camera else pycolmap.CameraMode.PER_IMAGE
-    _extract_and_match(database, image_dir, names, config, mode)
+    _extract_and_match(database, image_dir, names, config, mode, config.camera_model)
     log.info("SfM: incremental mapping")
     models = pycolmap.incremental_mapping(database, image_dir, work / "mapped", options=_mapper_options(config))
     if not models:
@@ -146,7 +146,8 @@ def load_colmap_model(model_dir: Path, scales: dict[str, float]) -> pycolmap.Rec
     return model
 
 
-def _transforms_camera_line(cam_id: int, meta: dict, scale: float) -> str:
+def _transforms_camera(meta: dict, scale: float) -> str:
+    """COLMAP camera line (without the id) of transforms.json intrinsics, scaled to the working size."""
     try:
         w, h = float(meta["w"]), float(meta["h"])
         fx, fy = float(meta["fl_x"]), float(meta.get("fl_y", meta["fl_x"]))
@@ -155,14 +156,25 @@ def _transforms_camera_line(cam_id: int, meta: dict, scale: float) -> str:
         raise LmvicError(f"transforms.json: camera intrinsics missing or malformed ({exc})") from exc
     dist = [float(meta.get(k, 0.0)) for k in ("k1", "k2", "p1", "p2")]
     params = [fx * scale, fy * scale, cx * scale, cy * scale, *dist]
-    return f"{cam_id} OPENCV {round(w * scale)} {round(h * scale)} " + " ".join(f"{p:.10g}" for p in params)
+    return f"OPENCV {round(w * scale)} {round(h * scale)} " + " ".join(f"{p:.10g}" for p in params)
 
 
-def model_from_transforms(path: Path, scales: dict[str, float], out: Path) -> pycolmap.Reconstruction:
-    """Convert nerfstudio / instant-ngp ``transforms.json`` into a COLMAP model without points.
+@dataclass(frozen=True)
+class PosedView:
+    """A view with a known pose: working image name, COLMAP camera (model name, width, height,
+    parameters) and world-to-camera rotation (w, x, y, z) and translation."""
 
-    Frames whose image is absent from images/ are skipped (instant-ngp's fox lists 67 frames for 50
-    images); per-frame intrinsics override the global ones.
+    name: str
+    camera: str
+    qvec: tuple[float, ...]
+    tvec: tuple[float, ...]
+
+
+def posed_views_from_transforms(path: Path, scales: dict[str, float]) -> list[PosedView]:
+    """The views of nerfstudio / instant-ngp ``transforms.json`` that exist in images/.
+
+    Frames whose image is absent are skipped (instant-ngp's fox lists 67 frames for 50 images);
+    per-frame intrinsics override the global ones.
     """
     import json
 
@@ -171,7 +183,7 @@ def model_from_transforms(path: Path, scales: dict[str, float], out: Path) -> py
         frames = meta["frames"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise LmvicError(f"malformed {path}: {exc}") from exc
-    cameras, images = [], []
+    views = []
     for frame in frames:
         name = Path(str(frame.get("file_path", ""))).name
         if name not in scales:
@@ -185,17 +197,24 @@ def model_from_transforms(path: Path, scales: dict[str, float], out: Path) -> py
             raise LmvicError(f"transforms.json: frame {name} has no valid transform_matrix ({exc})") from exc
         if c2w.shape != (4, 4) or not np.isfinite(c2w).all():
             raise LmvicError(f"transforms.json: frame {name} has a transform_matrix that is not a finite 4x4 matrix")
-        cam_id = len(cameras) + 1
-        cameras.append(_transforms_camera_line(cam_id, {**meta, **frame}, scales[name]))
         w2c = opengl_c2w_to_opencv_w2c(c2w)
-        q = _quaternion_wxyz(w2c[:3, :3])
-        t = w2c[:3, 3]
-        images.append(f"{cam_id} {' '.join(f'{v:.12g}' for v in (*q, *t))} {cam_id} {working_name(name)}\n")
-    if len(images) < 2:
-        raise LmvicError(f"transforms.json names {len(images)} of the images in images/; need at least 2")
+        views.append(PosedView(working_name(name), _transforms_camera(meta | frame, scales[name]),
+                               tuple(_quaternion_wxyz(w2c[:3, :3])), tuple(w2c[:3, 3])))
+    if len(views) < 2:
+        raise LmvicError(f"transforms.json names {len(views)} of the images in images/; need at least 2")
+    return sorted(views, key=lambda v: v.name)
+
+
+def write_posed_model(views: list[PosedView], out: Path,
+                      ids: dict[str, tuple[int, int]] | None = None) -> pycolmap.Reconstruction:
+    """A COLMAP model without points from posed views; ``ids`` maps a name to its (image id, camera
+    id) (default: 1, 2, ... for both, one camera per view)."""
+    ids = ids or {v.name: (i + 1, i + 1) for i, v in enumerate(views)}
     out.mkdir(parents=True, exist_ok=True)
-    (out / "cameras.txt").write_text("\n".join(cameras) + "\n")
-    (out / "images.txt").write_text("".join(line + "\n" for line in images))
+    (out / "cameras.txt").write_text("".join(f"{ids[v.name][1]} {v.camera}\n" for v in views))
+    (out / "images.txt").write_text("".join(
+        f"{ids[v.name][0]} {' '.join(f'{x:.12g}' for x in (*v.qvec, *v.tvec))} {ids[v.name][1]} {v.name}\n\n"
+        for v in views))
     (out / "points3D.txt").write_text("")
     return pycolmap.Reconstruction(out)
 
@@ -220,13 +239,21 @@ def _quaternion_wxyz(R: np.ndarray) -> np.ndarray:
     return q / np.linalg.norm(q)
 
 
-def triangulate(model: pycolmap.Reconstruction, image_dir: Path, work: Path, config: SfmConfig) -> pycolmap.Reconstruction:
-    """3-D points for a model with known poses: SIFT matches triangulated with the poses fixed."""
+def triangulate(views: list[PosedView], image_dir: Path, work: Path, config: SfmConfig) -> pycolmap.Reconstruction:
+    """3-D points for views with known poses: SIFT matches triangulated with the poses fixed.
+
+    The model is written with the database's image and camera ids (feature extraction numbers them
+    in the order its threads finish) and the same camera model, as COLMAP requires.
+    """
     database = work / "database.db"
-    names = sorted(im.name for im in model.images.values())
-    _extract_and_match(database, image_dir, names, config, pycolmap.CameraMode.PER_IMAGE)
+    models = {v.camera.split()[0] for v in views}
+    if len(models) != 1:
+        raise LmvicError(f"the given cameras mix camera models {sorted(models)}; lmvic expects one")
+    _extract_and_match(database, image_dir, [v.name for v in views], config, pycolmap.CameraMode.PER_IMAGE,
+                       models.pop())
     with pycolmap.Database.open(database) as db:
-        model.transcribe_image_ids_to_database(db)
+        ids = {im.name: (im.image_id, im.camera_id) for im in db.read_all_images()}
+    model = write_posed_model(views, work / "posed", ids)
     out = work / "triangulated"
     out.mkdir(parents=True, exist_ok=True)
     return pycolmap.triangulate_points(model, database, image_dir, out, options=_mapper_options(config))

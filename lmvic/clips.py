@@ -6,14 +6,12 @@ clips), a run of ``length`` consecutive views and one crop window shared by the 
 principal point is shifted by the crop offset (``geometry.cameras.crop_intrinsics``), so the
 geometry of the crop stays exact. No flips: a flip would need mirrored cameras too.
 
-Sources: :func:`synthetic_sequence` reads a scene made by ``scenes.synthetic.generate`` (exact
-depth and poses; its arc order is the coding order); :func:`stage_sequence` takes a scene's
-stage-one outputs (``pipelines.relations.Views``: working images, median depth, cameras) in the
-coding order of its relations stage.
+Sources (:func:`load_sequence`): a scene made by ``scenes.synthetic.generate`` (exact depth and
+poses; its arc order is the coding order), or a real scene's work folder: its stage-one outputs
+(working images, median depth, cameras) in the coding order of its relations stage.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -21,7 +19,6 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 
 from geometry.cameras import crop_intrinsics
 from lmvic.models.depth_codec import DepthRange
@@ -49,13 +46,19 @@ class ViewSequence:
         return DepthRange.of(torch.from_numpy(self.depths))
 
 
-def synthetic_sequence(scene_dir: Path) -> ViewSequence:
-    """A scene written by ``scenes.synthetic.generate`` (views in file order = arc order)."""
-    meta = json.loads((scene_dir / "gt" / "cameras.json").read_text())["views"]
-    images = np.stack([np.asarray(Image.open(scene_dir / "images" / v["name"]).convert("RGB")) for v in meta])
-    depths = np.stack([np.load(scene_dir / "depth_gt" / f"{Path(v['name']).stem}.npy") for v in meta])
-    return ViewSequence(images, depths.astype(np.float32), np.array([v["K"] for v in meta]),
-                        np.array([v["T"] for v in meta]))
+def load_sequence(source: Path | str) -> ViewSequence:
+    """A training sequence from ``source``: a scene folder with ground truth (``gt/cameras.json`` and
+    ``depth_gt/``, as ``scenes.synthetic.generate`` writes it; file order = arc order = coding order),
+    or a work folder whose stage one and relations stage have run (median depth, relations' order)."""
+    from pipelines.relations import finished_relations, stage_views, views_from_ground_truth
+
+    source = Path(source)
+    if (source / "gt" / "cameras.json").is_file():
+        views = views_from_ground_truth(source)
+        return stage_sequence(views, range(len(views.names)))
+    views = stage_views(source)
+    names = list(views.names)
+    return stage_sequence(views, [names.index(n) for n in finished_relations(source).info["order"]])
 
 
 def stage_sequence(views, order: Sequence[int], depth_kind: str = "median") -> ViewSequence:

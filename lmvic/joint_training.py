@@ -27,11 +27,11 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
-from lmvic.clips import Clip, ClipSampler, synthetic_sequence
+from lmvic.clips import Clip, ClipSampler, load_sequence
 from lmvic.models.single_view import bits_per_pixel
 from lmvic.scene_codec import JointCodec, build_joint, save_joint
-from lmvic.training.loop import (_append_csv, _save_atomic, check_replicas_equal, dist_info, optimisation_step,
-                                psnr_from_mse)
+from lmvic.training.loop import (_append_csv, _save_atomic, budget_progress, check_replicas_equal, dist_info,
+                                optimisation_step, psnr_from_mse)
 from lmvic.training.schedule import Schedule
 from lmvic.zoo import load_single_view
 
@@ -68,7 +68,7 @@ def clip_loss(net: torch.nn.Module, codec: JointCodec, clip: Clip, quality: Tens
 @dataclass
 class JointTrainConfig:
     out_dir: str
-    scenes: tuple[str, ...]  # folders written by scenes.synthetic.generate
+    scenes: tuple[str, ...]  # synthetic scene folders or real scenes' work folders (lmvic.clips.load_sequence)
     size: str = "cpu"
     init_single_view: str = ""  # single-view weights (shipped name or .pt path) for the image backbone; "" = fresh
     freeze_backbone: bool = False
@@ -83,6 +83,8 @@ class JointTrainConfig:
     seed: int = 0
     log_every: int = 10
     ckpt_every: int = 50
+    deadline: float = 0.0  # Unix time the schedule must finish by (0 = none): the run ends at steps or deadline
+    started: float = 0.0
 
 
 def _build(cfg: JointTrainConfig) -> JointCodec:
@@ -103,6 +105,7 @@ def train_joint(cfg: JointTrainConfig, resume: bool = False, log=print) -> Joint
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / "checkpoint.pt"
+    cfg = dataclasses.replace(cfg, started=cfg.started or time.time())
     codec = _build(cfg).train()
     if cfg.freeze_backbone:
         codec.image.backbone.requires_grad_(False)
@@ -118,10 +121,11 @@ def train_joint(cfg: JointTrainConfig, resume: bool = False, log=print) -> Joint
         opt.load_state_dict(ck["opt"])
         aux_opt.load_state_dict(ck["aux_opt"])
         step = ck["step"]
+        cfg.started = ck["config"].get("started", 0.0)  # the schedule keeps its clock across restarts
         log(f"resumed at step {step}")
     elif rank == 0:
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
-    sampler = ClipSampler([synthetic_sequence(Path(s)) for s in cfg.scenes], len(VIEW_WEIGHTS), cfg.crop,
+    sampler = ClipSampler([load_sequence(s) for s in cfg.scenes], len(VIEW_WEIGHTS), cfg.crop,
                           seed=cfg.seed * 1000 + rank + 7919 * step)
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank + 7919 * step)
     net = DistributedDataParallel(codec) if world > 1 else codec
@@ -133,8 +137,11 @@ def train_joint(cfg: JointTrainConfig, resume: bool = False, log=print) -> Joint
 
     acc: dict[str, float] = {}
     t0 = time.perf_counter()
-    while step < cfg.steps:
-        lr = cfg.schedule.lr(step, step / cfg.steps)
+    def progress() -> float:
+        return budget_progress(step / cfg.steps if cfg.steps else 1.0, cfg.started, cfg.deadline, world)
+
+    while progress() < 1.0:
+        lr = cfg.schedule.lr(step, progress())
         for g in opt.param_groups:
             g["lr"] = lr
         quality = torch.randint(1, codec.num_qualities + 1, (cfg.batch,), generator=gen).float()
@@ -160,9 +167,12 @@ def train_joint(cfg: JointTrainConfig, resume: bool = False, log=print) -> Joint
 if __name__ == "__main__":
     import argparse
 
-    p = argparse.ArgumentParser(description="train the joint codec on synthetic clips")
+    from pipelines.commands.train import utc_deadline
+
+    p = argparse.ArgumentParser(description="train the joint codec on clips of synthetic and real scenes")
     p.add_argument("out_dir")
-    p.add_argument("scenes", nargs="+", help="folders written by scenes.synthetic.generate")
+    p.add_argument("scenes", nargs="+", help="synthetic scene folders (gt/) or work folders of real scenes "
+                   "whose geometry and relations stages have run")
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--crop", type=int, default=128)
@@ -171,11 +181,13 @@ if __name__ == "__main__":
     p.add_argument("--freeze-backbone", action="store_true")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--until", default="", help="UTC wall-clock end HH:MM: the schedule finishes by then")
     p.add_argument("--export", default="", help="write the trained codec as shippable weights (e.g. "
                    "lmvic/weights/joint-cpu.pt); with --steps 0 this ships the untrained initialisation")
     a = p.parse_args()
     model = train_joint(JointTrainConfig(a.out_dir, tuple(a.scenes), steps=a.steps, batch=a.batch, crop=a.crop,
                                  init_single_view=a.init_single_view, freeze_backbone=a.freeze_backbone, threads=a.threads,
+                                 deadline=utc_deadline(a.until),
                                  schedule=Schedule(peak_lr=a.lr, warmup_steps=20)), resume=a.resume)
     if a.export and dist_info()[0] == 0:
         print(save_joint(model.eval(), Path(a.export)))

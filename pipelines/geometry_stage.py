@@ -79,12 +79,10 @@ def run_sfm(ctx: StageContext) -> dict:
         model = None
         if scene.transforms is not None:
             log.info("using the cameras of %s; triangulating points", scene.transforms)
-            model = sfm.model_from_transforms(scene.transforms, scales, scratch / "from_transforms")
+            views = sfm.posed_views_from_transforms(scene.transforms, scales)
             try:
-                model, source = sfm.triangulate(model, working, scratch, config), "transforms.json"
-            except (RuntimeError, ValueError) as exc:
-                # pycolmap 4 refuses to triangulate into a model whose rigs/frames it did not create
-                # itself ("existing_frame.RigId() == frame.RigId()"); recover the cameras by SfM instead.
+                model, source = sfm.triangulate(views, working, scratch, config), "transforms.json"
+            except (RuntimeError, ValueError) as exc:  # COLMAP's checks; the cameras are recovered by SfM
                 log.warning("triangulating with the poses of transforms.json failed (%s); running SfM instead",
                             str(exc).splitlines()[0][:120])
                 (scratch / "database.db").unlink(missing_ok=True)

@@ -228,10 +228,8 @@ def train(cfg: TrainConfig, resume: bool = False, val_crops: Tensor | None = Non
         cfg.started = time.time()
 
     def progress() -> float:
-        p = step / cfg.max_steps if cfg.max_steps > 0 else cpu_spent / budget
-        if cfg.deadline > cfg.started:
-            p = max(p, (time.time() - cfg.started) / (cfg.deadline - cfg.started))
-        return _synced(p, world)
+        return budget_progress(step / cfg.max_steps if cfg.max_steps > 0 else cpu_spent / budget,
+                               cfg.started, cfg.deadline, world)
 
     model.train()
     while progress() < 1.0:
@@ -279,6 +277,14 @@ def train(cfg: TrainConfig, resume: bool = False, val_crops: Tensor | None = Non
     if world > 1:
         check_replicas_equal(model)
     return model
+
+
+def budget_progress(fraction: float, started: float, deadline: float, world: int) -> float:
+    """Fraction of a run done: the budget's ``fraction`` or, when a wall-clock ``deadline`` (Unix time,
+    0 = none) is set, the share of the time from ``started`` to it if larger; equal on every rank."""
+    if deadline > started:
+        fraction = max(fraction, (time.time() - started) / (deadline - started))
+    return _synced(fraction, world)
 
 
 def check_replicas_equal(model: torch.nn.Module) -> None:
