@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from lmvic.bitstream import BitstreamError, LatentStream, SceneHeader, SceneReader, ViewInfo, write_scene
+from lmvic.eval_codec import ContainerEvalCodec
 from lmvic.models.single_view import SingleViewCodec
 from lmvic.scene_codec import DecodedScene, pad
 from lmvic.zoo import WeightsError, check_quality, load_single_view
@@ -86,35 +87,19 @@ def decode_separate_file(source: str | Path, views: Collection[str] | None = Non
     return DecodedScene(header, images, {})
 
 
-class SeparateCodec:
-    """The single mode as an RD-evaluation codec (``pipelines.rd.Codec``): real container bytes.
-
-    Per-view bytes are each view's record in the file; the header's bytes are counted with the
-    first view, so they add up to the file size.
-    """
+class SeparateCodec(ContainerEvalCodec):
+    """The single mode as an RD-evaluation codec: every view alone, real container bytes."""
 
     name = "lmvic-single"
     description = "lmvic single-view codec, each view alone (Separate)"
 
     def __init__(self, names: Sequence[str], K: np.ndarray, T: np.ndarray, model_id: str = "single_view_cpu"):
-        self.names, self.K, self.T, self.model_id = list(names), K, T, model_id
+        super().__init__(names, K, T)
+        self.model_id = model_id
         self.qualities = tuple(range(1, load_model(model_id).num_qualities + 1))
 
-    def encode_decode(self, views: Sequence[np.ndarray], quality: int):
-        import tempfile
-        import time
+    def encode_file(self, path, views, images, quality):
+        return encode_separate_file(path, self.model_id, views, images, range(len(views)), quality)[0]
 
-        from pipelines.rd import Coded
-
-        infos = [ViewInfo(n, v.shape[0], v.shape[1], K, T) for n, v, K, T in zip(self.names, views, self.K, self.T)]
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "scene.lmv"
-            start = time.perf_counter()
-            size, _ = encode_separate_file(path, self.model_id, infos, views, range(len(views)), quality)
-            middle = time.perf_counter()
-            decoded = decode_separate_file(path)
-            end = time.perf_counter()
-            with SceneReader(path) as reader:
-                per_view = list(reader.record_sizes)
-        per_view[0] += size - sum(per_view)
-        return Coded(per_view, [decoded.images[n] for n in self.names], middle - start, end - middle)
+    def decode_file(self, path):
+        return decode_separate_file(path)

@@ -98,8 +98,17 @@ def files_digest(files: list[Path], root: Path) -> str:
 
 def config_digest(config: Any) -> str:
     """Digest of a config dataclass (its fields as sorted JSON), leaving out fields that cannot
-    change a result (``field(metadata={"cache": False})``, e.g. a thread count)."""
-    values = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.metadata.get("cache", True)}
+    change a result (``field(metadata={"cache": False})``, e.g. a thread count). A field marked
+    ``metadata={"file_content": True}`` whose value names an existing file contributes that file's
+    content, so editing the file invalidates the stage (e.g. a coding-order file)."""
+    values = {}
+    for f in dataclasses.fields(config):
+        if not f.metadata.get("cache", True):
+            continue
+        value = getattr(config, f.name)
+        if f.metadata.get("file_content") and Path(str(value)).is_file():
+            value = {"file": str(value), "sha256": file_digest(Path(str(value)))}
+        values[f.name] = value
     payload = json.dumps(values, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()
 

@@ -38,7 +38,8 @@ DEPTH_KINDS = ("median", "mean")
 class RelationsConfig:
     tau: float = field(default=0.02, metadata={"help": "relative occlusion tolerance τ of the trust mask"})
     order: str = field(default="greedy", metadata={
-        "help": "coding order: greedy, sorted, random, or a text file naming every view once"})
+        "help": "coding order: greedy, sorted, random, or a text file naming every view once",
+        "file_content": True})  # the file's content is part of the cache key
     start: str | None = field(default=None, metadata={
         "help": "first view of the greedy order (default: the first by file name)"})
     seed: int = field(default=0, metadata={"help": "seed of the random order"})

@@ -161,3 +161,15 @@ def test_fields_marked_cache_false_do_not_change_the_key():
 
     assert cache.config_digest(FitConfig(threads=1)) == cache.config_digest(FitConfig(threads=2))
     assert cache.config_digest(FitConfig(iterations=10)) != cache.config_digest(FitConfig(iterations=11))
+
+
+def test_an_order_file_is_keyed_by_its_content(tmp_path):
+    from pipelines.relations import RelationsConfig
+
+    order = tmp_path / "order.txt"
+    order.write_text("a.png\nb.png\n")
+    first = cache.config_digest(RelationsConfig(order=str(order)))
+    assert cache.config_digest(RelationsConfig(order=str(order))) == first
+    order.write_text("b.png\na.png\n")  # same path, another order: the relations stage must re-run
+    assert cache.config_digest(RelationsConfig(order=str(order))) != first
+    assert cache.config_digest(RelationsConfig(order="greedy")) != cache.config_digest(RelationsConfig(order="sorted"))

@@ -49,11 +49,39 @@ def _separate(inputs: EvalInputs) -> Codec:
     return SeparateCodec(inputs.names, inputs.cameras.K[index], inputs.cameras.T[index])
 
 
+def _distributed(model_id: str) -> Callable[[EvalInputs], Codec]:
+    def make(inputs: EvalInputs) -> Codec:
+        from lmvic.distributed_codec import DistributedSceneCodec
+
+        index = [inputs.cameras.names.index(n) for n in inputs.names]
+        return DistributedSceneCodec(inputs.names, inputs.cameras.K[index], inputs.cameras.T[index], model_id)
+
+    return make
+
+
+def _joint(inputs: EvalInputs) -> Codec:
+    from lmvic.eval_codec import JointEvalCodec
+    from pipelines.geometry_stage import load_depth
+
+    if read_meta(inputs.work_dir / "depth") is None:
+        raise LmvicError("lmvic-joint needs the depth stage: run `lmvic run SCENE --stages geometry` first")
+    h, w = inputs.views[0].shape[:2]
+    depths = [load_depth(inputs.work_dir / "depth", "median", n)[:h, :w] for n in inputs.names]
+    index = [inputs.cameras.names.index(n) for n in inputs.names]
+    return JointEvalCodec(inputs.names, inputs.cameras.K[index], inputs.cameras.T[index], depths)
+
+
 #: Codec name → factory. The anchors need nothing from the scene.
 CODECS: dict[str, Callable[[EvalInputs], Codec]] = {
     **{name: (lambda inputs, make=make: make()) for name, make in ANCHORS.items()},
     "lmvic-single": _separate,
+    "lmvic-joint": _joint,
+    "lmvic-distributed": _distributed("distributed-cpu"),
+    "lmvic-average": _distributed("distributed-average-cpu"),
 }
+#: ``--mode`` shortcuts for ``--codecs``.
+MODE_CODECS = {"joint": "lmvic-joint,lmvic-single,x265-ldp,x265-intra,avif",
+               "distributed": "lmvic-distributed,lmvic-average,lmvic-single,x265-ldp"}
 
 
 def register(subparsers) -> None:
@@ -62,6 +90,8 @@ def register(subparsers) -> None:
     add_scene_args(p)
     p.add_argument("--codecs", default=",".join(CODECS),
                    help=f"comma-separated codecs (default: all of {', '.join(CODECS)})")
+    p.add_argument("--mode", choices=sorted(MODE_CODECS), default=None,
+                   help="shortcut for --codecs: " + "; ".join(f"{k} = {v}" for k, v in MODE_CODECS.items()))
     p.add_argument("--order", default=None, choices=("greedy", "sorted", "random"),
                    help="coding order computed from the SfM cameras (default: the relations stage's order, "
                         "else file order)")
@@ -122,7 +152,8 @@ def handle(args: argparse.Namespace) -> int:
     torch.set_num_threads(1)  # the metrics; the machine is shared and the codecs run single-threaded
     scene = load_scene(args.scene, args.allow_mixed_sizes)
     work_dir = (args.work_dir or scene.default_work_dir()).resolve()
-    names = [n.strip() for n in args.codecs.split(",") if n.strip()]
+    chosen = MODE_CODECS[args.mode] if args.mode else args.codecs
+    names = [n.strip() for n in chosen.split(",") if n.strip()]
     unknown = [n for n in names if n not in CODECS]
     if unknown or not names:
         raise LmvicError(f"unknown codec(s) {', '.join(unknown) or '(none given)'}; known: {', '.join(CODECS)}")

@@ -1,0 +1,88 @@
+"""lmvic's coding modes as RD-evaluation codecs (``pipelines.rd.Codec``): real container bytes.
+
+:class:`ContainerEvalCodec` codes the views (already in coding order) into a container file in a
+temporary folder, decodes it with the mode's decoder as another process would, and reports per
+view the bytes of its record (the header's bytes are counted with the first view, so they add up to
+the file size). A mode supplies ``encode_file`` and ``decode_file``.
+"""
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from lmvic.bitstream import SceneReader, ViewInfo
+from lmvic.scene_codec import DecodedScene
+
+
+class ContainerEvalCodec:
+    """Base of the learned codecs in ``lmvic eval``; ``names``, ``K`` (V, 3, 3) and ``T`` (V, 4, 4)
+    are the views' names and cameras in coding order."""
+
+    name: str
+    description: str
+    qualities: Sequence[int]
+
+    def __init__(self, names: Sequence[str], K: np.ndarray, T: np.ndarray):
+        self.names, self.K, self.T = list(names), K, T
+
+    def encode_file(self, path: Path, views: list[ViewInfo], images: Sequence[np.ndarray], quality: int) -> int:
+        """Write the container of ``images`` (coding order = the given order) → its size in bytes."""
+        raise NotImplementedError
+
+    def decode_file(self, path: Path) -> DecodedScene:
+        raise NotImplementedError
+
+    def encode_decode(self, images: Sequence[np.ndarray], quality: int):
+        from pipelines.rd import Coded
+
+        infos = [ViewInfo(n, v.shape[0], v.shape[1], K, T) for n, v, K, T in zip(self.names, images, self.K, self.T)]
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "scene.lmv"
+            start = time.perf_counter()
+            size = self.encode_file(path, infos, images, quality)
+            middle = time.perf_counter()
+            decoded = self.decode_file(path)
+            end = time.perf_counter()
+            with SceneReader(path) as reader:
+                per_view = list(reader.record_sizes)
+        per_view[0] += size - sum(per_view)
+        return Coded(per_view, [decoded.images[n] for n in self.names], middle - start, end - middle)
+
+
+class JointEvalCodec(ContainerEvalCodec):
+    """The joint mode (3D-LMVIC): each view coded with its predecessor as reference, depth first.
+
+    ``depths``: the views' median depth (H, W) in camera z, cropped like the images.
+    """
+
+    name = "lmvic-joint"
+    description = "lmvic joint mode: depth codec (CVDP + DCI) and image codec (ICT, QPEM) over 3DGS depth"
+
+    def __init__(self, names: Sequence[str], K: np.ndarray, T: np.ndarray, depths: Sequence[np.ndarray],
+                 model_id: str = "joint-cpu"):
+        from lmvic.scene_codec import load_joint
+        from lmvic.zoo import WeightsError
+        from pipelines.errors import LmvicError
+
+        super().__init__(names, K, T)
+        self.depths = list(depths)
+        try:
+            self.codec = load_joint(model_id)
+        except WeightsError as exc:
+            raise LmvicError(f"joint mode is not available: {exc}") from exc
+        self.qualities = tuple(range(1, self.codec.num_qualities + 1))
+
+    def encode_file(self, path, views, images, quality):
+        from lmvic.scene_codec import SceneInput, encode_scene_file
+
+        scene = SceneInput([v.name for v in views], images, self.depths, self.K, self.T)
+        return encode_scene_file(path, self.codec, scene, range(len(views)), quality)[0]
+
+    def decode_file(self, path):
+        from lmvic.scene_codec import decode_scene_file
+
+        return decode_scene_file(path, self.codec)
