@@ -19,12 +19,12 @@ import torch
 import torch.nn.functional as F
 from gsplat.strategy import DefaultStrategy
 from gsplat.strategy.ops import remove
-from pytorch_msssim import ssim
 from scipy.spatial import cKDTree
 from torch import Tensor
 from tqdm import tqdm
 
 from geometry.splat import rasterization
+from pipelines.metrics import ssim
 
 SH_C0 = 0.28209479177387814
 
@@ -206,7 +206,7 @@ def _photometric_loss(render: Tensor, target: Tensor, ssim_weight: float) -> Ten
     l1 = (render - target).abs().mean()
     if ssim_weight == 0:
         return l1
-    s = ssim(render.permute(2, 0, 1)[None], target.permute(2, 0, 1)[None], data_range=1.0, size_average=True)
+    s = ssim(render.permute(2, 0, 1)[None], target.permute(2, 0, 1)[None])
     return (1 - ssim_weight) * l1 + ssim_weight * (1 - s)
 
 

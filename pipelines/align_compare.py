@@ -3,7 +3,8 @@ onto it.
 
 Methods: ``median`` and ``mean`` (3DGS depth, :func:`geometry.warp.relate`; valid region = the
 trust mask), ``homography``, ``dis`` and ``farneback`` (:mod:`geometry.align_baselines`; valid
-region = the estimated position lies inside the reference). For each (target, reference) pair and
+region = the estimated position lies inside the reference), and ``opam``: the trained OPAM of the
+distributed codec (:func:`opam_align`; valid region = its cycle consistency ≥ ``OPAM_VALID``). For each (target, reference) pair and
 method: PSNR and MS-SSIM over all pixels and inside the method's valid region, the covered
 fraction and the seconds taken (depth methods: disparity + mask + warp from given depths).
 
@@ -20,6 +21,7 @@ A method that covers nothing gets no inside-region value (NaN, ``null`` in JSON)
 from __future__ import annotations
 
 import csv
+import functools
 import math
 import time
 from pathlib import Path
@@ -27,15 +29,18 @@ from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from geometry.align_baselines import METHODS as FLAT_METHODS, align
 from pipelines import metrics
 from pipelines.cache import atomic_write_bytes, atomic_write_json
 from pipelines.relations import DEPTH_KINDS, Views, warp_views
 
-ALL_METHODS = (*DEPTH_KINDS, *FLAT_METHODS)
-MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
+#: The trained OPAM of the distributed codec (no geometry; see :func:`opam_align`).
+OPAM = "opam"
+ALL_METHODS = (*DEPTH_KINDS, *FLAT_METHODS, OPAM)
+#: Quality at which both views are coded before OPAM sees their decoded features, and the OPAM
+#: consistency above which a pixel counts as validly aligned.
+OPAM_QUALITY, OPAM_VALID = 6, 0.25
 METRICS = ("psnr_all", "psnr_valid", "msssim_all", "msssim_valid", "coverage", "seconds")
 
 
@@ -47,43 +52,14 @@ def masked_psnr(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
     return math.inf if mse == 0 else 10.0 * math.log10(255.0**2 / mse)
 
 
-def _gaussian_filter(x: torch.Tensor, size: int = 11, sigma: float = 1.5) -> torch.Tensor:
-    """Separable Gaussian filter, 'valid' borders. x: [B, C, H, W]."""
-    r = torch.arange(size, dtype=x.dtype) - size // 2
-    g = torch.exp(-(r**2) / (2 * sigma**2))
-    g = g / g.sum()
-    c = x.shape[1]
-    x = F.conv2d(x, g.view(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c)
-    return F.conv2d(x, g.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c)
-
-
 def masked_ms_ssim(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
     """MS-SSIM of uint8 images [H, W, 3] inside ``mask`` [H, W] (see the module docstring).
 
     Needs both sides ≥ 161 pixels (five scales with an 11-pixel window); NaN otherwise.
     """
     b = np.where(mask[..., None], b, a)
-    x = torch.as_tensor(a, dtype=torch.float32).permute(2, 0, 1)[None] / 255.0
-    y = torch.as_tensor(b, dtype=torch.float32).permute(2, 0, 1)[None] / 255.0
-    m = torch.as_tensor(mask, dtype=x.dtype)[None, None]
-    if min(x.shape[-2:]) <= 10 * 2 ** (len(MS_SSIM_WEIGHTS) - 1) or not m.any():
-        return math.nan
-    c1, c2 = 0.01**2, 0.03**2
-    factors = []
-    for level, weight in enumerate(MS_SSIM_WEIGHTS):
-        mx, my, xx, yy, xy, w = _gaussian_filter(torch.cat([x, y, x * x, y * y, x * y, m], 1)).split(
-            [x.shape[1]] * 5 + [1], dim=1)  # one filtering pass for all local statistics
-        cs = (2 * (xy - mx * my) + c2) / (xx - mx**2 + yy - my**2 + c2)
-        if float(w.sum()) <= 0:
-            return math.nan
-        last = level == len(MS_SSIM_WEIGHTS) - 1
-        value = cs * (2 * mx * my + c1) / (mx**2 + my**2 + c1) if last else cs
-        per_channel = (value * w).sum((2, 3)) / w.sum((2, 3))
-        factors.append(torch.relu(per_channel) ** weight)
-        if not last:
-            pad = [s % 2 for s in x.shape[-2:]]
-            x, y, m = (F.avg_pool2d(t, 2, padding=pad) for t in (x, y, m))
-    return float(torch.stack(factors).prod(0).mean())
+    x, y = (torch.as_tensor(v, dtype=torch.float32).permute(2, 0, 1)[None] / 255.0 for v in (a, b))
+    return float(metrics.ms_ssim_weighted(x, y, torch.as_tensor(mask, dtype=torch.float32)[None, None])[0])
 
 
 def align_pair(views: Views, target: int, reference: int, tau: float, methods: Sequence[str] = ALL_METHODS):
@@ -93,10 +69,33 @@ def align_pair(views: Views, target: int, reference: int, tau: float, methods: S
         start = time.perf_counter()
         if method in DEPTH_KINDS:
             warped, valid = warp_views(views, method, target, reference, tau)
+        elif method == OPAM:
+            warped, valid = opam_align(views.image(target), views.image(reference))
         else:
             warped, valid = align(method, views.image(target), views.image(reference))
         out[method] = (warped, valid, time.perf_counter() - start)
     return out
+
+
+def opam_align(target: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The shipped distributed codec's OPAM applied to the pixels (``DistributedCodec.align_side_image``):
+    both uint8 [H, W, 3] views are coded at ``OPAM_QUALITY``, the finest fusion's attention moves the
+    reference's pixel blocks onto the target. → (warped float32 [H, W, 3] in [0, 1], valid [H, W] =
+    consistency ≥ ``OPAM_VALID``)."""
+    from lmvic.scene_codec import pad
+
+    h, w = target.shape[:2]
+    main, side = (pad(torch.from_numpy(np.array(v)).permute(2, 0, 1)[None].float() / 255) for v in (target, reference))
+    aligned, validity = _opam_codec().align_side_image(main, side, OPAM_QUALITY)
+    return (aligned[0, :, :h, :w].permute(1, 2, 0).clamp(0, 1).numpy().astype(np.float32),
+            validity[0, 0, :h, :w].numpy() >= OPAM_VALID)
+
+
+@functools.lru_cache(maxsize=1)
+def _opam_codec():
+    from lmvic.models.distributed import load_distributed
+
+    return load_distributed("distributed-cpu")
 
 
 def scores(target: np.ndarray, warped: np.ndarray, valid: np.ndarray, seconds: float) -> dict[str, float]:

@@ -197,3 +197,19 @@ def test_eval_command_orders(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "greedy order from the SfM cameras" in out and "reusing" not in out  # another order: re-measured
     assert json.loads((work / "eval" / "jpeg.json").read_text())["views"] == [names[0], names[2], names[1]]
+
+
+def test_ssim_loss_matches_pytorch_msssim_and_has_its_gradient():
+    import torch
+    from pytorch_msssim import ssim as reference
+
+    from pipelines.metrics import ssim
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 40, 56, generator=gen, dtype=torch.float64, requires_grad=True)
+    y = (x.detach() + 0.1 * torch.randn(2, 3, 40, 56, generator=gen, dtype=torch.float64)).clamp(0, 1)
+    ours, theirs = ssim(x, y), reference(x, y, data_range=1.0, size_average=True)
+    assert float(ours) == pytest.approx(float(theirs), abs=1e-7)  # its window is built in float32
+    (g_ours,) = torch.autograd.grad(ours, x)
+    (g_theirs,) = torch.autograd.grad(theirs, x)
+    torch.testing.assert_close(g_ours, g_theirs, rtol=1e-5, atol=1e-9)
