@@ -5,12 +5,14 @@ Both fusions share one interface, ``fusion(main [B, C, H, W], sides: list of [B,
 aligned views are combined into one side feature, and a residual merge adds it to the main feature.
 They differ only in how the views are combined:
 
-* ``ParallaxFusion`` (PMIFM): each aligned view is weighted by its cycle consistency ``C`` and the
-  views are mixed with per-pixel softmax weights computed from their consistencies, so a view that
-  does not see a region gives way to one that does;
+* ``ParallaxFusion`` (PMIFM): each aligned view is weighted by its cycle consistency ``C`` (relative
+  to the view's best) and the views are mixed with per-pixel softmax weights computed from their
+  consistencies, so a view that does not see a region gives way to one that does;
 * ``AverageFusion`` (LDMIC's multi-view choice): the plain mean of the aligned views.
 
-With no side view (a view decoded alone) the side feature is zero.
+With no side view (a view decoded alone) the side feature is zero. The merge's last convolution
+starts at zero, so an untrained fusion is the identity: a distributed codec built on trained
+single-view weights starts out exactly as the single-view decoder (staged training).
 """
 from __future__ import annotations
 
@@ -34,6 +36,8 @@ class _AlignedViewFusion(nn.Module):
             nn.LeakyReLU(0.1),
             nn.Conv2d(channels, channels, 3, padding=1),
         )
+        nn.init.zeros_(self.merge[-1].weight)
+        nn.init.zeros_(self.merge[-1].bias)
 
     def align(self, main: Tensor, sides: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
         """Align every side view (batched through OPAM as one ``[B·V, ...]`` batch).
@@ -62,7 +66,14 @@ class _AlignedViewFusion(nn.Module):
 
 
 class ParallaxFusion(_AlignedViewFusion):
-    """PMIFM: consistency-weighted views mixed by weights learned from the consistencies."""
+    """PMIFM: consistency-weighted views mixed by weights learned from the consistencies.
+
+    The consistency ``C`` of a pass lies between ``1/(H·W)`` (uniform attention: nothing aligned)
+    and 1 (a one-to-one match). Each view's aligned feature is weighted by ``C`` relative to its
+    largest value in the view, so an untrained (uniform) attention still passes its feature and
+    gradient; the per-pixel softmax across views scores each view's ``log C``, which keeps the
+    absolute reliability for choosing between views.
+    """
 
     def __init__(self, channels: int, hidden: int = 16):
         super().__init__(channels)
@@ -73,15 +84,16 @@ class ParallaxFusion(_AlignedViewFusion):
         )
 
     def view_weights(self, consistency: Tensor) -> Tensor:
-        """Per-pixel softmax across views of a learned score of each consistency map.
+        """Per-pixel softmax across views of a learned score of each view's ``log C``.
 
         ``[B, V, 1, H, W]`` → ``[B, V, 1, H, W]``, summing to 1 over ``V``.
         """
-        scores = self.view_score(consistency.flatten(0, 1)).unflatten(0, consistency.shape[:2])
-        return scores.softmax(dim=1)
+        log_c = consistency.clamp_min(1e-12).log().flatten(0, 1)
+        return self.view_score(log_c).unflatten(0, consistency.shape[:2]).softmax(dim=1)
 
     def combine(self, aligned: Tensor, consistency: Tensor) -> Tensor:
-        return (self.view_weights(consistency) * consistency * aligned).sum(dim=1)
+        relative = consistency / consistency.amax(dim=(-2, -1), keepdim=True).clamp_min(1e-12)
+        return (self.view_weights(consistency) * relative * aligned).sum(dim=1)
 
 
 class AverageFusion(_AlignedViewFusion):

@@ -41,12 +41,17 @@ def gather_inputs(work_dir: Path) -> CodedInputs:
 def encode(mode: str, work_dir: Path, out: Path, quality: int):
     """Code the scene of ``work_dir`` into ``out`` → (file bytes, DecodedScene as the decoder will give it)."""
     inputs = gather_inputs(work_dir)
-    if mode == "single":
+    if mode in ("single", "distributed"):
         from lmvic.bitstream import ViewInfo
-        from lmvic.separate_codec import encode_separate_file
 
         views = [ViewInfo(n, im.shape[0], im.shape[1], K, T)
                  for n, im, K, T in zip(inputs.names, inputs.images, inputs.K, inputs.T)]
+        if mode == "distributed":
+            from lmvic.distributed_codec import encode_distributed_file
+
+            return encode_distributed_file(out, "distributed-cpu", views, inputs.images, inputs.order, quality)
+        from lmvic.separate_codec import encode_separate_file
+
         return encode_separate_file(out, "single_view_cpu", views, inputs.images, inputs.order, quality)
     if mode == "joint":
         from lmvic.scene_codec import SceneInput, encode_scene_file, load_joint
@@ -60,7 +65,7 @@ def encode(mode: str, work_dir: Path, out: Path, quality: int):
         depths = [load_depth(Path(work_dir) / "depth", "median", n) for n in inputs.names]
         scene = SceneInput(inputs.names, inputs.images, depths, inputs.K, inputs.T)
         return encode_scene_file(out, codec, scene, inputs.order, quality)
-    raise LmvicError(f"mode {mode!r} has no shipped weights in this version; use --mode single or joint")
+    raise LmvicError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
 
 
 def decode(path: Path, views: Collection[str] | None):
@@ -73,8 +78,12 @@ def decode(path: Path, views: Collection[str] | None):
         from lmvic.separate_codec import decode_separate_file
 
         return decode_separate_file(path, views)
+    if mode == "distributed":
+        from lmvic.distributed_codec import decode_distributed_file
+
+        return decode_distributed_file(path, views)
     if mode == "joint":
         from lmvic.scene_codec import decode_scene_file
 
         return decode_scene_file(path, views=views)
-    raise LmvicError(f"{path} is a {mode}-mode file; this version has no shipped {mode} decoder weights")
+    raise LmvicError(f"{path} is a {mode}-mode file, which this version cannot decode")

@@ -24,12 +24,31 @@ def one_thread():
         yield
 
 
+def untrained(fusion: str = "pmifm", feature_fusions: int = 1):
+    """A fresh codec whose fusions are not the identity (their merge starts at zero: see below)."""
+    torch.manual_seed(0)
+    model = build_distributed("cpu", fusion, feature_fusions)
+    for f in model.fusions:
+        torch.nn.init.normal_(f.merge[-1].weight, std=0.05)
+    return model
+
+
 @pytest.fixture(scope="module")
 def codec():
-    torch.manual_seed(0)
-    model = build_distributed("cpu", "pmifm").eval()
+    model = untrained().eval()
     model.update(force=True)
     return model
+
+
+def test_fresh_fusion_is_the_identity() -> None:
+    """Staged training starts from the single-view decoder: a fresh fusion changes nothing."""
+    torch.manual_seed(3)
+    model = build_distributed("cpu", "pmifm", feature_fusions=2).eval()
+    x = torch.rand(1, 3, 3, 64, 64)
+    with torch.no_grad():
+        fused = model(x, 2.0)["x_hat"]
+        single = model.backbone(x[0], 2.0)["x_hat"]
+    torch.testing.assert_close(fused[0], single, atol=0, rtol=0)
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +62,7 @@ def views() -> torch.Tensor:
 
 @pytest.mark.parametrize("fusion", ["pmifm", "average"])
 def test_forward_shapes_and_gradients(fusion: str) -> None:
-    torch.manual_seed(2)
-    model = build_distributed("cpu", fusion, feature_fusions=2)
+    model = untrained(fusion, feature_fusions=2)
     x = torch.rand(2, 2, 3, 64, 64)
     out = model(x, torch.tensor([1.0, 4.5]))
     assert out["x_hat"].shape == x.shape

@@ -191,8 +191,12 @@ def test_opam_128_never_forms_the_2d_attention() -> None:
 
 
 def _fusions(channels: int) -> list[nn.Module]:
+    """Both fusions, their merge not at its zero start (which would make every fusion the identity)."""
     torch.manual_seed(8)
-    return [ParallaxFusion(channels), AverageFusion(channels)]
+    fusions = [ParallaxFusion(channels), AverageFusion(channels)]
+    for fusion in fusions:
+        nn.init.normal_(fusion.merge[-1].weight, std=0.1)
+    return fusions
 
 
 @pytest.mark.parametrize("views", [0, 1, 3])
@@ -203,6 +207,8 @@ def test_fusion_shapes_and_view_order_invariance(views: int) -> None:
     for fusion in _fusions(8):
         out = fusion(main, sides)
         assert out.shape == main.shape
+        if views:
+            assert (out - fusion(main, [])).abs().max() > 1e-3  # the side views do change the result
         torch.testing.assert_close(fusion(main, sides[::-1]), out, atol=1e-5, rtol=1e-5)
 
 

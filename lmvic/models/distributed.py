@@ -17,6 +17,8 @@ Shapes: a scene batch is ``(B, V, 3, H, W)``; all views share ``H × W`` (multip
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -29,6 +31,7 @@ from lmvic.layers import ste_round
 from lmvic.opam import align_image
 from lmvic.models.single_view import (DEFAULT_LAMBDAS, EXACT_THREADS, SingleViewCodec,
                                       build_single_view, fixed_threads)
+from lmvic.zoo import WEIGHTS_DIR, WeightsError, load_single_view, read_weights, write_weights
 
 
 def fuse_views(fusion: nn.Module, feats: Tensor) -> Tensor:
@@ -95,8 +98,8 @@ class DistributedCodec(CompressionModel):
         with fixed_threads(EXACT_THREADS), torch.no_grad():
             return self.synthesise_views(codec.inverse_gain(y_hat, level)[None], stop)
 
-    def align_side_image(self, main: Tensor, side: Tensor, quality: float,
-                         fusion_index: int | None = None) -> tuple[Tensor, Tensor]:
+    def align_side_image(self, main: Tensor, side: Tensor, quality: float, fusion_index: int | None = None,
+                         values: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Attention alignment of two images with the codec's own OPAM (for align-compare).
 
         Both images are coded, their decoded features at the input of fusion ``fusion_index``
@@ -106,9 +109,11 @@ class DistributedCodec(CompressionModel):
 
         Args:
             main, side: ``(1, 3, H, W)`` in [0,1], H and W multiples of 64.
+            values: what to move instead of the side image, ``(1, C, H, W)`` on the side view's pixel
+                grid (e.g. its pixel coordinates, which gives the attention's mean correspondence).
         Returns:
-            the aligned side image ``(1, 3, H, W)`` and its validity (OPAM consistency)
-            ``(1, 1, H, W)`` in [0, 1].
+            the aligned side image (or ``values``) ``(1, C, H, W)`` and its validity (OPAM
+            consistency) ``(1, 1, H, W)`` in [0, 1].
         """
         index = len(self.fusions) - 1 if fusion_index is None else fusion_index
         if not 0 <= index < len(self.fusions):
@@ -116,14 +121,15 @@ class DistributedCodec(CompressionModel):
         coded = [self.compress(image, quality) for image in (main, side)]
         feats = self.decode_views([(c["strings"], c["shape"]) for c in coded], quality, stop=index)
         with torch.no_grad():
-            return align_image(self.fusions[index].opam(feats[:, 0], feats[:, 1]), side)
+            return align_image(self.fusions[index].opam(feats[:, 0], feats[:, 1]), side if values is None else values)
 
     # ---- CompressAI interface -------------------------------------------------------------
-    def forward(self, x: Tensor, quality: float | Tensor) -> dict[str, object]:
-        """x ``(B, V, 3, H, W)`` in [0,1] → {"x_hat" ``(B, V, 3, H, W)``, "likelihoods": {"y","z"}}.
+    def latents(self, x: Tensor, quality: float | Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """Every view through the single-view encoder: x ``(B, V, 3, H, W)`` → ŷ after the inverse gain
+        ``(B, V, M, H/16, W/16)`` and the likelihoods per coded view ``(B·V, ...)`` ({"y", "z"}).
 
-        The likelihoods are per coded view, ``(B·V, ...)``; quantisation as in the backbone's
-        training path (noise for the likelihoods, straight-through rounding for the synthesis).
+        Quantisation as in the backbone's training path: noise for the likelihoods, straight-through
+        rounding for ŷ; with the backbone in eval mode both are the hard rounding of real coding.
         """
         b, v = x.shape[:2]
         codec = self.backbone
@@ -136,8 +142,13 @@ class DistributedCodec(CompressionModel):
         scales, means = codec.gaussian_params(ste_round(z - medians) + medians)
         _, y_likelihoods = codec.gaussian_conditional(y, scales, means=means)
         y_hat = codec.inverse_gain(ste_round(y - means) + means, level)
-        x_hat = self.synthesise_views(y_hat.unflatten(0, (b, v)))
-        return {"x_hat": x_hat, "likelihoods": {"y": y_likelihoods, "z": z_likelihoods}}
+        return y_hat.unflatten(0, (b, v)), {"y": y_likelihoods, "z": z_likelihoods}
+
+    def forward(self, x: Tensor, quality: float | Tensor) -> dict[str, object]:
+        """x ``(B, V, 3, H, W)`` in [0,1] → {"x_hat" ``(B, V, 3, H, W)``, "likelihoods": {"y","z"}}
+        (``latents`` then ``synthesise_views``)."""
+        y_hat, likelihoods = self.latents(x, quality)
+        return {"x_hat": self.synthesise_views(y_hat), "likelihoods": likelihoods}
 
     def compress(self, x: Tensor, quality: float) -> dict[str, object]:
         """One view ``(1, 3, H, W)`` alone → {"strings", "shape"} (the backbone's encoder, unchanged)."""
@@ -160,3 +171,42 @@ def build_distributed(size: str = "cpu", fusion: str = "pmifm", feature_fusions:
                       lambdas: tuple[float, ...] = DEFAULT_LAMBDAS) -> DistributedCodec:
     """A fresh distributed codec on a fresh backbone of a named size (``SIZES``)."""
     return DistributedCodec(build_single_view(size, lambdas), fusion, feature_fusions)
+
+
+#: Format of a shipped distributed weight file (``save_distributed``).
+WEIGHTS_FORMAT = 1
+
+
+class DecoderPart(CompressionModel):
+    """What a distributed codec changes or adds to its single-view base: the fusions and the
+    synthesis (views are decoded on their own weights; the encoder, hyperprior and entropy models
+    are the base's). It shares the codec's modules, so loading it fills the codec in place."""
+
+    def __init__(self, codec: DistributedCodec):
+        super().__init__()
+        self.fusions = codec.fusions
+        self.synthesis = codec.backbone.synthesis
+
+
+def save_distributed(codec: DistributedCodec, path: Path, base: str = "single_view_cpu",
+                     meta: dict | None = None) -> Path:
+    """Ship ``codec`` (float16) as ``path`` + sidecar: only its ``DecoderPart``, plus the name and
+    SHA-256 of the shipped single-view weights ``base`` it was trained on (checked on loading)."""
+    base_sha = json.loads((WEIGHTS_DIR / f"{base}.json").read_text())["sha256"]
+    payload = {"format": WEIGHTS_FORMAT, "base": base, "base_sha256": base_sha, "fusion": codec.fusion_name,
+               "feature_fusions": len(codec.fusions) - 1}
+    return write_weights(DecoderPart(codec), path, payload, {**payload, **(meta or {}), "half": True})
+
+
+def load_distributed(name: str, directory: Path = WEIGHTS_DIR) -> DistributedCodec:
+    """The shipped distributed codec ``name`` (e.g. ``"distributed-cpu"``) in eval mode, ready to code."""
+    ck = read_weights(directory / f"{name}.pt", WEIGHTS_FORMAT, f"shipped weights {name!r}")
+    base_meta = directory / f"{ck['base']}.json"
+    if not base_meta.exists() or json.loads(base_meta.read_text()).get("sha256") != ck["base_sha256"]:
+        raise WeightsError(f"{name!r} was trained on other {ck['base']!r} weights than the ones shipped")
+    codec = DistributedCodec(load_single_view(ck["base"], directory), ck["fusion"], ck["feature_fusions"])
+    try:
+        DecoderPart(codec).load_state_dict(ck["state_dict"])
+    except RuntimeError as exc:
+        raise WeightsError(f"{name!r} does not fit the distributed architecture: {exc}") from exc
+    return codec.eval()
