@@ -95,6 +95,8 @@ def register(subparsers) -> None:
     p.add_argument("--order", default=None, choices=("greedy", "sorted", "random"),
                    help="coding order computed from the SfM cameras (default: the relations stage's order, "
                         "else file order)")
+    p.add_argument("--max-views", type=int, default=0,
+                   help="code only the first N views of the coding order (0: all); a quick evaluation of a big scene")
     p.add_argument("--rerun", action="store_true",
                    help="re-measure every codec even if WORK/eval/<codec>.json holds the same views and settings")
     p.set_defaults(handler=handle)
@@ -161,6 +163,10 @@ def handle(args: argparse.Namespace) -> int:
         raise LmvicError(f"no completed sfm stage in {work_dir}; run `lmvic run {args.scene} --stages sfm` first")
     cameras = load_cameras(work_dir / "sfm")
     order, source = coding_order(work_dir, cameras, args.order)
+    if args.max_views < 0 or args.max_views == 1:
+        raise LmvicError(f"--max-views {args.max_views}: give 0 (all views) or at least 2")
+    if args.max_views:
+        order, source = order[: args.max_views], f"{source}, first {min(args.max_views, len(order))} views"
     views = prepare_views(cameras, order)
     print(f"{len(views)} views of {views[0].shape[1]}x{views[0].shape[0]}, coding order: {source}")
     inputs = EvalInputs(work_dir, args.device or default_device(), cameras, order, views)
