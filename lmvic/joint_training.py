@@ -146,9 +146,9 @@ def train_joint(cfg: JointTrainConfig, resume: bool = False, log=print) -> Joint
             g["lr"] = lr
         quality = torch.randint(1, codec.num_qualities + 1, (cfg.batch,), generator=gen).float()
         loss, stats = clip_loss(net, codec, sampler.batch(cfg.batch), quality, cfg.depth_weight)
-        optimisation_step(loss, codec.aux_loss(), opt, aux_opt, main, cfg.clip)
+        applied = optimisation_step(loss, codec.aux_loss(), opt, aux_opt, main, cfg.clip)
         step += 1
-        for k, v in {"loss": loss.item(), **stats}.items():
+        for k, v in {"loss": loss.item(), **stats, "skipped": float(not applied)}.items():
             acc[k] = acc.get(k, 0.0) + v
         if step % cfg.log_every == 0 and rank == 0:
             row = {"step": step, "lr": lr, **{k: v / cfg.log_every for k, v in acc.items()},

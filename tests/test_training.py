@@ -111,3 +111,16 @@ def test_ddp_two_gloo_processes(scenes, tmp_path):
     subprocess.run(cmd, check=True, cwd=REPO, env=env, capture_output=True, timeout=240)
     ck = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
     assert ck["step"] == 2
+
+
+def test_a_non_finite_step_is_skipped_and_leaves_the_weights_alone():
+    from lmvic.training.loop import optimisation_step
+
+    w = torch.nn.Parameter(torch.ones(3))
+    q = torch.nn.Parameter(torch.zeros(1))
+    opt, aux_opt = torch.optim.Adam([w], lr=0.1), torch.optim.Adam([q], lr=0.1)
+    bad = (w * torch.tensor([1.0, float("nan"), 1.0])).sum()
+    assert optimisation_step(bad, q.sum(), opt, aux_opt, [w], clip=1.0) is False
+    assert torch.equal(w.detach(), torch.ones(3)) and w.grad is None
+    assert optimisation_step((w**2).sum(), q.sum(), opt, aux_opt, [w], clip=1.0) is True
+    assert bool((w.detach() < 1).all())

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -64,16 +65,24 @@ class TrainConfig:
 
 
 def optimisation_step(loss: torch.Tensor, aux_loss: torch.Tensor, opt: torch.optim.Optimizer,
-                      aux_opt: torch.optim.Optimizer, params, clip: float) -> None:
+                      aux_opt: torch.optim.Optimizer, params, clip: float) -> bool:
     """One step of both optimisers: the RD loss (its gradient norm clipped to ``clip`` over
-    ``params`` when ``clip > 0``) and CompressAI's auxiliary quantile loss."""
+    ``params`` when ``clip > 0``) and CompressAI's auxiliary quantile loss.
+
+    A step whose loss or gradient is not finite is skipped (returns False), so one bad batch
+    cannot turn the weights into NaN.
+    """
     opt.zero_grad(set_to_none=True)
     aux_opt.zero_grad(set_to_none=True)
     (loss + aux_loss).backward()
-    if clip > 0:
-        torch.nn.utils.clip_grad_norm_(params, clip)
+    norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf)
+    if not (torch.isfinite(loss) and torch.isfinite(aux_loss) and torch.isfinite(norm)):
+        opt.zero_grad(set_to_none=True)
+        aux_opt.zero_grad(set_to_none=True)
+        return False
     opt.step()
     aux_opt.step()
+    return True
 
 def rd_loss(net: torch.nn.Module, model: SingleViewCodec, x: Tensor,
             quality: Tensor) -> tuple[Tensor, Tensor, Tensor]:
