@@ -25,18 +25,9 @@ import torch
 from PIL import Image
 
 from geometry.depth import render_depths
+from geometry.cameras import camera_centres
 from geometry.gaussian_fit import FitConfig, Gaussians, fit_gaussians, render, working_images
-
-
-def umeyama(src: np.ndarray, dst: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
-    """Similarity (s, R, t) minimising |s R src + t - dst|^2 over points [N, 3]."""
-    mu_s, mu_d = src.mean(0), dst.mean(0)
-    xs, xd = src - mu_s, dst - mu_d
-    u, sig, vt = np.linalg.svd(xd.T @ xs / len(src))
-    fix = np.diag([1.0, 1.0, np.sign(np.linalg.det(u @ vt))])
-    rot = u @ fix @ vt
-    scale = float(np.trace(np.diag(sig) @ fix) / xs.var(0).sum())
-    return scale, rot, mu_d - scale * rot @ mu_s
+from geometry.similarity import umeyama
 
 
 def transform(g: Gaussians, scale: float, rot: np.ndarray, trans: np.ndarray) -> Gaussians:
@@ -56,10 +47,6 @@ def transform(g: Gaussians, scale: float, rot: np.ndarray, trans: np.ndarray) ->
     return Gaussians(means=scale * g.means @ r.T + torch.from_numpy(trans).float(), quats=quats,
                      log_scales=g.log_scales + float(np.log(scale)), logit_opacities=g.logit_opacities,
                      sh=g.sh, sh_degree=g.sh_degree)
-
-
-def centres(T: np.ndarray) -> np.ndarray:
-    return -np.einsum("nji,nj->ni", T[:, :3, :3], T[:, :3, 3])
 
 
 def psnr(gaussians: Gaussians, images: list[torch.Tensor], Ks: torch.Tensor, T: torch.Tensor) -> float:
@@ -105,8 +92,8 @@ def main() -> None:
         names = [v["name"] for v in cams]
         T_gt = np.array([by_name[n]["T"] for n in names])
         K_gt = np.array([by_name[n]["K"] for n in names])
-        s, R, t = umeyama(centres(T.double().numpy()), centres(T_gt))
-        err = np.linalg.norm(s * centres(T.double().numpy()) @ R.T + t - centres(T_gt), axis=1)
+        s, R, t = umeyama(camera_centres(T.double().numpy()), camera_centres(T_gt))
+        err = np.linalg.norm(s * camera_centres(T.double().numpy()) @ R.T + t - camera_centres(T_gt), axis=1)
         moved = transform(g, s, R, t)
         depth_gt = np.stack([np.load(args.gt / "depth_gt" / (Path(n).stem + ".npy")) for n in names])
         h, w = depth_gt.shape[1:]
@@ -116,7 +103,7 @@ def main() -> None:
         rel = (median[ok] - truth[ok]).abs() / truth[ok]
         ratio = torch.maximum(median[ok] / truth[ok], truth[ok] / median[ok])
         print(f"camera-centre error after similarity alignment: mean {err.mean():.4f}, max {err.max():.4f} "
-              f"(GT units; scene scale {np.linalg.norm(centres(T_gt) - centres(T_gt).mean(0), axis=1).max():.2f})")
+              f"(GT units; scene scale {np.linalg.norm(camera_centres(T_gt) - camera_centres(T_gt).mean(0), axis=1).max():.2f})")
         print(f"median depth vs GT: AbsRel {rel.mean():.4f}, delta<1.05 {(ratio < 1.05).float().mean():.3f}, "
               f"valid {ok.float().mean():.3f} of GT pixels")
 
