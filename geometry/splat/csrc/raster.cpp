@@ -8,14 +8,22 @@
 //
 // Layout: the M "entries" are the projected Gaussians of all images, flattened ([I*N] dense or
 // [nnz] packed); image_ids[M] names the image of every entry. Work is parallel over tiles with
-// OpenMP. Inside a tile the loop runs Gaussian-major over the tile's pixel block, visiting per row
-// only the pixels inside the Gaussian's alpha >= 1/255 ellipse (with a margin; the exact per-pixel
-// test then decides, so the result equals visiting every pixel of the tile).
+// OpenMP (dynamic schedule). Inside a tile the loop runs Gaussian-major; per Gaussian it visits the
+// rows of its alpha >= 1/255 ellipse (with a margin) and, in each row, the pixels of the ellipse's
+// span in groups of kLanes consecutive pixels evaluated as one SIMD vector. The exact per-pixel
+// test decides, so the result equals visiting every pixel of the tile. Per-pixel state is kept in
+// structure-of-arrays form with rows padded by kLanes pixels (padding lanes never take a
+// contribution), so a group may start at any column.
+// The kernels are compiled twice, for baseline x86-64 and for AVX2 (chosen at run time), and
+// exp is a polynomial (within 2 ulp of expf) so both passes vectorise and agree bit for bit.
 
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <numeric>
 #include <type_traits>
 #include <vector>
@@ -26,6 +34,59 @@ constexpr float kAlphaThreshold = 1.f / 255.f;
 constexpr float kMaxAlpha = 0.999f;
 constexpr float kTransmittanceMin = 1e-4f;
 constexpr float kMedianLevel = 0.5f;
+constexpr int kLanes = 8;
+constexpr int64_t kMaxBackwardChannels = 32;
+
+#define LMVIC_INLINE inline __attribute__((always_inline))
+
+// The vector helpers are always inlined, so the vector ABI of the baseline build never matters.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+// kLanes pixels as one SIMD value (GCC vector extensions: one AVX register in the AVX2 build, two
+// SSE registers in the baseline build). Comparisons give integer masks (-1 true, 0 false).
+typedef float VF __attribute__((vector_size(4 * kLanes)));
+typedef int32_t VI __attribute__((vector_size(4 * kLanes)));
+
+LMVIC_INLINE VF bcast(float v) { return VF{} + v; }
+LMVIC_INLINE VI bcast(int32_t v) { return VI{} + v; }
+LMVIC_INLINE VF load(const float *p) {
+    VF v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+}
+LMVIC_INLINE VI load(const int32_t *p) {
+    VI v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+}
+LMVIC_INLINE void store(float *p, VF v) { std::memcpy(p, &v, sizeof v); }
+LMVIC_INLINE void store(int32_t *p, VI v) { std::memcpy(p, &v, sizeof v); }
+LMVIC_INLINE VF select(VI mask, VF a, VF b) { return mask ? a : b; }
+LMVIC_INLINE VF vabs(VF v) { return (VF)((VI)v & bcast((int32_t)0x7fffffff)); }
+LMVIC_INLINE float hsum(VF v) {
+    float total = 0.f;
+    for (int l = 0; l < kLanes; ++l) total += v[l];
+    return total;
+}
+
+// exp(x) for x in [-32, 88] (clamped outside), Cephes' expf polynomial: relative error < 1.5e-7.
+// The low clamp keeps alpha and the products formed from it away from subnormal floats (which
+// cost a micro-code assist per instruction); it changes nothing, since exp(-32) * opacity is far
+// below the 1/255 alpha threshold.
+LMVIC_INLINE VF exp_poly(VF x) {
+    x = select(x < 88.f, x, bcast(88.f));
+    x = select(x > -32.f, x, bcast(-32.f));
+    const VI n = __builtin_convertvector(x * 1.44269504088896341f + select(x < 0.f, bcast(-0.5f), bcast(0.5f)), VI);
+    const VF fn = __builtin_convertvector(n, VF);
+    const VF r = (x - fn * 0.693359375f) + fn * 2.12194440e-4f;
+    VF p = bcast(1.9875691500e-4f);
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    return (p * r * r + r + 1.f) * (VF)((n + 127) << 23);
+}
 
 struct Splat {
     float x, y;     // 2-D mean (pixels)
@@ -33,62 +94,69 @@ struct Splat {
     float opacity;
 };
 
+// exp(-sigma) and alpha of a splat at offsets (dx, dy) = mean - pixel centre, and the mask of
+// pixels that take the contribution (sigma >= 0, alpha >= 1/255); the one definition used by
+// forward and backward, so both make the same decisions.
+LMVIC_INLINE VI evaluate(const Splat &s, VF dx, float dy, VF &vis, VF &alpha) {
+    const VF sigma = 0.5f * (s.a * dx * dx + s.c * dy * dy) + s.b * dx * dy;
+    vis = exp_poly(-sigma);
+    alpha = s.opacity * vis;
+    alpha = select(alpha < kMaxAlpha, alpha, bcast(kMaxAlpha));
+    return (sigma >= 0.f) & (alpha >= kAlphaThreshold);
+}
+
+// Offsets mean - pixel centre of the kLanes pixels from column `col0` on.
+LMVIC_INLINE VF lane_dx(const Splat &s, int col0) {
+    VF lanes;
+    for (int l = 0; l < kLanes; ++l) lanes[l] = (float)l;
+    return s.x - ((float)col0 + 0.5f + lanes);
+}
+
 struct TileBox {
     int x0, y0, x1, y1;  // pixel block of the tile, [x0, x1) x [y0, y1)
 };
 
-// sigma and alpha of a splat at a pixel centre; identical code in forward and backward.
-inline bool evaluate(const Splat &s, float px, float py, float &sigma, float &vis, float &alpha) {
-    const float dx = s.x - px;
-    const float dy = s.y - py;
-    sigma = 0.5f * (s.a * dx * dx + s.c * dy * dy) + s.b * dx * dy;
-    vis = std::exp(-sigma);
-    alpha = std::min(kMaxAlpha, s.opacity * vis);
-    return !(sigma < 0.f || alpha < kAlphaThreshold);
-}
+// Where a splat's alpha >= 1/255 ellipse meets a tile: rows [r0, r1), and the column span of each
+// row from row_span. The sigma limit has a margin (about 0.1 % of the radius) for float rounding,
+// so the spans are a superset of the pixels the exact test accepts.
+struct Footprint {
+    float smax;  // largest sigma at which alpha can reach the threshold
+    float det;   // of the conic; <= 0 (degenerate): every pixel of the rows
+    int r0, r1;
+};
 
-// Largest sigma at which alpha can still reach the threshold, or < 0 when the splat never does.
-// The margin (about 0.1 % of the radius) covers float rounding of the ellipse spans below, so the
-// spans are a superset of the pixels the exact per-pixel test accepts.
-inline float sigma_limit(float opacity) {
-    if (!(opacity >= kAlphaThreshold)) return -1.f;
-    const float s = std::log(opacity / kAlphaThreshold);
-    return s + 1e-2f + 1e-3f * s;
-}
-
-// Rows of the tile that the splat's ellipse sigma <= smax touches.
-inline bool row_range(const Splat &s, float smax, const TileBox &t, int &r0, int &r1) {
-    const float det = s.a * s.c - s.b * s.b;
-    if (!(det > 0.f) || !(s.a > 0.f)) {  // degenerate conic: visit the whole tile
-        r0 = t.y0;
-        r1 = t.y1;
+LMVIC_INLINE bool footprint(const Splat &s, const TileBox &t, Footprint &f) {
+    if (!(s.opacity >= kAlphaThreshold)) return false;
+    const float l = std::log(s.opacity / kAlphaThreshold);
+    f.smax = l + 1e-2f + 1e-3f * l;
+    f.det = s.a * s.c - s.b * s.b;
+    if (!(f.det > 0.f) || !(s.a > 0.f)) {
+        f.det = 0.f;
+        f.r0 = t.y0;
+        f.r1 = t.y1;
         return true;
     }
-    const float half_h = std::sqrt(2.f * smax * s.a / det);
-    // pixel centres row + 0.5 in [y - half_h, y + half_h]
-    r0 = std::max(t.y0, (int)std::ceil(s.y - half_h - 0.5f));
-    r1 = std::min(t.y1, (int)std::floor(s.y + half_h - 0.5f) + 1);
-    return r0 < r1;
+    const float half_h = std::sqrt(2.f * f.smax * s.a / f.det);  // |dy| on the ellipse
+    f.r0 = std::max(t.y0, (int)std::ceil(s.y - half_h - 0.5f));  // pixel centres row + 0.5
+    f.r1 = std::min(t.y1, (int)std::floor(s.y + half_h - 0.5f) + 1);
+    return f.r0 < f.r1;
 }
 
-// Columns of row `row` inside the ellipse sigma <= smax.
-inline bool col_range(const Splat &s, float smax, const TileBox &t, int row, int &c0, int &c1) {
-    const float det = s.a * s.c - s.b * s.b;
-    if (!(det > 0.f) || !(s.a > 0.f)) {
+// Columns [c0, c1) of tile row `row` inside the footprint.
+LMVIC_INLINE bool row_span(const Splat &s, const Footprint &f, const TileBox &t, int row, int &c0, int &c1) {
+    if (f.det == 0.f) {
         c0 = t.x0;
         c1 = t.x1;
         return true;
     }
     const float dy = s.y - ((float)row + 0.5f);
     const float bdy = s.b * dy;
-    const float disc = bdy * bdy - s.a * (s.c * dy * dy - 2.f * smax);
+    const float disc = bdy * bdy - s.a * (s.c * dy * dy - 2.f * f.smax);
     if (disc < 0.f) return false;
     const float root = std::sqrt(disc);
     // dx = x_mean - px in [(-bdy - root) / a, (-bdy + root) / a]
-    const float px_lo = s.x - (-bdy + root) / s.a;
-    const float px_hi = s.x - (-bdy - root) / s.a;
-    c0 = std::max(t.x0, (int)std::ceil(px_lo - 0.5f));
-    c1 = std::min(t.x1, (int)std::floor(px_hi - 0.5f) + 1);
+    c0 = std::max(t.x0, (int)std::ceil(s.x - (-bdy + root) / s.a - 0.5f));
+    c1 = std::min(t.x1, (int)std::floor(s.x - (-bdy - root) / s.a - 0.5f) + 1);
     return c0 < c1;
 }
 
@@ -101,17 +169,23 @@ void check_cpu_float(const torch::Tensor &t, const char *name) {
 // Image and tile geometry shared by the forward and backward passes.
 struct Grid {
     int64_t n_images, width, height, tile_size, tiles_x, tiles_y;
+    int stride;  // row length of the per-pixel state: a lane group may start at any column
 
     Grid(int64_t n, int64_t w, int64_t h, int64_t ts)
-        : n_images(n), width(w), height(h), tile_size(ts), tiles_x((w + ts - 1) / ts), tiles_y((h + ts - 1) / ts) {}
+        : n_images(n), width(w), height(h), tile_size(ts), tiles_x((w + ts - 1) / ts), tiles_y((h + ts - 1) / ts),
+          stride((int)ts + kLanes) {}
     int64_t tiles_per_image() const { return tiles_x * tiles_y; }
     int64_t n_tiles() const { return n_images * tiles_per_image(); }
     int64_t image_of(int64_t tile) const { return tile / tiles_per_image(); }
+    int64_t padded_pixels() const { return tile_size * stride; }
     TileBox box(int64_t tile) const {
         const int64_t t = tile % tiles_per_image();
         const int tx = (int)(t % tiles_x), ty = (int)(t / tiles_x), ts = (int)tile_size;
         return TileBox{tx * ts, ty * ts, std::min((int)width, (tx + 1) * ts), std::min((int)height, (ty + 1) * ts)};
     }
+    // Index of pixel (row, col) of the tile in the padded per-pixel state.
+    int slot(const TileBox &b, int row, int col) const { return (row - b.y0) * stride + (col - b.x0); }
+    int64_t pixel(int64_t image, int row, int col) const { return (image * height + row) * width + col; }
 };
 
 // Read-only per-entry inputs of the compositor and the tile lists.
@@ -146,18 +220,223 @@ struct Entries {
     }
 };
 
-// Calls f(row, col) for every pixel of the tile inside the splat's alpha >= 1/255 ellipse (a
-// superset: the caller's exact test decides). Nothing when the splat can never reach it.
+// Per-thread state of one tile in the forward pass (padded layout, channel-major colours).
+struct ForwardScratch {
+    std::vector<float> T, acc, med;
+    std::vector<int32_t> last, done;
+    ForwardScratch(int64_t n, int64_t D) : T(n), acc(n * D), med(n), last(n), done(n) {}
+};
+
+// Composites tile `it` front to back and writes its pixels of the outputs.
+template <int DT>
+LMVIC_INLINE void forward_tile_impl(const Entries &in, const float *z, const Grid &grid, int64_t it,
+                                    ForwardScratch &sc, float *oc, float *oa, float *omed, int32_t *olast) {
+    const int64_t D = DT > 0 ? DT : in.D;
+    const int64_t n = grid.padded_pixels();
+    const int64_t image = grid.image_of(it);
+    const TileBox box = grid.box(it);
+    float *__restrict__ T = sc.T.data();
+    float *__restrict__ acc = sc.acc.data();
+    float *__restrict__ med = sc.med.data();
+    int32_t *__restrict__ last = sc.last.data();
+    int32_t *__restrict__ done = sc.done.data();
+    std::fill(T, T + n, 1.f);
+    std::fill(acc, acc + n * D, 0.f);
+    std::fill(med, med + n, 0.f);
+    std::fill(last, last + n, -1);
+    for (int row = 0; row < (int)grid.tile_size; ++row)  // padding never takes a contribution
+        for (int col = 0; col < grid.stride; ++col)
+            done[row * grid.stride + col] = (box.y0 + row >= box.y1 || box.x0 + col >= box.x1) ? -1 : 0;
+    const int n_pix = (box.x1 - box.x0) * (box.y1 - box.y0);
+    int n_done = 0;
+    for (int32_t idx = in.offsets[it]; idx < in.offsets[it + 1] && n_done < n_pix; ++idx) {
+        const int64_t g = in.ids[idx];
+        const Splat s = in.splat(g);
+        Footprint f;
+        if (!footprint(s, box, f)) continue;
+        const float *cg = in.colors + g * D;
+        const VF zg = bcast(z[g]);
+        const VI vidx = bcast(idx);
+        VI stops = {};  // -1 per pixel that stops at this splat
+        for (int row = f.r0; row < f.r1; ++row) {
+            int c0, c1;
+            if (!row_span(s, f, box, row, c0, c1)) continue;
+            const float dy = s.y - ((float)row + 0.5f);
+            for (int col0 = c0; col0 < c1; col0 += kLanes) {
+                const int p0 = grid.slot(box, row, col0);
+                VF vis, alpha;
+                const VI done0 = load(done + p0);
+                const VI hit = evaluate(s, lane_dx(s, col0), dy, vis, alpha) & ~done0;
+                const VF t = load(T + p0);
+                const VF next_t = t * (1.f - alpha);
+                const VI stop = hit & (next_t <= kTransmittanceMin);
+                const VI use = hit & ~stop;
+                const VF w = select(use, alpha * t, VF{});
+                store(med + p0, select(use & (t >= kMedianLevel) & (next_t < kMedianLevel), zg, load(med + p0)));
+                store(last + p0, use ? vidx : load(last + p0));
+                store(T + p0, select(use, next_t, t));
+                store(done + p0, done0 | stop);
+                stops += stop;
+                for (int64_t ch = 0; ch < D; ++ch) store(acc + ch * n + p0, load(acc + ch * n + p0) + cg[ch] * w);
+            }
+        }
+        for (int l = 0; l < kLanes; ++l) n_done -= stops[l];
+    }
+    for (int row = box.y0; row < box.y1; ++row) {
+        for (int col = box.x0; col < box.x1; ++col) {
+            const int p = grid.slot(box, row, col);
+            const int64_t pix = grid.pixel(image, row, col);
+            for (int64_t ch = 0; ch < D; ++ch)
+                oc[pix * D + ch] = acc[ch * n + p] + (in.backgrounds ? T[p] * in.backgrounds[image * D + ch] : 0.f);
+            oa[pix] = 1.f - T[p];
+            omed[pix] = med[p];
+            olast[pix] = last[p];
+        }
+    }
+}
+
+// Per-thread state of one tile in the backward pass (padded layout, channel-major).
+struct BackwardScratch {
+    std::vector<float> T, T_final, buf, v_out, v_alpha_out;
+    std::vector<int32_t> last;
+    BackwardScratch(int64_t n, int64_t D) : T(n), T_final(n), buf(n * D), v_out(n * D), v_alpha_out(n), last(n) {}
+};
+
+// Gradient sums per intersection: xy (2), conic (3), opacity, |xy| (2), then colour (D).
+constexpr int kPartFixed = 8;
+
+struct BackwardInputs {
+    const float *render_alphas, *v_colors, *v_alphas;
+    const int32_t *last_ids;
+    float *part;  // [n_isects, kPartFixed + D]
+};
+
+// gsplat's back-to-front recursion over tile `it` (T recovered as T / (1 - alpha)); writes the
+// gradient sums of every intersection of the tile into its own slot of `part`.
+template <int DT>
+LMVIC_INLINE void backward_tile_impl(const Entries &in, const Grid &grid, int64_t it, const BackwardInputs &bi,
+                                     BackwardScratch &sc) {
+    const int64_t D = DT > 0 ? DT : in.D;
+    const int64_t n = grid.padded_pixels();
+    const int64_t image = grid.image_of(it);
+    const TileBox box = grid.box(it);
+    float *__restrict__ T = sc.T.data();
+    float *__restrict__ T_final = sc.T_final.data();
+    float *__restrict__ buf = sc.buf.data();
+    float *__restrict__ v_out = sc.v_out.data();
+    float *__restrict__ v_alpha_out = sc.v_alpha_out.data();
+    int32_t *__restrict__ last = sc.last.data();
+    std::fill(last, last + n, -1);  // padding: never visited
+    std::fill(T, T + n, 1.f);
+    std::fill(T_final, T_final + n, 1.f);
+    std::fill(buf, buf + n * D, 0.f);
+    std::fill(v_out, v_out + n * D, 0.f);
+    std::fill(v_alpha_out, v_alpha_out + n, 0.f);
+    int32_t max_last = -1;
+    for (int row = box.y0; row < box.y1; ++row) {
+        for (int col = box.x0; col < box.x1; ++col) {
+            const int p = grid.slot(box, row, col);
+            const int64_t pix = grid.pixel(image, row, col);
+            T_final[p] = T[p] = 1.f - bi.render_alphas[pix];
+            last[p] = bi.last_ids[pix];
+            max_last = std::max(max_last, last[p]);
+            float bg_dot = 0.f;
+            for (int64_t ch = 0; ch < D; ++ch) {
+                v_out[ch * n + p] = bi.v_colors[pix * D + ch];
+                if (in.backgrounds) bg_dot += in.backgrounds[image * D + ch] * bi.v_colors[pix * D + ch];
+            }
+            // d(out)/d(alpha_i) has the term T_final / (1 - alpha_i) * (v_alpha - bg . v_color)
+            v_alpha_out[p] = bi.v_alphas[pix] - bg_dot;
+        }
+    }
+    const int64_t stride = kPartFixed + D;
+    for (int32_t idx = max_last; idx >= in.offsets[it]; --idx) {
+        const int64_t g = in.ids[idx];
+        const Splat s = in.splat(g);
+        Footprint f;
+        if (!footprint(s, box, f)) continue;
+        const float *cg = in.colors + g * D;
+        const VI vidx = bcast(idx);
+        // per-lane sums: gx, gy, conic a, b, c, opacity, |gx|, |gy|, then the colour channels
+        VF sums[kPartFixed + (DT > 0 ? DT : kMaxBackwardChannels)] = {};
+        for (int row = f.r0; row < f.r1; ++row) {
+            int c0, c1;
+            if (!row_span(s, f, box, row, c0, c1)) continue;
+            const float dy = s.y - ((float)row + 0.5f);
+            for (int col0 = c0; col0 < c1; col0 += kLanes) {
+                const int p0 = grid.slot(box, row, col0);
+                const VF dx = lane_dx(s, col0);
+                VF vis, alpha;
+                const VI valid = evaluate(s, dx, dy, vis, alpha) & (vidx <= load(last + p0));
+                const VF rinv = 1.f / (1.f - alpha);
+                const VF t = select(valid, load(T + p0) * rinv, load(T + p0));  // in front of this splat
+                store(T + p0, t);
+                const VF w = select(valid, alpha * t, VF{});
+                VF v_alpha = load(T_final + p0) * rinv * load(v_alpha_out + p0);
+                for (int64_t ch = 0; ch < D; ++ch) {
+                    const VF b = load(buf + ch * n + p0), vo = load(v_out + ch * n + p0);
+                    v_alpha += (cg[ch] * t - b * rinv) * vo;
+                    sums[kPartFixed + ch] += w * vo;
+                    store(buf + ch * n + p0, b + cg[ch] * w);
+                }
+                const VI grad = valid & (s.opacity * vis <= kMaxAlpha);
+                const VF v_sigma = select(grad, -s.opacity * vis * v_alpha, VF{});
+                const VF gx = v_sigma * (s.a * dx + s.b * dy);
+                const VF gy = v_sigma * (s.b * dx + s.c * dy);
+                sums[0] += gx;
+                sums[1] += gy;
+                sums[2] += 0.5f * v_sigma * dx * dx;
+                sums[3] += v_sigma * dx * dy;
+                sums[4] += 0.5f * v_sigma * dy * dy;
+                sums[5] += select(grad, vis * v_alpha, VF{});
+                sums[6] += vabs(gx);
+                sums[7] += vabs(gy);
+            }
+        }
+        float *q = bi.part + idx * stride;
+        for (int64_t j = 0; j < stride; ++j) q[j] = hsum(sums[j]);
+    }
+}
+
+// The kernels for baseline x86-64 and for AVX2, chosen once per process.
+bool has_avx2() {
+    static const bool yes = __builtin_cpu_supports("avx2");
+    return yes;
+}
+
+template <int DT>
+void forward_tile_base(const Entries &in, const float *z, const Grid &grid, int64_t it, ForwardScratch &sc,
+                       float *oc, float *oa, float *omed, int32_t *olast) {
+    forward_tile_impl<DT>(in, z, grid, it, sc, oc, oa, omed, olast);
+}
+
+template <int DT>
+__attribute__((target("avx2,fma"))) void forward_tile_avx2(const Entries &in, const float *z, const Grid &grid,
+                                                       int64_t it, ForwardScratch &sc, float *oc, float *oa,
+                                                       float *omed, int32_t *olast) {
+    forward_tile_impl<DT>(in, z, grid, it, sc, oc, oa, omed, olast);
+}
+
+template <int DT>
+void backward_tile_base(const Entries &in, const Grid &grid, int64_t it, const BackwardInputs &bi,
+                        BackwardScratch &sc) {
+    backward_tile_impl<DT>(in, grid, it, bi, sc);
+}
+
+template <int DT>
+__attribute__((target("avx2,fma"))) void backward_tile_avx2(const Entries &in, const Grid &grid, int64_t it,
+                                                        const BackwardInputs &bi, BackwardScratch &sc) {
+    backward_tile_impl<DT>(in, grid, it, bi, sc);
+}
+
+// Channel count as a compile-time constant for the common cases (1, 3, 4), else at run time.
 template <class F>
-inline void for_each_covered_pixel(const Splat &s, const TileBox &box, F &&f) {
-    const float smax = sigma_limit(s.opacity);
-    if (smax < 0.f) return;
-    int r0, r1;
-    if (!row_range(s, smax, box, r0, r1)) return;
-    for (int row = r0; row < r1; ++row) {
-        int c0, c1;
-        if (!col_range(s, smax, box, row, c0, c1)) continue;
-        for (int col = c0; col < c1; ++col) f(row, col);
+void dispatch_channels(int64_t D, F &&f) {
+    switch (D) {
+        case 1: f(std::integral_constant<int, 1>{}); break;
+        case 3: f(std::integral_constant<int, 3>{}); break;
+        case 4: f(std::integral_constant<int, 4>{}); break;
+        default: f(std::integral_constant<int, 0>{});
     }
 }
 
@@ -230,17 +509,6 @@ std::vector<torch::Tensor> intersect_tiles(torch::Tensor means2d,   // [M, 2]
     return {offsets, ids};
 }
 
-// Channel count as a compile-time constant for the common cases (1, 3, 4), else at run time.
-template <class F>
-void dispatch_channels(int64_t D, F &&f) {
-    switch (D) {
-        case 1: f(std::integral_constant<int, 1>{}); break;
-        case 3: f(std::integral_constant<int, 3>{}); break;
-        case 4: f(std::integral_constant<int, 4>{}); break;
-        default: f(std::integral_constant<int, 0>{});
-    }
-}
-
 // Forward. Per-entry inputs may carry leading dimensions ([C, N, ...] dense or [nnz, ...] packed).
 // Returns (colors [I,H,W,D], alphas [I,H,W,1], median depth [I,H,W,1], last ids [I,H,W]).
 std::vector<torch::Tensor> rasterize_forward(torch::Tensor means2d,      // [M, 2]
@@ -268,78 +536,20 @@ std::vector<torch::Tensor> rasterize_forward(torch::Tensor means2d,      // [M, 
 
     dispatch_channels(in.D, [&](auto dt) {
         constexpr int DT = decltype(dt)::value;
-        const int64_t D = DT > 0 ? DT : in.D;
+        auto *tile = has_avx2() ? &forward_tile_avx2<DT> : &forward_tile_base<DT>;
 #pragma omp parallel
         {
-            const int block = (int)(tile_size * tile_size);
-            std::vector<float> T_(block), acc_(block * D), med_(block);
-            std::vector<int32_t> last_(block);
-            std::vector<uint8_t> done_(block);
-            float *__restrict__ T = T_.data();
-            float *__restrict__ acc = acc_.data();
-            float *__restrict__ med = med_.data();
-            int32_t *__restrict__ last = last_.data();
-            uint8_t *__restrict__ done = done_.data();
+            ForwardScratch sc(grid.padded_pixels(), in.D);
 #pragma omp for schedule(dynamic, 1)
-            for (int64_t it = 0; it < grid.n_tiles(); ++it) {
-                const int64_t image = grid.image_of(it);
-                const TileBox box = grid.box(it);
-                const int bw = box.x1 - box.x0;
-                const int n_pix = bw * (box.y1 - box.y0);
-                std::fill(T, T + n_pix, 1.f);
-                std::fill(acc, acc + n_pix * D, 0.f);
-                std::fill(med, med + n_pix, 0.f);
-                std::fill(last, last + n_pix, -1);
-                std::fill(done, done + n_pix, 0);
-                int n_done = 0;
-                for (int32_t idx = in.offsets[it]; idx < in.offsets[it + 1] && n_done < n_pix; ++idx) {
-                    const int64_t g = in.ids[idx];
-                    const Splat s = in.splat(g);
-                    const float *cg = in.colors + g * D;
-                    const float zg = z[g];
-                    for_each_covered_pixel(s, box, [&](int row, int col) {
-                        const int p = (row - box.y0) * bw + (col - box.x0);
-                        if (done[p]) return;
-                        float sigma, vis, alpha;
-                        if (!evaluate(s, (float)col + 0.5f, (float)row + 0.5f, sigma, vis, alpha)) return;
-                        const float T_p = T[p];
-                        const float next_T = T_p * (1.f - alpha);
-                        if (next_T <= kTransmittanceMin) {
-                            done[p] = 1;
-                            ++n_done;
-                            return;
-                        }
-                        const float w = alpha * T_p;
-                        for (int64_t k = 0; k < D; ++k) acc[p * D + k] += cg[k] * w;
-                        if (T_p >= kMedianLevel && next_T < kMedianLevel) med[p] = zg;
-                        last[p] = idx;
-                        T[p] = next_T;
-                    });
-                }
-                for (int row = box.y0; row < box.y1; ++row) {
-                    for (int col = box.x0; col < box.x1; ++col) {
-                        const int p = (row - box.y0) * bw + (col - box.x0);
-                        const int64_t pix = (image * height + row) * width + col;
-                        for (int64_t k = 0; k < D; ++k)
-                            oc[pix * D + k] =
-                                acc[p * D + k] + (in.backgrounds ? T[p] * in.backgrounds[image * D + k] : 0.f);
-                        oa[pix] = 1.f - T[p];
-                        omed[pix] = med[p];
-                        olast[pix] = last[p];
-                    }
-                }
-            }
+            for (int64_t it = 0; it < grid.n_tiles(); ++it) tile(in, z, grid, it, sc, oc, oa, omed, olast);
         }
     });
     return {out_colors, out_alphas, out_median, out_last};
 }
 
-constexpr int64_t kMaxBackwardChannels = 32;
-
-// Backward (gsplat's back-to-front recursion, T recovered as T / (1 - alpha)). Gradients are
-// written per intersection, then summed per entry in a serial, deterministic pass.
-// Returns (v_means2d [M,2], v_conics [M,3], v_colors [M,D], v_opacities [M], v_means2d_abs [M,2]
-// (empty unless absgrad)).
+// Backward. Gradients are written per intersection, then summed per entry in a serial,
+// deterministic pass. Returns (v_means2d [M,2], v_conics [M,3],
+// v_colors [M,D], v_opacities [M], v_means2d_abs [M,2] (empty unless absgrad)).
 std::vector<torch::Tensor> rasterize_backward(torch::Tensor means2d, torch::Tensor conics, torch::Tensor colors,
                                               torch::Tensor opacities, torch::Tensor backgrounds,
                                               int64_t n_images, int64_t width, int64_t height, int64_t tile_size,
@@ -350,114 +560,31 @@ std::vector<torch::Tensor> rasterize_backward(torch::Tensor means2d, torch::Tens
                                               torch::Tensor v_render_alphas,  // [I,H,W,1]
                                               bool absgrad) {
     const Entries in(means2d, conics, colors, opacities, backgrounds, tile_offsets, flatten_ids);
+    check_cpu_float(render_alphas, "render_alphas");
     check_cpu_float(v_render_colors, "v_render_colors");
     check_cpu_float(v_render_alphas, "v_render_alphas");
+    TORCH_CHECK(last_ids.scalar_type() == torch::kInt32 && last_ids.is_contiguous(), "last_ids must be int32");
     TORCH_CHECK(in.D <= kMaxBackwardChannels, "the CPU rasteriser backward supports at most ",
                 kMaxBackwardChannels, " channels, got ", in.D);
     const Grid grid(n_images, width, height, tile_size);
     const int64_t M = opacities.numel();
+    const int64_t D = in.D;
     const int64_t n_isects = flatten_ids.numel();
-    const int64_t stride = 8 + in.D;  // per intersection: xy (2), conic (3), colour (D), opacity, |xy| (2)
+    const int64_t stride = kPartFixed + D;
     std::vector<float> part(n_isects * stride, 0.f);
-    const float *ra = render_alphas.data_ptr<float>();
-    const int32_t *rl = last_ids.data_ptr<int32_t>();
-    const float *vc = v_render_colors.data_ptr<float>();
-    const float *va = v_render_alphas.data_ptr<float>();
+    const BackwardInputs bi{render_alphas.data_ptr<float>(), v_render_colors.data_ptr<float>(),
+                            v_render_alphas.data_ptr<float>(), last_ids.data_ptr<int32_t>(), part.data()};
 
-    dispatch_channels(in.D, [&](auto dt) {
+    dispatch_channels(D, [&](auto dt) {
         constexpr int DT = decltype(dt)::value;
-        const int64_t D = DT > 0 ? DT : in.D;
+        auto *tile = has_avx2() ? &backward_tile_avx2<DT> : &backward_tile_base<DT>;
 #pragma omp parallel
         {
-            const int block = (int)(tile_size * tile_size);
-            std::vector<float> T_(block), T_final_(block), buf_(block * D), v_out_(block * D), v_alpha_out_(block);
-            std::vector<int32_t> last_(block);
-            float *__restrict__ T = T_.data();
-            float *__restrict__ T_final = T_final_.data();
-            float *__restrict__ buf = buf_.data();
-            float *__restrict__ v_out = v_out_.data();
-            float *__restrict__ v_alpha_out = v_alpha_out_.data();
-            int32_t *__restrict__ last = last_.data();
+            BackwardScratch sc(grid.padded_pixels(), D);
 #pragma omp for schedule(dynamic, 1)
-            for (int64_t it = 0; it < grid.n_tiles(); ++it) {
-                const int64_t image = grid.image_of(it);
-                const TileBox box = grid.box(it);
-                const int bw = box.x1 - box.x0;
-                int32_t max_last = -1;
-                for (int row = box.y0; row < box.y1; ++row) {
-                    for (int col = box.x0; col < box.x1; ++col) {
-                        const int p = (row - box.y0) * bw + (col - box.x0);
-                        const int64_t pix = (image * height + row) * width + col;
-                        T_final[p] = T[p] = 1.f - ra[pix];
-                        last[p] = rl[pix];
-                        max_last = std::max(max_last, last[p]);
-                        float bg_dot = 0.f;
-                        for (int64_t k = 0; k < D; ++k) {
-                            buf[p * D + k] = 0.f;
-                            v_out[p * D + k] = vc[pix * D + k];
-                            if (in.backgrounds) bg_dot += in.backgrounds[image * D + k] * vc[pix * D + k];
-                        }
-                        // d(out)/d(alpha_i) has the term T_final / (1 - alpha_i) * (v_alpha - bg . v_color)
-                        v_alpha_out[p] = va[pix] - bg_dot;
-                    }
-                }
-                for (int32_t idx = max_last; idx >= in.offsets[it]; --idx) {
-                    const int64_t g = in.ids[idx];
-                    const Splat s = in.splat(g);
-                    const float *cg = in.colors + g * D;
-                    float v_col[DT > 0 ? DT : kMaxBackwardChannels] = {};
-                    float gx_sum = 0.f, gy_sum = 0.f, ca = 0.f, cb = 0.f, cc = 0.f, v_op = 0.f, ax = 0.f, ay = 0.f;
-                    bool touched = false;
-                    for_each_covered_pixel(s, box, [&](int row, int col) {
-                        const int p = (row - box.y0) * bw + (col - box.x0);
-                        if (idx > last[p]) return;
-                        const float px = (float)col + 0.5f, py = (float)row + 0.5f;
-                        float sigma, vis, alpha;
-                        if (!evaluate(s, px, py, sigma, vis, alpha)) return;
-                        touched = true;
-                        const float rinv = 1.f / (1.f - alpha);
-                        const float T_p = T[p] * rinv;
-                        T[p] = T_p;
-                        const float w = alpha * T_p;
-                        float v_alpha = 0.f;
-                        for (int64_t k = 0; k < D; ++k) {
-                            const float vo = v_out[p * D + k];
-                            v_col[k] += w * vo;
-                            v_alpha += (cg[k] * T_p - buf[p * D + k] * rinv) * vo;
-                            buf[p * D + k] += cg[k] * w;
-                        }
-                        v_alpha += T_final[p] * rinv * v_alpha_out[p];
-                        if (s.opacity * vis <= kMaxAlpha) {
-                            const float v_sigma = -s.opacity * vis * v_alpha;
-                            const float dx = s.x - px, dy = s.y - py;
-                            const float gx = v_sigma * (s.a * dx + s.b * dy);
-                            const float gy = v_sigma * (s.b * dx + s.c * dy);
-                            gx_sum += gx;
-                            gy_sum += gy;
-                            ca += 0.5f * v_sigma * dx * dx;
-                            cb += v_sigma * dx * dy;
-                            cc += 0.5f * v_sigma * dy * dy;
-                            v_op += vis * v_alpha;
-                            ax += std::fabs(gx);
-                            ay += std::fabs(gy);
-                        }
-                    });
-                    if (!touched) continue;
-                    float *q = part.data() + idx * stride;
-                    q[0] = gx_sum;
-                    q[1] = gy_sum;
-                    q[2] = ca;
-                    q[3] = cb;
-                    q[4] = cc;
-                    for (int64_t k = 0; k < D; ++k) q[5 + k] = v_col[k];
-                    q[5 + D] = v_op;
-                    q[6 + D] = ax;
-                    q[7 + D] = ay;
-                }
-            }
+            for (int64_t it = 0; it < grid.n_tiles(); ++it) tile(in, grid, it, bi, sc);
         }
     });
-    const int64_t D = in.D;
 
     auto v_means2d = torch::zeros({M, 2}, torch::dtype(torch::kFloat32));
     auto v_conics = torch::zeros({M, 3}, torch::dtype(torch::kFloat32));
@@ -475,12 +602,12 @@ std::vector<torch::Tensor> rasterize_backward(torch::Tensor means2d, torch::Tens
         vm[2 * g] += q[0];
         vm[2 * g + 1] += q[1];
         for (int k = 0; k < 3; ++k) vcn[3 * g + k] += q[2 + k];
-        for (int64_t k = 0; k < D; ++k) vcol[g * D + k] += q[5 + k];
-        vop[g] += q[5 + D];
+        vop[g] += q[5];
         if (vab) {
-            vab[2 * g] += q[6 + D];
-            vab[2 * g + 1] += q[7 + D];
+            vab[2 * g] += q[6];
+            vab[2 * g + 1] += q[7];
         }
+        for (int64_t k = 0; k < D; ++k) vcol[g * D + k] += q[kPartFixed + k];
     }
     return {v_means2d, v_conics, v_colors, v_opacities, v_abs};
 }
