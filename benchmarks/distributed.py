@@ -1,13 +1,14 @@
 """Distributed mode: OPAM/PMIFM fusion against Separate (the single-view codec) and average pooling.
 
 Every view is encoded alone by the single-view encoder (so all distributed codecs spend exactly the
-single-view codec's bytes); the decoder fuses groups of ``k + 1`` consecutive views (file order),
-so each view has ``k`` side views. Real container bytes (``lmvic.distributed_codec``), real
+single-view codec's bytes); the decoder fuses each view with its ``k`` nearest views in file order
+(the previous one first). Real container bytes (``lmvic.distributed_codec``), real
 decoding, PSNR of the 8-bit views. Data (held out from training):
 
 * ``fox``: the first 12 views, area-resized to 512 px on the long side (288×512), cropped to 256×512;
-* ``sceaux_castle``: its 11 views at 512 px long side (512×384); the last group may be smaller;
-* ``middlebury``: the 8 stereo pairs (left, right) cropped to their common multiple of 64, k = 1.
+* ``sceaux_castle``: its 11 views at 512 px long side (512×384);
+* ``middlebury``: the 8 stereo pairs (left, right) cropped to their common multiple of 64, k = 1:
+  each view's side view is the other view of its pair.
 
 Prints, per data set and k, the BD-rate (PSNR and MS-SSIM) of ``lmvic-distributed`` against
 ``lmvic-single`` and against ``lmvic-average`` at the same k (and of ``lmvic-average`` against
@@ -69,9 +70,12 @@ def run(data: str, sides: list[int], out: Path, rerun: bool) -> None:
         sides = [1]
     eye_k, eye_t = np.tile(np.eye(3), (len(views), 1, 1)), np.tile(np.eye(4), (len(views), 1, 1))
     codecs = [SeparateCodec(names, eye_k, eye_t)]
+    pairs = [[v + 1 - 2 * (v % 2)] for v in range(len(views))]  # Middlebury: each view's pair
     for k in sides:
         for model in ("distributed-cpu", "distributed-average-cpu"):
-            codecs.append(DistributedSceneCodec(names, eye_k, eye_t, model, group=k + 1))
+            base = {"distributed-cpu": "lmvic-distributed", "distributed-average-cpu": "lmvic-average"}[model]
+            codecs.append(DistributedSceneCodec(names, eye_k, eye_t, model, pairs if data == "middlebury" else k,
+                                                name=f"{base}-{k}side"))
     print(f"== {data}: {len(views)} views of {views[0].shape[1]}x{views[0].shape[0]}, side views {sides}")
     start = time.perf_counter()
     curves, _ = run_evaluation(codecs, views, names, out / data, f"{data} ({len(views)} views), distributed mode",

@@ -3,11 +3,12 @@
 The container (``lmvic.bitstream``, mode ``distributed``) holds per view one stream ``image`` with
 two chunks (CompressAI's y and z strings) and the z shape, exactly as the single mode: an encoder
 needs one image and nothing else (``encode_view``), and a file is just the views' streams put
-together (``write_distributed_file``). The decoder fuses every view it decodes with all the other
-views it decodes (``lmvic.models.distributed``); the header lists, per view, the other views as its
-optional side information. Any subset of views decodes: views left out are simply not used as
-side information. Views are padded to multiples of 64 (edge replication) and cropped back; views
-whose padded sizes differ are fused within groups of equal size.
+together (``write_distributed_file``). The header lists, per view, its side views: its
+``side_views`` nearest neighbours in coding order (``neighbours_in_order``), which keeps decoding
+linear in the number of views. The decoder fuses every view it decodes with those of its side
+views it also decodes (``lmvic.models.distributed``): any subset of views decodes, views left out
+are simply not used as side information. Views are padded to multiples of 64 (edge replication)
+and cropped back; only views of the same padded size are fused.
 """
 from __future__ import annotations
 
@@ -28,6 +29,8 @@ from pipelines.errors import LmvicError
 #: Shipped models: OPAM + PMIFM fusion, and the average-pooling comparison point.
 MODEL_IDS = ("distributed-cpu", "distributed-average-cpu")
 STREAM = "image"
+#: Side views per view written into the header by default (the training used clips of 2–4 views).
+SIDE_VIEWS = 3
 
 
 def load_model(model_id: str) -> DistributedCodec:
@@ -52,17 +55,33 @@ def encode_view(model: DistributedCodec, image: np.ndarray, quality: int) -> Lat
     return LatentStream((y_strings[0], z_strings[0]), tuple(shape))
 
 
+def neighbours_in_order(order: Sequence[int], count: int) -> tuple[tuple[int, ...], ...]:
+    """Per view index, the ``count`` views nearest to it in the coding ``order`` (the previous one
+    before the next one at equal distance)."""
+    position = {v: p for p, v in enumerate(order)}
+    return tuple(tuple(sorted((u for u in order if u != v), key=lambda u: (abs(position[u] - position[v]),
+                                                                            position[u]))[:count])
+                 for v in range(len(order)))
+
+
+#: A count of side views per view (its nearest views in coding order), or explicit side views per view.
+SideViewChoice = int | Sequence[Sequence[int]]
+
+
 def write_distributed_file(path: str | Path, model_id: str, quality: int, views: Sequence[ViewInfo],
-                           streams: Sequence[LatentStream], order: Sequence[int]) -> int:
-    """Put independently coded views into one file → its size in bytes."""
-    others = tuple(tuple(u for u in range(len(views)) if u != v) for v in range(len(views)))
-    header = SceneHeader("distributed", model_id, quality, tuple(views), tuple(order), others)
+                           streams: Sequence[LatentStream], order: Sequence[int],
+                           side_views: SideViewChoice = SIDE_VIEWS) -> int:
+    """Put independently coded views into one file, with each view's side views in the header
+    (``side_views`` neighbours in coding order, or the lists given) → its size in bytes."""
+    references = (neighbours_in_order(order, side_views) if isinstance(side_views, int)
+                  else tuple(tuple(s) for s in side_views))
+    header = SceneHeader("distributed", model_id, quality, tuple(views), tuple(order), references)
     return write_scene(path, header, [{STREAM: s} for s in streams])
 
 
 def encode_distributed_file(path: str | Path, model_id: str, views: Sequence[ViewInfo],
-                            images: Sequence[np.ndarray], order: Sequence[int],
-                            quality: int) -> tuple[int, DecodedScene]:
+                            images: Sequence[np.ndarray], order: Sequence[int], quality: int,
+                            side_views: SideViewChoice = SIDE_VIEWS) -> tuple[int, DecodedScene]:
     """Code each uint8 ``(H, W, 3)`` image alone → (file bytes, the file's header as a DecodedScene
     with no images: what a view decodes to depends on which other views the decoder holds)."""
     model = load_model(model_id)
@@ -71,22 +90,24 @@ def encode_distributed_file(path: str | Path, model_id: str, views: Sequence[Vie
     except WeightsError as exc:
         raise LmvicError(str(exc)) from exc
     size = write_distributed_file(path, model_id, quality, views,
-                                  [encode_view(model, image, quality) for image in images], order)
+                                  [encode_view(model, image, quality) for image in images], order, side_views)
     with SceneReader(path, models=MODEL_IDS) as reader:
         return size, DecodedScene(reader.header, {}, {})
 
 
 def decode_views(model: DistributedCodec, infos: Sequence[ViewInfo], streams: Sequence[LatentStream],
-                 quality: int) -> dict[str, np.ndarray]:
-    """Fused decode of views (each fused with every other one of the same padded size) → uint8
-    ``(H, W, 3)`` per view name, cropped to the view's size."""
+                 sides: Sequence[Sequence[int]], quality: int) -> dict[str, np.ndarray]:
+    """Fused decode: view ``i`` fused with the views ``sides[i]`` (indexes into ``streams``) of the
+    same padded size → uint8 ``(H, W, 3)`` per view name, cropped to the view's size."""
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, stream in enumerate(streams):
         groups.setdefault(tuple(stream.shape), []).append(i)
     images = {}
     for members in groups.values():
         coded = [([[streams[i].chunks[0]], [streams[i].chunks[1]]], tuple(streams[i].shape)) for i in members]
-        x_hat = model.decompress(coded, float(quality))["x_hat"][0]
+        local = {i: k for k, i in enumerate(members)}
+        group_sides = [[local[u] for u in sides[i] if u in local] for i in members]
+        x_hat = model.decompress(coded, float(quality), group_sides)["x_hat"][0]
         for i, view in zip(members, x_hat):
             info = infos[i]
             images[info.name] = (view[:, :info.height, :info.width].permute(1, 2, 0) * 255).round().to(
@@ -109,7 +130,8 @@ def read_stream(reader: SceneReader, index: int) -> LatentStream:
 
 @torch.no_grad()
 def decode_distributed_file(source: str | Path, views: Collection[str] | None = None) -> DecodedScene:
-    """Decode a distributed-mode file: all its views, or the subset ``views`` (fused among themselves)."""
+    """Decode a distributed-mode file: all its views, or the subset ``views``; each view is fused with
+    those of its side views (the header's references) that are decoded too."""
     with SceneReader(source, models=MODEL_IDS) as reader:
         header = reader.header
         if header.mode != "distributed":
@@ -123,33 +145,30 @@ def decode_distributed_file(source: str | Path, views: Collection[str] | None = 
             raise LmvicError(f"views not in the file: {', '.join(sorted(unknown))}")
         wanted = [i for i, n in enumerate(names) if views is None or n in set(views)]
         streams = [read_stream(reader, i) for i in wanted]
-    return DecodedScene(header, decode_views(model, [header.views[i] for i in wanted], streams, header.quality), {})
+    local = {i: k for k, i in enumerate(wanted)}
+    sides = [[local[u] for u in header.references[i] if u in local] for i in wanted]
+    return DecodedScene(header, decode_views(model, [header.views[i] for i in wanted], streams, sides,
+                                             header.quality), {})
 
 
 class DistributedSceneCodec(ContainerEvalCodec):
-    """The distributed mode as an RD-evaluation codec: real container bytes.
-
-    The decoder decodes groups of ``group`` views (consecutive in the given order) together, so each
-    view has ``group − 1`` side views; 0 decodes all the views together.
-    """
+    """The distributed mode as an RD-evaluation codec: real container bytes, every view decoded
+    with its side views (``side_views``: the nearest views in coding order, or explicit lists)."""
 
     def __init__(self, names: Sequence[str], K: np.ndarray, T: np.ndarray, model_id: str = "distributed-cpu",
-                 group: int = 0):
+                 side_views: SideViewChoice = SIDE_VIEWS, name: str | None = None):
         super().__init__(names, K, T)
-        self.model_id, self.group = model_id, group
-        self.name = {"distributed-cpu": "lmvic-distributed", "distributed-average-cpu": "lmvic-average"}[model_id]
-        if group:
-            self.name += f"-{group - 1}side"
+        self.model_id, self.side_views = model_id, side_views
+        self.name = name or {"distributed-cpu": "lmvic-distributed", "distributed-average-cpu": "lmvic-average"}[model_id]
         sha = json.loads((WEIGHTS_DIR / f"{model_id}.json").read_text())["sha256"][:12]
-        self.description = (f"lmvic distributed mode ({model_id} {sha}), views coded alone, fused at the decoder "
-                            f"in groups of {group or 'all'}")
+        sides = (f"its {side_views} nearest views in coding order" if isinstance(side_views, int)
+                 else f"side views {[list(s) for s in side_views]}")
+        self.description = f"lmvic distributed mode ({model_id} {sha}), views coded alone, each fused at the decoder with {sides}"
         self.qualities = tuple(range(1, load_model(model_id).backbone.num_qualities + 1))
 
     def encode_file(self, path, views, images, quality):
-        return encode_distributed_file(path, self.model_id, views, images, range(len(views)), quality)[0]
+        return encode_distributed_file(path, self.model_id, views, images, range(len(views)), quality,
+                                       self.side_views)[0]
 
     def decode_file(self, path):
-        group = self.group or len(self.names)
-        parts = [decode_distributed_file(path, self.names[first: first + group])
-                 for first in range(0, len(self.names), group)]
-        return DecodedScene(parts[0].header, {n: im for part in parts for n, im in part.images.items()}, {})
+        return decode_distributed_file(path)

@@ -117,12 +117,12 @@ class DistributedTrainConfig:
                                                                             warmup_steps=50))
     synthesis_lr_scale: float = 0.3
     clip: float = 1.0  # gradient-norm clipping
-    val_clips: int = 2  # per scene, 3 views each
+    val_clips: int = 1  # per scene, 3 views each
     val_qualities: tuple[int, ...] = (2, 5)
     threads: int = 1
     seed: int = 0
     log_every: int = 10
-    val_every: int = 100
+    val_every: int = 150
     ckpt_every: int = 25
 
     @staticmethod

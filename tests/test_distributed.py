@@ -104,6 +104,17 @@ def test_round_trip_equals_forward_for_any_subset(codec, views: torch.Tensor) ->
         codec.decompress([streams[0], (small["strings"], small["shape"])], QUALITY)
 
 
+def test_side_views_restrict_what_each_view_is_fused_with(codec, views: torch.Tensor) -> None:
+    """sides=[[1], [0], []]: views 0 and 1 decode as the pair (0, 1) alone, view 2 as if alone."""
+    streams = _streams(codec, views)
+    chosen = codec.decompress(streams, QUALITY, sides=[[1], [0], []])["x_hat"][0]
+    pair = codec.decompress(streams[:2], QUALITY)["x_hat"][0]
+    alone = codec.decompress(streams[2:], QUALITY)["x_hat"][0]
+    assert torch.equal(chosen[:2], pair) and torch.equal(chosen[2:], alone)
+    with pytest.raises(ValueError, match="own side view"):
+        codec.decompress(streams, QUALITY, sides=[[0], [0], [1]])
+
+
 DECODER = r"""
 import sys, torch
 import lmvic

@@ -34,12 +34,19 @@ from lmvic.models.single_view import (DEFAULT_LAMBDAS, EXACT_THREADS, SingleView
 from lmvic.zoo import WEIGHTS_DIR, WeightsError, load_single_view, read_weights, write_weights
 
 
-def fuse_views(fusion: nn.Module, feats: Tensor) -> Tensor:
-    """Fuse each view with all the others: ``(B, V, C, h, w)`` → ``(B, V, C, h, w)``."""
+#: Side views of each view: ``sides[v]`` lists the indexes (in the batch's view axis) fused into view
+#: ``v``; ``None`` means every other view.
+SideViews = Sequence[Sequence[int]] | None
+
+
+def fuse_views(fusion: nn.Module, feats: Tensor, sides: SideViews = None) -> Tensor:
+    """Fuse each view with its side views: ``(B, V, C, h, w)`` → ``(B, V, C, h, w)``."""
     views = feats.shape[1]
-    return torch.stack([
-        fusion(feats[:, v], [feats[:, u] for u in range(views) if u != v]) for v in range(views)
-    ], dim=1)
+    if sides is None:
+        sides = [[u for u in range(views) if u != v] for v in range(views)]
+    if len(sides) != views or any(v in s or not all(0 <= u < views for u in s) for v, s in enumerate(sides)):
+        raise ValueError(f"side views {sides} do not fit {views} views (a view cannot be its own side view)")
+    return torch.stack([fusion(feats[:, v], [feats[:, u] for u in sides[v]]) for v in range(views)], dim=1)
 
 
 class DistributedCodec(CompressionModel):
@@ -65,24 +72,25 @@ class DistributedCodec(CompressionModel):
         self.fusions = nn.ModuleList(FUSIONS[fusion](c) for c in widths)
 
     # ---- decoder --------------------------------------------------------------------------
-    def synthesise_views(self, y_hat: Tensor, stop: int | None = None) -> Tensor:
+    def synthesise_views(self, y_hat: Tensor, stop: int | None = None, sides: SideViews = None) -> Tensor:
         """Fused synthesis. ``y_hat`` ``(B, V, M, h, w)`` (after the inverse gain) → x̂ ``(B, V, 3, 16h, 16w)``.
 
         Stage ``k`` of the backbone's synthesis maps scale 1/16·2^k to the next; the input of
         stage ``k`` is fused across views for ``k < len(self.fusions)``. With ``stop = k`` the
-        unfused input of fusion ``k`` is returned instead (``(B, V, C, 2^k h, 2^k w)``).
+        unfused input of fusion ``k`` is returned instead (``(B, V, C, 2^k h, 2^k w)``). ``sides``:
+        each view's side views (``fuse_views``; default: all the other views).
         """
         feats = y_hat
         for k, stage in enumerate(self.backbone.synthesis):
             if k == stop:
                 return feats
             if k < len(self.fusions):
-                feats = fuse_views(self.fusions[k], feats)
+                feats = fuse_views(self.fusions[k], feats, sides)
             feats = stage(feats.flatten(0, 1)).unflatten(0, feats.shape[:2])
         return feats
 
     def decode_views(self, streams: Sequence[tuple[list[list[bytes]], tuple[int, int]]],
-                     quality: float, stop: int | None = None) -> Tensor:
+                     quality: float, stop: int | None = None, sides: SideViews = None) -> Tensor:
         """Entropy-decode the views' latents and run ``synthesise_views`` (``stop`` as there).
 
         ``streams``: per view ``(strings, shape)`` from ``compress`` (batch 1 each) → ``(1, V, ...)``.
@@ -96,7 +104,7 @@ class DistributedCodec(CompressionModel):
         y_hat = torch.cat(latents).float()
         level = codec.levels(quality, y_hat.shape[0])
         with fixed_threads(EXACT_THREADS), torch.no_grad():
-            return self.synthesise_views(codec.inverse_gain(y_hat, level)[None], stop)
+            return self.synthesise_views(codec.inverse_gain(y_hat, level)[None], stop, sides)
 
     def align_side_image(self, main: Tensor, side: Tensor, quality: float, fusion_index: int | None = None,
                          values: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -155,16 +163,17 @@ class DistributedCodec(CompressionModel):
         return self.backbone.compress(x, quality)
 
     def decompress(self, streams: Sequence[tuple[list[list[bytes]], tuple[int, int]]],
-                   quality: float) -> dict[str, Tensor]:
+                   quality: float, sides: SideViews = None) -> dict[str, Tensor]:
         """Decode any set of views together.
 
         Args:
             streams: per view ``(strings, shape)`` as returned by ``compress`` (batch 1 each).
             quality: the quality all views were coded at.
+            sides: each view's side views (indexes into ``streams``); default: all the others.
         Returns:
             {"x_hat": ``(1, V, 3, 64·h, 64·w)`` in [0,1]}, views in the order given.
         """
-        return {"x_hat": self.decode_views(streams, quality).clamp(0, 1)}
+        return {"x_hat": self.decode_views(streams, quality, sides=sides).clamp(0, 1)}
 
 
 def build_distributed(size: str = "cpu", fusion: str = "pmifm", feature_fusions: int = 1,
