@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from lmvic.clips import Clip, ClipSampler, load_sequence
 from lmvic.models.single_view import bits_per_pixel
-from lmvic.scene_codec import JointCodec, build_joint, save_joint
+from lmvic.scene_codec import JointCodec, build_joint
 from lmvic.training.loop import (_append_csv, _save_atomic, budget_progress, check_replicas_equal, dist_info,
                                 optimisation_step, psnr_from_mse)
 from lmvic.training.schedule import Schedule
@@ -163,31 +163,3 @@ def train_joint(cfg: JointTrainConfig, resume: bool = False, log=print) -> Joint
         check_replicas_equal(codec)
     return codec
 
-
-if __name__ == "__main__":
-    import argparse
-
-    from pipelines.commands.train import utc_deadline
-
-    p = argparse.ArgumentParser(description="train the joint codec on clips of synthetic and real scenes")
-    p.add_argument("out_dir")
-    p.add_argument("scenes", nargs="+", help="synthetic scene folders (gt/) or work folders of real scenes "
-                   "whose geometry and relations stages have run")
-    p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--crop", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--init-single-view", default="")
-    p.add_argument("--freeze-backbone", action="store_true")
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--until", default="", help="UTC wall-clock end HH:MM: the schedule finishes by then")
-    p.add_argument("--export", default="", help="write the trained codec as shippable weights (e.g. "
-                   "lmvic/weights/joint-cpu.pt); with --steps 0 this ships the untrained initialisation")
-    a = p.parse_args()
-    model = train_joint(JointTrainConfig(a.out_dir, tuple(a.scenes), steps=a.steps, batch=a.batch, crop=a.crop,
-                                 init_single_view=a.init_single_view, freeze_backbone=a.freeze_backbone, threads=a.threads,
-                                 deadline=utc_deadline(a.until),
-                                 schedule=Schedule(peak_lr=a.lr, warmup_steps=20)), resume=a.resume)
-    if a.export and dist_info()[0] == 0:
-        print(save_joint(model.eval(), Path(a.export)))

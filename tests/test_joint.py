@@ -275,7 +275,7 @@ def test_joint_training_ddp_two_gloo_processes(tmp_path) -> None:
     scene = generate(tmp_path / "scene", ArcCameras(n_views=4, width=64, height=64, arc_degrees=20.0), seed=2)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
-           "-m", "lmvic.joint_training", str(tmp_path / "run"), str(scene), "--steps", "2", "--batch", "1",
+           "-m", "pipelines.cli", "train-joint", str(tmp_path / "run"), str(scene), "--steps", "2", "--batch", "1",
            "--crop", "64"]
     # train_joint ends with check_replicas_equal: it raises if the two ranks' weights differ
     result = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True,

@@ -1,0 +1,55 @@
+"""``lmvic train-joint RUN SCENE...``: train the joint codec on clips of synthetic and real scenes.
+
+Staged on the shipped single-view codec (``--init-single-view single_view_cpu --freeze-backbone``
+trains the reference path, QPEM and the depth codec only). Resumable (``--resume``), one CSV row
+per ``log_every`` steps, under ``torchrun`` with DDP; ``--export`` writes shippable weights.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from pipelines.commands.train import utc_deadline
+from pipelines.errors import LmvicError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("train-joint", help="train the joint codec (background-friendly, resumable)",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dir", type=Path, help="output folder: checkpoint.pt, config.json, train.csv")
+    p.add_argument("scenes", nargs="+", type=Path, help="synthetic scene folders (with gt/) or work folders of "
+                   "real scenes whose geometry and relations stages have run")
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--crop", type=int, default=128)
+    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (cosine schedule, 20 warm-up steps)")
+    p.add_argument("--init-single-view", default="", help="single-view weights for the image backbone "
+                   "(a shipped name such as single_view_cpu, or a .pt path); default: a fresh backbone")
+    p.add_argument("--freeze-backbone", action="store_true", help="train only what the joint codec adds")
+    p.add_argument("--resume", action="store_true", help="continue RUN_DIR/checkpoint.pt")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--until", default="", help="UTC wall-clock end HH:MM: the schedule finishes by then")
+    p.add_argument("--export", default="", help="write the trained codec as shippable weights (e.g. "
+                   "lmvic/weights/joint-cpu.pt); with --steps 0 this ships the untrained initialisation")
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    from lmvic.joint_training import JointTrainConfig, train_joint
+    from lmvic.scene_codec import save_joint
+    from lmvic.training.loop import dist_info
+    from lmvic.training.schedule import Schedule
+
+    missing = [str(s) for s in args.scenes if not s.is_dir()]
+    if missing:
+        raise LmvicError(f"not a folder: {', '.join(missing)}")
+    if args.resume and not (args.run_dir / "checkpoint.pt").exists():
+        raise LmvicError(f"--resume: no checkpoint at {args.run_dir / 'checkpoint.pt'}")
+    config = JointTrainConfig(str(args.run_dir), tuple(str(s) for s in args.scenes), steps=args.steps,
+                              batch=args.batch, crop=args.crop, init_single_view=args.init_single_view,
+                              freeze_backbone=args.freeze_backbone, threads=args.threads,
+                              deadline=utc_deadline(args.until),
+                              schedule=Schedule(peak_lr=args.lr, warmup_steps=20))
+    model = train_joint(config, resume=args.resume)
+    if args.export and dist_info()[0] == 0:
+        print(save_joint(model.eval(), Path(args.export)))
