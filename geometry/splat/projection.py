@@ -1,13 +1,17 @@
-"""EWA projection of 3-D Gaussians and spherical-harmonics colour (C++ forward and backward).
+"""EWA projection of 3-D Gaussians with their opacities and spherical-harmonics colours (C++).
 
 Same function as gsplat's fused CUDA projection (``ProjectionEWA3DGSFused.cu``, pinhole model)
-and its SH kernel: world-to-camera ``viewmats`` (OpenCV: x right, y down, z forward), the Jacobian
-at the mean clamped to 1.3x the field of view, a 2-D blur ``eps2d`` (with the antialiasing
-compensation on request), opacity-aware radii (``min(3.33, sqrt(2 ln(255 o)))`` standard
-deviations), culling outside ``[near_plane, far_plane]``, with non-positive determinant, below the
-alpha threshold or off-screen (radii 0, zero outputs, no gradient). Colours are
-``max(SH(dir) + 0.5, 0)`` with ``dir`` from the camera centre to the mean, degree <= 3.
-Gradients flow to means, quats, scales and SH coefficients (not to cameras).
+and its SH kernel, in one C++ pass forward and one backward (a single autograd node):
+world-to-camera ``viewmats`` (OpenCV: x right, y down, z forward), the Jacobian at the mean
+clamped to 1.3x the field of view, a 2-D blur ``eps2d`` (with the antialiasing compensation on
+request, folded into the per-entry opacity), opacity-aware radii (``min(3.33, sqrt(2 ln(255 o)))``
+standard deviations), culling outside ``[near_plane, far_plane]``, with non-positive determinant,
+below the alpha threshold or off-screen. Colours are ``max(SH(dir) + 0.5, 0)`` with ``dir`` from
+the camera centre to the mean, degree <= 3. Gradients flow to means, quats, scales, opacities and
+SH coefficients (not to cameras).
+
+Dense results have shape [C, N, ...] (culled entries: radii 0, zero outputs, no gradient); packed
+results keep only the visible (camera, Gaussian) pairs, camera-major, with their ids.
 """
 
 from __future__ import annotations
@@ -22,43 +26,52 @@ from geometry.splat._backend import extension
 
 
 class Projection(NamedTuple):
-    """Per (camera, Gaussian) projection results, each [C, N, ...]."""
+    """Per-entry projection results: [C, N, ...] dense or [nnz, ...] packed."""
 
-    radii: Tensor  # [C, N, 2] int32, 0 where culled
-    means2d: Tensor  # [C, N, 2] pixels
-    depths: Tensor  # [C, N] camera z
-    conics: Tensor  # [C, N, 3] inverse 2-D covariance (xx, xy, yy)
-    compensations: Optional[Tensor]  # [C, N] or None
+    radii: Tensor  # [..., 2] int32, 0 where culled
+    means2d: Tensor  # [..., 2] pixels
+    depths: Tensor  # [...] camera z
+    conics: Tensor  # [..., 3] inverse 2-D covariance (xx, xy, yy)
+    opacities: Tensor  # [...] opacity times the compensation when antialiased
+    colors: Optional[Tensor]  # [..., 3] SH colours, or None without SH coefficients
+    compensations: Optional[Tensor]  # [...] or None
+    camera_ids: Optional[Tensor]  # [nnz] int64 when packed
+    gaussian_ids: Optional[Tensor]  # [nnz] int64 when packed
+
+
+_NO_SH = torch.empty(0)
 
 
 class _Project(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, means, quats, scales, opacities, viewmats, Ks, width, height, eps2d, near, far, clip, comp):  # type: ignore[override]
-        inputs = [t.detach().float().contiguous() for t in (means, quats, scales, opacities, viewmats, Ks)]
-        radii, means2d, depths, conics, comps = extension().project_forward(
-            *inputs, width, height, eps2d, near, far, clip, comp
+    def forward(ctx, means, quats, scales, opacities, coeffs, viewmats, Ks, sh_degree, width, height,  # type: ignore[override]
+                eps2d, near, far, clip, comp, packed):
+        inputs = [t.detach().float().contiguous() for t in (means, quats, scales, opacities, coeffs, viewmats, Ks)]
+        radii, means2d, depths, conics, opac, colors, comps, entry_of, camera_ids, gaussian_ids = (
+            extension().project_forward(*inputs, sh_degree, width, height, eps2d, near, far, clip, comp, packed)
         )
-        ctx.save_for_backward(*inputs[:3], *inputs[4:], radii)
-        ctx.dims = (width, height, eps2d)
-        ctx.mark_non_differentiable(radii)
-        return radii, means2d, depths, conics, comps
+        ctx.save_for_backward(*inputs, entry_of, comps, colors)
+        ctx.dims = (sh_degree, width, height, eps2d)
+        ctx.mark_non_differentiable(radii, comps, camera_ids, gaussian_ids)
+        return radii, means2d, depths, conics, opac, colors, comps, camera_ids, gaussian_ids
 
     @staticmethod
-    def backward(ctx, _v_radii, v_means2d, v_depths, v_conics, v_comps):  # type: ignore[override]
-        means, quats, scales, viewmats, Ks, radii = ctx.saved_tensors
-        width, height, eps2d = ctx.dims
-        v_means, v_quats, v_scales = extension().project_backward(
-            means, quats, scales, viewmats, Ks, width, height, eps2d, radii,
-            v_means2d.contiguous(), v_depths.contiguous(), v_conics.contiguous(), v_comps.contiguous(),
+    def backward(ctx, _v_radii, v_means2d, v_depths, v_conics, v_opac, v_colors, *_ids):  # type: ignore[override]
+        *inputs, entry_of, comps, colors = ctx.saved_tensors
+        v_means, v_quats, v_scales, v_opacities, v_coeffs = extension().project_backward(
+            *inputs, *ctx.dims, entry_of, comps, colors,
+            v_means2d.contiguous(), v_depths.contiguous(), v_conics.contiguous(), v_opac.contiguous(),
+            v_colors.contiguous(),
         )
-        return v_means, v_quats, v_scales, None, None, None, None, None, None, None, None, None, None
+        return (v_means, v_quats, v_scales, v_opacities, v_coeffs if ctx.dims[0] >= 0 else None,
+                None, None, None, None, None, None, None, None, None, None, None)
 
 
 def project_gaussians(
     means: Tensor,  # [N, 3]
     quats: Tensor,  # [N, 4] (w, x, y, z), normalised inside
     scales: Tensor,  # [N, 3]
-    opacities: Tensor,  # [N] (only for the opacity-aware radii and culling)
+    opacities: Tensor,  # [N]
     viewmats: Tensor,  # [C, 4, 4]
     Ks: Tensor,  # [C, 3, 3]
     width: int,
@@ -68,42 +81,32 @@ def project_gaussians(
     far_plane: float = 1e10,
     radius_clip: float = 0.0,
     calc_compensations: bool = False,
+    sh_coeffs: Optional[Tensor] = None,  # [N, K, 3]
+    sh_degree: int = 3,
+    packed: bool = False,
 ) -> Projection:
-    """Project N Gaussians into C pinhole cameras (see the module docstring for the rules)."""
-    radii, means2d, depths, conics, comps = _Project.apply(
-        means, quats, scales, opacities, viewmats, Ks, width, height, eps2d, near_plane, far_plane,
-        radius_clip, calc_compensations,
-    )
-    return Projection(radii, means2d, depths, conics, comps if calc_compensations else None)
+    """Project N Gaussians into C pinhole cameras; with ``sh_coeffs`` also their colours.
 
-
-class _SphericalHarmonics(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, degree, means, coeffs, campos):  # type: ignore[override]
-        means, coeffs, campos = (t.detach().float().contiguous() for t in (means, coeffs, campos))
-        colors = extension().sh_forward(degree, means, coeffs, campos)
-        ctx.save_for_backward(means, coeffs, campos, colors)
-        ctx.degree = degree
-        return colors
-
-    @staticmethod
-    def backward(ctx, v_colors):  # type: ignore[override]
-        means, coeffs, campos, colors = ctx.saved_tensors
-        v_coeffs, v_means = extension().sh_backward(ctx.degree, means, coeffs, campos, colors, v_colors.contiguous())
-        return None, v_means, v_coeffs, None
-
-
-def sh_to_color(degree: int, means: Tensor, coeffs: Tensor, viewmats: Tensor) -> Tensor:
-    """View-dependent colours [C, N, 3] = max(SH(dir) + 0.5, 0), as gsplat's ``rasterization``.
-
-    means [N, 3]; coeffs [N, K, 3] with K >= (degree+1)^2 (extra bands ignored); viewmats [C, 4, 4].
+    ``sh_coeffs`` [N, K, 3] needs K >= (sh_degree + 1)^2 (extra bands are ignored).
     """
-    if not 0 <= degree <= 3:
-        raise ValueError(f"sh_degree must be in 0..3 on the CPU, got {degree}")
-    if coeffs.dim() != 3 or coeffs.shape[-1] != 3 or coeffs.shape[1] < (degree + 1) ** 2:
-        raise ValueError(f"sh_degree {degree} needs coefficients [N, >={(degree + 1) ** 2}, 3], got {tuple(coeffs.shape)}")
-    campos = -(viewmats[:, :3, :3].transpose(-1, -2) @ viewmats[:, :3, 3:])[..., 0]  # [C, 3]
-    return _SphericalHarmonics.apply(degree, means, coeffs, campos.detach())
+    degree = -1
+    coeffs = _NO_SH
+    if sh_coeffs is not None:
+        if not 0 <= sh_degree <= 3:
+            raise ValueError(f"sh_degree must be in 0..3 on the CPU, got {sh_degree}")
+        if sh_coeffs.dim() != 3 or sh_coeffs.shape[-1] != 3 or sh_coeffs.shape[1] < (sh_degree + 1) ** 2:
+            raise ValueError(
+                f"sh_degree {sh_degree} needs coefficients [N, >={(sh_degree + 1) ** 2}, 3], got {tuple(sh_coeffs.shape)}"
+            )
+        degree, coeffs = sh_degree, sh_coeffs
+    radii, means2d, depths, conics, opac, colors, comps, camera_ids, gaussian_ids = _Project.apply(
+        means, quats, scales, opacities, coeffs, viewmats, Ks, degree, width, height, eps2d, near_plane,
+        far_plane, radius_clip, calc_compensations, packed,
+    )
+    return Projection(
+        radii, means2d, depths, conics, opac, colors if degree >= 0 else None,
+        comps if calc_compensations else None, camera_ids if packed else None, gaussian_ids if packed else None,
+    )
 
 
 def tile_grid(width: int, height: int, tile_size: int) -> tuple[int, int]:

@@ -18,7 +18,7 @@ from typing import Any, Literal, Optional
 import torch
 from torch import Tensor
 
-from geometry.splat.projection import project_gaussians, sh_to_color, tile_grid
+from geometry.splat.projection import project_gaussians, tile_grid
 from geometry.splat.rasterize import intersect_tiles, rasterize_to_pixels
 
 RenderMode = Literal["RGB", "D", "ED", "RGB+D", "RGB+ED"]
@@ -69,25 +69,19 @@ def rasterization(
     n_cams = viewmats.shape[0]
 
     proj = project_gaussians(
-        means, quats, scales, opacities, viewmats, Ks, width, height, eps2d=eps2d,
-        near_plane=near_plane, far_plane=far_plane, radius_clip=radius_clip,
-        calc_compensations=rasterize_mode == "antialiased",
+        means, quats, scales, opacities, viewmats, Ks, width, height, eps2d=eps2d, near_plane=near_plane,
+        far_plane=far_plane, radius_clip=radius_clip, calc_compensations=rasterize_mode == "antialiased",
+        sh_coeffs=colors if sh_degree is not None else None, sh_degree=sh_degree or 0, packed=packed,
     )
-    opac = opacities[None].expand(n_cams, -1)
-    if proj.compensations is not None:
-        opac = opac * proj.compensations
-    if sh_degree is None:
-        rgb = colors if colors.dim() == 3 else colors[None].expand(n_cams, -1, -1)
+    radii, means2d, depths, conics, opac = proj.radii, proj.means2d, proj.depths, proj.conics, proj.opacities
+    camera_ids, gaussian_ids = proj.camera_ids, proj.gaussian_ids
+    if proj.colors is not None:
+        rgb = proj.colors
+    elif packed:  # per-Gaussian values [N, D] or per camera [C, N, D]
+        rgb = colors[gaussian_ids] if colors.dim() == 2 else colors[camera_ids, gaussian_ids]
     else:
-        rgb = sh_to_color(sh_degree, means, colors, viewmats)
-
-    radii, means2d, depths, conics = proj.radii, proj.means2d, proj.depths, proj.conics
-    camera_ids = gaussian_ids = None
+        rgb = colors if colors.dim() == 3 else colors[None].expand(n_cams, -1, -1)
     if packed:
-        camera_ids, gaussian_ids = (radii > 0).all(dim=-1).nonzero(as_tuple=True)
-        radii, means2d, depths, conics, opac, rgb = (
-            t[camera_ids, gaussian_ids] for t in (radii, means2d, depths, conics, opac, rgb)
-        )
         image_ids = camera_ids
     else:
         image_ids = torch.arange(n_cams).repeat_interleave(means.shape[0])

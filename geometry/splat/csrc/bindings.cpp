@@ -5,17 +5,17 @@
 #include <vector>
 
 std::vector<torch::Tensor> project_forward(torch::Tensor means, torch::Tensor quats, torch::Tensor scales,
-                                           torch::Tensor opacities, torch::Tensor viewmats, torch::Tensor Ks,
-                                           int64_t width, int64_t height, double eps2d, double near_plane,
-                                           double far_plane, double radius_clip, bool calc_compensations);
+                                           torch::Tensor opacities, torch::Tensor coeffs, torch::Tensor viewmats,
+                                           torch::Tensor Ks, int64_t sh_degree, int64_t width, int64_t height,
+                                           double eps2d, double near_plane, double far_plane, double radius_clip,
+                                           bool calc_compensations, bool packed);
 std::vector<torch::Tensor> project_backward(torch::Tensor means, torch::Tensor quats, torch::Tensor scales,
-                                            torch::Tensor viewmats, torch::Tensor Ks, int64_t width, int64_t height,
-                                            double eps2d, torch::Tensor radii, torch::Tensor v_means2d,
-                                            torch::Tensor v_depths, torch::Tensor v_conics,
-                                            torch::Tensor v_compensations);
-torch::Tensor sh_forward(int64_t degree, torch::Tensor means, torch::Tensor coeffs, torch::Tensor campos);
-std::vector<torch::Tensor> sh_backward(int64_t degree, torch::Tensor means, torch::Tensor coeffs, torch::Tensor campos,
-                                       torch::Tensor colors, torch::Tensor v_colors);
+                                            torch::Tensor opacities, torch::Tensor coeffs, torch::Tensor viewmats,
+                                            torch::Tensor Ks, int64_t sh_degree, int64_t width, int64_t height,
+                                            double eps2d, torch::Tensor entry_of, torch::Tensor compensations,
+                                            torch::Tensor colors, torch::Tensor v_means2d, torch::Tensor v_depths,
+                                            torch::Tensor v_conics, torch::Tensor v_opacities,
+                                            torch::Tensor v_colors);
 std::vector<torch::Tensor> intersect_tiles(torch::Tensor means2d, torch::Tensor radii, torch::Tensor depths,
                                            torch::Tensor image_ids, int64_t n_images, int64_t tile_size,
                                            int64_t tiles_x, int64_t tiles_y);
@@ -32,10 +32,8 @@ std::vector<torch::Tensor> rasterize_backward(torch::Tensor means2d, torch::Tens
                                               bool absgrad);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
-    mod.def("project_forward", &project_forward, "EWA projection of 3-D Gaussians (forward)");
-    mod.def("project_backward", &project_backward, "EWA projection of 3-D Gaussians (backward)");
-    mod.def("sh_forward", &sh_forward, "spherical-harmonics colours (forward)");
-    mod.def("sh_backward", &sh_backward, "spherical-harmonics colours (backward)");
+    mod.def("project_forward", &project_forward, "EWA projection, opacities and SH colours (forward)");
+    mod.def("project_backward", &project_backward, "EWA projection, opacities and SH colours (backward)");
     mod.def("intersect_tiles", &intersect_tiles, "per-tile depth-sorted Gaussian lists");
     mod.def("rasterize_forward", &rasterize_forward, "rasterise Gaussians to pixels (forward)");
     mod.def("rasterize_backward", &rasterize_backward, "rasterise Gaussians to pixels (backward)");

@@ -1,16 +1,19 @@
-// EWA projection of 3-D Gaussians and spherical-harmonics colour, forward and hand-written
-// backward, OpenMP over Gaussians (each thread owns a Gaussian across all cameras: no races).
+// EWA projection of 3-D Gaussians with their opacities and spherical-harmonics colours, forward and
+// hand-written backward in one pass each, OpenMP over Gaussians (each thread owns a Gaussian
+// across all cameras: no races, and every gradient is written once, without zero-filling).
 //
 // The same function as gsplat's fused CUDA projection (ProjectionEWA3DGSFused.cu, pinhole) and
 // SphericalHarmonicsCUDA.cu: OpenCV world-to-camera viewmats, Jacobian at the mean clamped to 1.3x
 // the field of view, eps2d blur (optional antialiasing compensation), opacity-aware radii, culling
-// outside [near, far], det <= 0, opacity below 1/255 and off-screen.
+// outside [near, far], det <= 0, opacity below 1/255 and off-screen. Results are dense [C, N] or
+// packed (visible pairs only, with their camera and Gaussian ids).
 
 #include <torch/extension.h>
 
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 namespace {
@@ -57,6 +60,7 @@ struct Camera {
     Mat3 R;
     float t[3];
     float fx, fy, cx, cy;
+    float centre[3];  // -R^T t
 };
 
 Camera camera(const float *viewmat, const float *K) {
@@ -69,6 +73,7 @@ Camera camera(const float *viewmat, const float *K) {
     cam.fy = K[4];
     cam.cx = K[2];
     cam.cy = K[5];
+    for (int j = 0; j < 3; ++j) cam.centre[j] = -(cam.R[0][j] * cam.t[0] + cam.R[1][j] * cam.t[1] + cam.R[2][j] * cam.t[2]);
     return cam;
 }
 
@@ -181,45 +186,112 @@ void sh_basis(int degree, float x, float y, float z, float *B, float (*dB)[3]) {
     set(15, SH_C3[6] * x * (xx - 3 * yy), SH_C3[6] * (3 * xx - 3 * yy), SH_C3[6] * (-6 * x * y), 0.f);
 }
 
+// Unit direction from the camera centre to the mean, and 1 / distance.
+struct ViewDir {
+    float n[3], inv;
+};
+
+ViewDir view_dir(const float *mean, const Camera &cam) {
+    const float d[3] = {mean[0] - cam.centre[0], mean[1] - cam.centre[1], mean[2] - cam.centre[2]};
+    ViewDir v;
+    v.inv = 1.f / std::max(std::sqrt(d[0] * d[0] + d[1] * d[1] + d[2] * d[2]), 1e-12f);
+    for (int a = 0; a < 3; ++a) v.n[a] = d[a] * v.inv;
+    return v;
+}
+
+// Settings shared by the forward and backward passes.
+struct Settings {
+    int width, height;
+    float eps2d, near_plane, far_plane, radius_clip;
+    bool compensate;
+    int sh_degree;  // < 0: no SH colours
+};
+
+// Read-only per-Gaussian inputs.
+struct Inputs {
+    int64_t N, C, K;
+    const float *means, *quats, *scales, *opacities, *coeffs;  // coeffs [N, K, 3] or null
+    std::vector<Camera> cams;
+
+    Inputs(const torch::Tensor &means_, const torch::Tensor &quats_, const torch::Tensor &scales_,
+           const torch::Tensor &opacities_, const torch::Tensor &coeffs_, const torch::Tensor &viewmats,
+           const torch::Tensor &Ks, int sh_degree) {
+        for (auto *t : {&means_, &quats_, &scales_, &opacities_, &viewmats, &Ks}) check_float(*t, "projection input");
+        N = means_.size(0);
+        C = viewmats.size(0);
+        means = means_.data_ptr<float>();
+        quats = quats_.data_ptr<float>();
+        scales = scales_.data_ptr<float>();
+        opacities = opacities_.data_ptr<float>();
+        coeffs = nullptr;
+        K = 0;
+        if (sh_degree >= 0) {
+            check_float(coeffs_, "SH coefficients");
+            TORCH_CHECK(sh_degree <= 3, "sh_degree must be in 0..3");
+            K = coeffs_.size(1);
+            TORCH_CHECK(coeffs_.dim() == 3 && coeffs_.size(0) == N && coeffs_.size(2) == 3 &&
+                            K >= (sh_degree + 1) * (sh_degree + 1),
+                        "SH coefficients must be [N, >=(degree+1)^2, 3]");
+            coeffs = coeffs_.data_ptr<float>();
+        }
+        const float *vm = viewmats.data_ptr<float>(), *k = Ks.data_ptr<float>();
+        for (int64_t c = 0; c < C; ++c) cams.push_back(camera(vm + 16 * c, k + 9 * c));
+    }
+};
+
 }  // namespace
 
-// Returns (radii [C,N,2] int32, means2d [C,N,2], depths [C,N], conics [C,N,3], compensations [C,N]
-// (empty unless calc_compensations)). Culled entries have radii 0 and zero outputs.
+// Projection, opacity (times the antialiasing compensation) and SH colour of every (camera,
+// Gaussian) pair. Dense: E = C*N entries with shape [C, N, ...], culled ones with radii 0 and zero
+// outputs. Packed: only the E = nnz visible entries, camera-major then by Gaussian, shape [nnz, ...].
+// Returns (radii [E,2] int32, means2d [E,2], depths [E], conics [E,3], opacities [E], colors [E,3]
+// (empty without SH), compensations [E] (empty unless requested), entry_of [C,N] int32 (the entry
+// of each pair or -1 if culled), camera_ids [E] int64, gaussian_ids [E] int64 (both empty if dense)).
 std::vector<torch::Tensor> project_forward(torch::Tensor means, torch::Tensor quats, torch::Tensor scales,
-                                           torch::Tensor opacities, torch::Tensor viewmats, torch::Tensor Ks,
-                                           int64_t width, int64_t height, double eps2d, double near_plane,
-                                           double far_plane, double radius_clip, bool calc_compensations) {
-    for (auto *t : {&means, &quats, &scales, &opacities, &viewmats, &Ks}) check_float(*t, "projection input");
-    const int64_t N = means.size(0), C = viewmats.size(0);
+                                           torch::Tensor opacities, torch::Tensor coeffs, torch::Tensor viewmats,
+                                           torch::Tensor Ks, int64_t sh_degree, int64_t width, int64_t height,
+                                           double eps2d, double near_plane, double far_plane, double radius_clip,
+                                           bool calc_compensations, bool packed) {
+    const Settings set{(int)width, (int)height, (float)eps2d, (float)near_plane, (float)far_plane,
+                       (float)radius_clip, calc_compensations, (int)sh_degree};
+    const Inputs in(means, quats, scales, opacities, coeffs, viewmats, Ks, set.sh_degree);
+    const int64_t N = in.N, C = in.C;
+    const bool sh = set.sh_degree >= 0;
+    const int nb = sh ? (set.sh_degree + 1) * (set.sh_degree + 1) : 0;
     auto f32 = torch::dtype(torch::kFloat32);
-    auto radii = torch::zeros({C, N, 2}, torch::dtype(torch::kInt32));
-    auto means2d = torch::zeros({C, N, 2}, f32);
-    auto depths = torch::zeros({C, N}, f32);
-    auto conics = torch::zeros({C, N, 3}, f32);
-    auto comps = torch::zeros({calc_compensations ? C : 0, N}, f32);
-    const float *mu = means.data_ptr<float>(), *q = quats.data_ptr<float>(), *s = scales.data_ptr<float>();
-    const float *op = opacities.data_ptr<float>(), *vm = viewmats.data_ptr<float>(), *k = Ks.data_ptr<float>();
+    // dense results first ([C, N] order), compacted afterwards when packed
+    auto radii = torch::empty({C, N, 2}, torch::dtype(torch::kInt32));
+    auto means2d = torch::empty({C, N, 2}, f32);
+    auto depths = torch::empty({C, N}, f32);
+    auto conics = torch::empty({C, N, 3}, f32);
+    auto opac = torch::empty({C, N}, f32);
+    auto colors = torch::empty({sh ? C : 0, N, 3}, f32);
+    auto comps = torch::empty({calc_compensations ? C : 0, N}, f32);
     int32_t *rad = radii.data_ptr<int32_t>();
     float *m2 = means2d.data_ptr<float>(), *dep = depths.data_ptr<float>(), *con = conics.data_ptr<float>();
+    float *op = opac.data_ptr<float>(), *col = sh ? colors.data_ptr<float>() : nullptr;
     float *cmp = calc_compensations ? comps.data_ptr<float>() : nullptr;
-    std::vector<Camera> cams;
-    for (int64_t c = 0; c < C; ++c) cams.push_back(camera(vm + 16 * c, k + 9 * c));
 
 #pragma omp parallel for schedule(static)
     for (int64_t g = 0; g < N; ++g) {
-        const Shape sh = shape(q + 4 * g, s + 3 * g);
+        const Shape shp = shape(in.quats + 4 * g, in.scales + 3 * g);
+        const float *mu = in.means + 3 * g;
         for (int64_t c = 0; c < C; ++c) {
-            const Projected p = project(sh, mu + 3 * g, cams[c], (int)width, (int)height, (float)eps2d,
-                                        (float)near_plane, (float)far_plane);
+            const int64_t i = c * N + g;
+            rad[2 * i] = rad[2 * i + 1] = 0;
+            m2[2 * i] = m2[2 * i + 1] = dep[i] = con[3 * i] = con[3 * i + 1] = con[3 * i + 2] = op[i] = 0.f;
+            if (col) col[3 * i] = col[3 * i + 1] = col[3 * i + 2] = 0.f;
+            if (cmp) cmp[i] = 0.f;
+            const Projected p = project(shp, mu, in.cams[c], set.width, set.height, set.eps2d, set.near_plane,
+                                        set.far_plane);
             if (!p.valid) continue;
             const float comp = std::sqrt(std::max(0.f, p.det_orig / p.det));
-            const float opacity = op[g] * (calc_compensations ? comp : 1.f);
+            const float opacity = in.opacities[g] * (calc_compensations ? comp : 1.f);
             if (opacity < kAlphaThreshold) continue;
             const float extent = std::min(3.33f, std::sqrt(2.f * std::log(opacity / kAlphaThreshold)));
             const float rx = std::ceil(extent * std::sqrt(p.a)), ry = std::ceil(extent * std::sqrt(p.c));
-            if (rx <= radius_clip && ry <= radius_clip) continue;
-            if (p.mx + rx <= 0 || p.mx - rx >= width || p.my + ry <= 0 || p.my - ry >= height) continue;
-            const int64_t i = c * N + g;
+            if (rx <= set.radius_clip && ry <= set.radius_clip) continue;
+            if (p.mx + rx <= 0 || p.mx - rx >= set.width || p.my + ry <= 0 || p.my - ry >= set.height) continue;
             rad[2 * i] = (int32_t)rx;
             rad[2 * i + 1] = (int32_t)ry;
             m2[2 * i] = p.mx;
@@ -228,45 +300,107 @@ std::vector<torch::Tensor> project_forward(torch::Tensor means, torch::Tensor qu
             con[3 * i] = p.c / p.det;
             con[3 * i + 1] = -p.b / p.det;
             con[3 * i + 2] = p.a / p.det;
+            op[i] = opacity;
             if (cmp) cmp[i] = comp;
+            if (col) {
+                const ViewDir v = view_dir(mu, in.cams[c]);
+                float B[16];
+                sh_basis(set.sh_degree, v.n[0], v.n[1], v.n[2], B, nullptr);
+                const float *co = in.coeffs + g * in.K * 3;
+                for (int ch = 0; ch < 3; ++ch) {
+                    float value = 0.5f;
+                    for (int b = 0; b < nb; ++b) value += B[b] * co[3 * b + ch];
+                    col[3 * i + ch] = std::max(value, 0.f);
+                }
+            }
         }
     }
-    return {radii, means2d, depths, conics, comps};
+
+    auto entry_of = torch::empty({C, N}, torch::dtype(torch::kInt32));
+    int32_t *eo = entry_of.data_ptr<int32_t>();
+    int64_t nnz = 0;
+    for (int64_t i = 0; i < C * N; ++i) eo[i] = rad[2 * i] > 0 && rad[2 * i + 1] > 0 ? (int32_t)(packed ? nnz++ : i) : -1;
+    if (!packed) {
+        auto none = torch::empty({0}, torch::dtype(torch::kInt64));
+        return {radii, means2d, depths, conics, opac, colors, comps, entry_of, none, none};
+    }
+    // compaction: row i of every dense result goes to row eo[i]
+    auto camera_ids = torch::empty({nnz}, torch::dtype(torch::kInt64));
+    auto gaussian_ids = torch::empty({nnz}, torch::dtype(torch::kInt64));
+    int64_t *cid = camera_ids.data_ptr<int64_t>(), *gid = gaussian_ids.data_ptr<int64_t>();
+    auto compact = [&](const torch::Tensor &dense, int64_t width_) {
+        std::vector<int64_t> shape_{nnz};
+        if (dense.dim() == 3) shape_.push_back(width_);
+        auto out = torch::empty(shape_, dense.options());
+        const int64_t bytes = dense.element_size() * width_;
+        const char *src = (const char *)dense.data_ptr();
+        char *dst = (char *)out.data_ptr();
+        for (int64_t i = 0; i < C * N; ++i)
+            if (eo[i] >= 0) std::memcpy(dst + eo[i] * bytes, src + i * bytes, bytes);
+        return out;
+    };
+    for (int64_t i = 0; i < C * N; ++i) {
+        if (eo[i] < 0) continue;
+        cid[eo[i]] = i / N;
+        gid[eo[i]] = i % N;
+    }
+    return {compact(radii, 2), compact(means2d, 2), compact(depths, 1), compact(conics, 3), compact(opac, 1),
+            sh ? compact(colors, 3) : colors, calc_compensations ? compact(comps, 1) : comps, entry_of, camera_ids,
+            gaussian_ids};
 }
 
-// Returns (v_means [N,3], v_quats [N,4], v_scales [N,3]) summed over cameras, for the entries
-// with radii > 0.
+// Gradients of project_forward's differentiable outputs (means2d, depths, conics, opacities,
+// colors: flattened over the E entries) with respect to its inputs. Returns (v_means [N,3],
+// v_quats [N,4], v_scales [N,3], v_opacities [N], v_coeffs [N,K,3] (empty without SH)).
 std::vector<torch::Tensor> project_backward(torch::Tensor means, torch::Tensor quats, torch::Tensor scales,
-                                            torch::Tensor viewmats, torch::Tensor Ks, int64_t width, int64_t height,
-                                            double eps2d, torch::Tensor radii, torch::Tensor v_means2d,
-                                            torch::Tensor v_depths, torch::Tensor v_conics,
-                                            torch::Tensor v_compensations) {
-    for (auto *t : {&v_means2d, &v_depths, &v_conics}) check_float(*t, "projection gradient");
-    const int64_t N = means.size(0), C = viewmats.size(0);
-    const bool has_comp = v_compensations.numel() > 0;
-    auto v_means = torch::zeros({N, 3}, torch::dtype(torch::kFloat32));
-    auto v_quats = torch::zeros({N, 4}, torch::dtype(torch::kFloat32));
-    auto v_scales = torch::zeros({N, 3}, torch::dtype(torch::kFloat32));
-    const float *mu = means.data_ptr<float>(), *q = quats.data_ptr<float>(), *s = scales.data_ptr<float>();
-    const float *vm = viewmats.data_ptr<float>(), *k = Ks.data_ptr<float>();
-    const int32_t *rad = radii.data_ptr<int32_t>();
+                                            torch::Tensor opacities, torch::Tensor coeffs, torch::Tensor viewmats,
+                                            torch::Tensor Ks, int64_t sh_degree, int64_t width, int64_t height,
+                                            double eps2d, torch::Tensor entry_of, torch::Tensor compensations,
+                                            torch::Tensor colors, torch::Tensor v_means2d, torch::Tensor v_depths,
+                                            torch::Tensor v_conics, torch::Tensor v_opacities,
+                                            torch::Tensor v_colors) {
+    const Settings set{(int)width, (int)height, (float)eps2d, -INFINITY, INFINITY, 0.f, compensations.numel() > 0,
+                       (int)sh_degree};
+    const Inputs in(means, quats, scales, opacities, coeffs, viewmats, Ks, set.sh_degree);
+    for (auto *t : {&v_means2d, &v_depths, &v_conics, &v_opacities}) check_float(*t, "projection gradient");
+    TORCH_CHECK(entry_of.scalar_type() == torch::kInt32 && entry_of.is_contiguous(), "entry_of must be int32");
+    const int64_t N = in.N, C = in.C, K = in.K;
+    const bool sh = set.sh_degree >= 0;
+    const int nb = sh ? (set.sh_degree + 1) * (set.sh_degree + 1) : 0;
+    if (sh) {
+        check_float(colors, "colors");
+        check_float(v_colors, "colour gradient");
+    }
+    auto f32 = torch::dtype(torch::kFloat32);
+    auto v_means = torch::empty({N, 3}, f32);
+    auto v_quats = torch::empty({N, 4}, f32);
+    auto v_scales = torch::empty({N, 3}, f32);
+    auto v_opac = torch::empty({N}, f32);
+    auto v_coeffs = torch::empty({sh ? N : 0, K, 3}, f32);
+    const int32_t *eo = entry_of.data_ptr<int32_t>();
+    const float *cmp = set.compensate ? compensations.data_ptr<float>() : nullptr;
+    const float *col = sh ? colors.data_ptr<float>() : nullptr, *vcol = sh ? v_colors.data_ptr<float>() : nullptr;
     const float *vm2 = v_means2d.data_ptr<float>(), *vdep = v_depths.data_ptr<float>();
-    const float *vcon = v_conics.data_ptr<float>(), *vcmp = has_comp ? v_compensations.data_ptr<float>() : nullptr;
+    const float *vcon = v_conics.data_ptr<float>(), *vop = v_opacities.data_ptr<float>();
     float *gmu = v_means.data_ptr<float>(), *gq = v_quats.data_ptr<float>(), *gs = v_scales.data_ptr<float>();
-    std::vector<Camera> cams;
-    for (int64_t c = 0; c < C; ++c) cams.push_back(camera(vm + 16 * c, k + 9 * c));
-    const float eps = (float)eps2d;
+    float *gop = v_opac.data_ptr<float>(), *gco = sh ? v_coeffs.data_ptr<float>() : nullptr;
+    const float eps = set.eps2d;
 
 #pragma omp parallel for schedule(static)
     for (int64_t g = 0; g < N; ++g) {
-        const Shape sh = shape(q + 4 * g, s + 3 * g);
+        const Shape shp = shape(in.quats + 4 * g, in.scales + 3 * g);
+        const float *mu = in.means + 3 * g;
+        const float *s = in.scales + 3 * g;
         Mat3 v_cov{};  // world covariance gradient, summed over cameras
-        float v_mu[3] = {0.f, 0.f, 0.f};
+        float v_mu[3] = {0.f, 0.f, 0.f}, v_o = 0.f;
+        float v_co[16][3] = {};
         for (int64_t c = 0; c < C; ++c) {
-            const int64_t i = c * N + g;
-            if (rad[2 * i] <= 0 || rad[2 * i + 1] <= 0) continue;
-            const Camera &cam = cams[c];
-            const Projected p = project(sh, mu + 3 * g, cam, (int)width, (int)height, eps, -INFINITY, INFINITY);
+            const int64_t i = eo[c * N + g];
+            if (i < 0) continue;
+            const Camera &cam = in.cams[c];
+            const Projected p = project(shp, mu, cam, set.width, set.height, eps, -INFINITY, INFINITY);
+            // entry opacity = opacity * compensation
+            v_o += vop[i] * (cmp ? cmp[i] : 1.f);
             // conic = inverse(S2) with S2 = [[a, b], [b, c]]: v_S2 = -P G P, G = [[v0, v1/2], [v1/2, v2]]
             const float P00 = p.c / p.det, P01 = -p.b / p.det, P11 = p.a / p.det;
             const float G00 = vcon[3 * i], G01 = 0.5f * vcon[3 * i + 1], G11 = vcon[3 * i + 2];
@@ -274,10 +408,10 @@ std::vector<torch::Tensor> project_backward(torch::Tensor means, torch::Tensor q
             const float PG10 = P01 * G00 + P11 * G01, PG11 = P01 * G01 + P11 * G11;
             float vS[2][2] = {{-(PG00 * P00 + PG01 * P01), -(PG00 * P01 + PG01 * P11)},
                               {-(PG10 * P00 + PG11 * P01), -(PG10 * P01 + PG11 * P11)}};
-            if (vcmp) {  // comp = sqrt(det_orig / det): d comp^2 / d S2 = (1 - comp^2) P - eps I / det
+            if (cmp) {  // comp = sqrt(det_orig / det): d comp^2 / d S2 = (1 - comp^2) P - eps I / det
                 const float comp2 = std::max(0.f, p.det_orig / p.det);
                 if (comp2 > 0.f) {
-                    const float f = vcmp[i] / (2.f * std::sqrt(comp2));
+                    const float f = vop[i] * in.opacities[g] / (2.f * std::sqrt(comp2));
                     vS[0][0] += f * ((1 - comp2) * P00 - eps / p.det);
                     vS[0][1] += f * (1 - comp2) * P01;
                     vS[1][0] += f * (1 - comp2) * P01;
@@ -312,20 +446,48 @@ std::vector<torch::Tensor> project_backward(torch::Tensor means, torch::Tensor q
             const Mat3 vc = matmul(matmul(transpose(cam.R), v_cov_c), cam.R);
             for (int a = 0; a < 3; ++a)
                 for (int b = 0; b < 3; ++b) v_cov[a][b] += vc[a][b];
+            if (!sh) continue;
+            // colour = max(sum_b B_b(dir) coeffs_b + 0.5, 0): no gradient where clamped
+            float vrgb[3];
+            bool any = false;
+            for (int ch = 0; ch < 3; ++ch) {
+                vrgb[ch] = col[3 * i + ch] > 0.f ? vcol[3 * i + ch] : 0.f;
+                any |= vrgb[ch] != 0.f;
+            }
+            if (!any) continue;
+            const ViewDir v = view_dir(mu, cam);
+            float B[16], dB[16][3];
+            sh_basis(set.sh_degree, v.n[0], v.n[1], v.n[2], B, dB);
+            const float *co = in.coeffs + g * K * 3;
+            float vn[3] = {0.f, 0.f, 0.f};
+            for (int b = 0; b < nb; ++b) {
+                float vB = 0.f;
+                for (int ch = 0; ch < 3; ++ch) {
+                    v_co[b][ch] += B[b] * vrgb[ch];
+                    vB += co[3 * b + ch] * vrgb[ch];
+                }
+                for (int a = 0; a < 3; ++a) vn[a] += vB * dB[b][a];
+            }
+            const float dot = vn[0] * v.n[0] + vn[1] * v.n[1] + vn[2] * v.n[2];
+            for (int a = 0; a < 3; ++a) v_mu[a] += (vn[a] - dot * v.n[a]) * v.inv;
         }
         for (int a = 0; a < 3; ++a) gmu[3 * g + a] = v_mu[a];
+        gop[g] = v_o;
+        if (gco)
+            for (int b = 0; b < K; ++b)
+                for (int ch = 0; ch < 3; ++ch) gco[(g * K + b) * 3 + ch] = b < nb ? v_co[b][ch] : 0.f;
         // cov = M M^T (v_cov symmetric): v_M = 2 v_cov M; M = R diag(s)
-        const Mat3 vM = matmul(v_cov, sh.M);
+        const Mat3 vM = matmul(v_cov, shp.M);
         Mat3 vR{};
         for (int a = 0; a < 3; ++a) {
             float acc = 0.f;
             for (int r = 0; r < 3; ++r) {
-                vR[r][a] = 2.f * vM[r][a] * s[3 * g + a];
-                acc += 2.f * vM[r][a] * sh.R[r][a];
+                vR[r][a] = 2.f * vM[r][a] * s[a];
+                acc += 2.f * vM[r][a] * shp.R[r][a];
             }
             gs[3 * g + a] = acc;
         }
-        const float w = sh.qn[0], x = sh.qn[1], y = sh.qn[2], z = sh.qn[3];
+        const float w = shp.qn[0], x = shp.qn[1], y = shp.qn[2], z = shp.qn[3];
         const float vqn[4] = {
             2.f * (-z * vR[0][1] + y * vR[0][2] + z * vR[1][0] - x * vR[1][2] - y * vR[2][0] + x * vR[2][1]),
             2.f * (y * vR[0][1] + z * vR[0][2] + y * vR[1][0] - 2 * x * vR[1][1] - w * vR[1][2] + z * vR[2][0] +
@@ -336,78 +498,8 @@ std::vector<torch::Tensor> project_backward(torch::Tensor means, torch::Tensor q
                    x * vR[2][0] + y * vR[2][1]),
         };
         const float dot = vqn[0] * w + vqn[1] * x + vqn[2] * y + vqn[3] * z;
-        const float inv = 1.f / std::max(sh.qnorm, 1e-12f);
-        for (int a = 0; a < 4; ++a) gq[4 * g + a] = (vqn[a] - dot * sh.qn[a]) * inv;
+        const float inv = 1.f / std::max(shp.qnorm, 1e-12f);
+        for (int a = 0; a < 4; ++a) gq[4 * g + a] = (vqn[a] - dot * shp.qn[a]) * inv;
     }
-    return {v_means, v_quats, v_scales};
-}
-
-// Colours [C,N,3] = max(sum_k B_k(dir) coeffs_k + 0.5, 0), dir = normalise(mean - campos).
-torch::Tensor sh_forward(int64_t degree, torch::Tensor means, torch::Tensor coeffs, torch::Tensor campos) {
-    for (auto *t : {&means, &coeffs, &campos}) check_float(*t, "SH input");
-    TORCH_CHECK(degree >= 0 && degree <= 3, "sh_degree must be in 0..3");
-    const int64_t N = means.size(0), C = campos.size(0), K = coeffs.size(1);
-    const int nb = (int)((degree + 1) * (degree + 1));
-    TORCH_CHECK(K >= nb, "not enough SH coefficients for the degree");
-    auto colors = torch::empty({C, N, 3}, torch::dtype(torch::kFloat32));
-    const float *mu = means.data_ptr<float>(), *co = coeffs.data_ptr<float>(), *cp = campos.data_ptr<float>();
-    float *out = colors.data_ptr<float>();
-#pragma omp parallel for schedule(static)
-    for (int64_t g = 0; g < N; ++g) {
-        float B[16];
-        for (int64_t c = 0; c < C; ++c) {
-            float d[3] = {mu[3 * g] - cp[3 * c], mu[3 * g + 1] - cp[3 * c + 1], mu[3 * g + 2] - cp[3 * c + 2]};
-            const float inv = 1.f / std::max(std::sqrt(d[0] * d[0] + d[1] * d[1] + d[2] * d[2]), 1e-12f);
-            sh_basis((int)degree, d[0] * inv, d[1] * inv, d[2] * inv, B, nullptr);
-            for (int ch = 0; ch < 3; ++ch) {
-                float v = 0.5f;
-                for (int b = 0; b < nb; ++b) v += B[b] * co[(g * K + b) * 3 + ch];
-                out[(c * N + g) * 3 + ch] = std::max(v, 0.f);
-            }
-        }
-    }
-    return colors;
-}
-
-// Returns (v_coeffs [N,K,3], v_means [N,3]) for v_colors [C,N,3].
-std::vector<torch::Tensor> sh_backward(int64_t degree, torch::Tensor means, torch::Tensor coeffs, torch::Tensor campos,
-                                       torch::Tensor colors, torch::Tensor v_colors) {
-    check_float(v_colors, "SH gradient");
-    const int64_t N = means.size(0), C = campos.size(0), K = coeffs.size(1);
-    const int nb = (int)((degree + 1) * (degree + 1));
-    auto v_coeffs = torch::zeros({N, K, 3}, torch::dtype(torch::kFloat32));
-    auto v_means = torch::zeros({N, 3}, torch::dtype(torch::kFloat32));
-    const float *mu = means.data_ptr<float>(), *co = coeffs.data_ptr<float>(), *cp = campos.data_ptr<float>();
-    const float *col = colors.data_ptr<float>(), *vc = v_colors.data_ptr<float>();
-    float *gco = v_coeffs.data_ptr<float>(), *gmu = v_means.data_ptr<float>();
-#pragma omp parallel for schedule(static)
-    for (int64_t g = 0; g < N; ++g) {
-        float B[16], dB[16][3];
-        for (int64_t c = 0; c < C; ++c) {
-            float vrgb[3];
-            bool any = false;
-            for (int ch = 0; ch < 3; ++ch) {  // clamp at 0: no gradient where the colour was clamped
-                const int64_t i = (c * N + g) * 3 + ch;
-                vrgb[ch] = col[i] > 0.f ? vc[i] : 0.f;
-                any |= vrgb[ch] != 0.f;
-            }
-            if (!any) continue;
-            float d[3] = {mu[3 * g] - cp[3 * c], mu[3 * g + 1] - cp[3 * c + 1], mu[3 * g + 2] - cp[3 * c + 2]};
-            const float inv = 1.f / std::max(std::sqrt(d[0] * d[0] + d[1] * d[1] + d[2] * d[2]), 1e-12f);
-            const float n[3] = {d[0] * inv, d[1] * inv, d[2] * inv};
-            sh_basis((int)degree, n[0], n[1], n[2], B, dB);
-            float vn[3] = {0.f, 0.f, 0.f};
-            for (int b = 0; b < nb; ++b) {
-                float vB = 0.f;
-                for (int ch = 0; ch < 3; ++ch) {
-                    gco[(g * K + b) * 3 + ch] += B[b] * vrgb[ch];
-                    vB += co[(g * K + b) * 3 + ch] * vrgb[ch];
-                }
-                for (int a = 0; a < 3; ++a) vn[a] += vB * dB[b][a];
-            }
-            const float dot = vn[0] * n[0] + vn[1] * n[1] + vn[2] * n[2];
-            for (int a = 0; a < 3; ++a) gmu[3 * g + a] += (vn[a] - dot * n[a]) * inv;
-        }
-    }
-    return {v_coeffs, v_means};
+    return {v_means, v_quats, v_scales, v_opac, v_coeffs};
 }
