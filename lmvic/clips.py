@@ -63,11 +63,17 @@ def load_sequence(source: Path | str) -> ViewSequence:
 
 def stage_sequence(views, order: Sequence[int], depth_kind: str = "median") -> ViewSequence:
     """A real scene from its stage outputs: ``views`` a ``pipelines.relations.Views`` (names, K, T,
-    ``depth(kind, i)``, ``image(i)``), ``order`` the coding order as view indexes."""
+    ``depth(kind, i)``, ``image(i)``), ``order`` the coding order as view indexes.
+
+    Views of different sizes (per-image cameras undistort to slightly different sizes) are cropped
+    at the top-left corner to the common size, which keeps their intrinsics valid.
+    """
     if views.image is None:
         raise ValueError("these views carry no images")
-    return ViewSequence(np.stack([views.image(i) for i in order]),
-                        np.stack([views.depth(depth_kind, i) for i in order]).astype(np.float32),
+    images = [views.image(i) for i in order]
+    depths = [views.depth(depth_kind, i) for i in order]
+    h, w = min(im.shape[0] for im in images), min(im.shape[1] for im in images)
+    return ViewSequence(np.stack([im[:h, :w] for im in images]), np.stack([d[:h, :w] for d in depths]).astype(np.float32),
                         np.asarray(views.K)[list(order)], np.asarray(views.T)[list(order)])
 
 
