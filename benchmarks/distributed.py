@@ -5,14 +5,15 @@ single-view codec's bytes); the decoder fuses each view with its ``k`` nearest v
 (the previous one first). Real container bytes (``lmvic.distributed_codec``), real
 decoding, PSNR of the 8-bit views. Data (held out from training):
 
-* ``fox``: the first 12 views, area-resized to 512 px on the long side (288×512), cropped to 256×512;
-* ``sceaux_castle``: its 11 views at 512 px long side (512×384);
+* ``fox``: the first 8 views, area-resized to 512 px on the long side (288×512), cropped to 256×512;
+* ``sceaux_castle``: its first 8 views at 512 px long side (512×384);
 * ``middlebury``: the 8 stereo pairs (left, right) cropped to their common multiple of 64, k = 1:
   each view's side view is the other view of its pair.
 
 Prints, per data set and k, the BD-rate (PSNR and MS-SSIM) of ``lmvic-distributed`` against
 ``lmvic-single`` and against ``lmvic-average`` at the same k (and of ``lmvic-average`` against
-``lmvic-single``), and the decode seconds per view. JSONs, tables and RD plots go into ``--out``
+``lmvic-single``), and the decode seconds per view (the distributed codecs share one encoding per
+quality, so their encode times are not meaningful here). JSONs, tables and RD plots go into ``--out``
 (a codec already measured on the same views is read back; ``--rerun`` re-measures).
 
 Usage: nice -n 10 python benchmarks/distributed.py [--data fox,sceaux_castle,middlebury] [--sides 1,2,3]
@@ -53,8 +54,8 @@ def middlebury_pairs() -> tuple[list[str], list[np.ndarray]]:
 
 
 DATA = {
-    "fox": lambda: image_folder("fox", 12),
-    "sceaux_castle": lambda: image_folder("sceaux_castle", 11),
+    "fox": lambda: image_folder("fox", 8),
+    "sceaux_castle": lambda: image_folder("sceaux_castle", 8),
     "middlebury": middlebury_pairs,
 }
 
@@ -64,18 +65,21 @@ def bd_psnr(anchor: RDCurve, test: RDCurve) -> str:
     return " / ".join(f"{v:+.1f} %" if isinstance(v, float) else "n/a" for v in (bd["psnr"], bd["ms-ssim"]))
 
 
-def run(data: str, sides: list[int], out: Path, rerun: bool) -> None:
+def run(data: str, sides: list[int], out: Path, rerun: bool, qualities: tuple[int, ...] = ()) -> None:
     names, views = DATA[data]()
-    if data == "middlebury":
+    if data == "middlebury" and sides:
         sides = [1]
     eye_k, eye_t = np.tile(np.eye(3), (len(views), 1, 1)), np.tile(np.eye(4), (len(views), 1, 1))
     codecs = [SeparateCodec(names, eye_k, eye_t)]
+    streams: dict = {}  # every distributed codec encodes with the same single-view encoder
     pairs = [[v + 1 - 2 * (v % 2)] for v in range(len(views))]  # Middlebury: each view's pair
     for k in sides:
         for model in ("distributed-cpu", "distributed-average-cpu"):
             base = {"distributed-cpu": "lmvic-distributed", "distributed-average-cpu": "lmvic-average"}[model]
             codecs.append(DistributedSceneCodec(names, eye_k, eye_t, model, pairs if data == "middlebury" else k,
-                                                name=f"{base}-{k}side"))
+                                                name=f"{base}-{k}side", shared_streams=streams))
+    for codec in codecs:
+        codec.qualities = tuple(q for q in codec.qualities if not qualities or q in qualities)
     print(f"== {data}: {len(views)} views of {views[0].shape[1]}x{views[0].shape[0]}, side views {sides}")
     start = time.perf_counter()
     curves, _ = run_evaluation(codecs, views, names, out / data, f"{data} ({len(views)} views), distributed mode",
@@ -159,15 +163,17 @@ def middlebury_alignment(quality: int) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default=",".join(DATA))
-    p.add_argument("--sides", default="1,2,3", help="side views per view (group size − 1)")
+    p.add_argument("--sides", default="1,2,3", help="side views per view ('' = the single-view codec only)")
     p.add_argument("--out", type=Path, default=Path("/work/runs/distributed/bench"))
     p.add_argument("--rerun", action="store_true")
+    p.add_argument("--qualities", default="", help="a subset of the quality levels (default: all)")
     p.add_argument("--align-quality", type=int, default=0,
                    help="also compare OPAM's alignment with the Middlebury ground truth at this quality (0: skip)")
     a = p.parse_args()
     torch.set_num_threads(1)
     for data in [d for d in a.data.split(",") if d]:
-        run(data, [int(k) for k in a.sides.split(",")], a.out, a.rerun)
+        run(data, [int(k) for k in a.sides.split(",") if k], a.out, a.rerun,
+            tuple(int(q) for q in a.qualities.split(",") if q))
     if a.align_quality:
         middlebury_alignment(a.align_quality)
 

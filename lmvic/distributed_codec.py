@@ -81,16 +81,22 @@ def write_distributed_file(path: str | Path, model_id: str, quality: int, views:
 
 def encode_distributed_file(path: str | Path, model_id: str, views: Sequence[ViewInfo],
                             images: Sequence[np.ndarray], order: Sequence[int], quality: int,
-                            side_views: SideViewChoice = SIDE_VIEWS) -> tuple[int, DecodedScene]:
+                            side_views: SideViewChoice = SIDE_VIEWS,
+                            streams: Sequence[LatentStream] | None = None) -> tuple[int, DecodedScene]:
     """Code each uint8 ``(H, W, 3)`` image alone → (file bytes, the file's header as a DecodedScene
-    with no images: what a view decodes to depends on which other views the decoder holds)."""
+    with no images: what a view decodes to depends on which other views the decoder holds).
+
+    ``streams``: the images' streams when they were already coded at ``quality`` by this encoder
+    (every distributed model shares the single-view encoder, so their streams are the same bytes).
+    """
     model = load_model(model_id)
     try:
         check_quality(model.backbone, quality)
     except WeightsError as exc:
         raise LmvicError(str(exc)) from exc
-    size = write_distributed_file(path, model_id, quality, views,
-                                  [encode_view(model, image, quality) for image in images], order, side_views)
+    if streams is None:
+        streams = [encode_view(model, image, quality) for image in images]
+    size = write_distributed_file(path, model_id, quality, views, streams, order, side_views)
     with SceneReader(path, models=MODEL_IDS) as reader:
         return size, DecodedScene(reader.header, {}, {})
 
@@ -156,9 +162,13 @@ class DistributedSceneCodec(ContainerEvalCodec):
     with its side views (``side_views``: the nearest views in coding order, or explicit lists)."""
 
     def __init__(self, names: Sequence[str], K: np.ndarray, T: np.ndarray, model_id: str = "distributed-cpu",
-                 side_views: SideViewChoice = SIDE_VIEWS, name: str | None = None):
+                 side_views: SideViewChoice = SIDE_VIEWS, name: str | None = None,
+                 shared_streams: dict | None = None):
+        """``shared_streams``: a dict shared by codecs that evaluate the same views, so each quality
+        is encoded once (then their encode seconds count only the file writing)."""
         super().__init__(names, K, T)
         self.model_id, self.side_views = model_id, side_views
+        self.shared_streams = {} if shared_streams is None else shared_streams
         self.name = name or {"distributed-cpu": "lmvic-distributed", "distributed-average-cpu": "lmvic-average"}[model_id]
         sha = json.loads((WEIGHTS_DIR / f"{model_id}.json").read_text())["sha256"][:12]
         sides = (f"its {side_views} nearest views in coding order" if isinstance(side_views, int)
@@ -167,8 +177,14 @@ class DistributedSceneCodec(ContainerEvalCodec):
         self.qualities = tuple(range(1, load_model(model_id).backbone.num_qualities + 1))
 
     def encode_file(self, path, views, images, quality):
+        from pipelines.rd import views_digest
+
+        key = (quality, views_digest(images))
+        if key not in self.shared_streams:
+            model = load_model(self.model_id)
+            self.shared_streams[key] = [encode_view(model, image, quality) for image in images]
         return encode_distributed_file(path, self.model_id, views, images, range(len(views)), quality,
-                                       self.side_views)[0]
+                                       self.side_views, self.shared_streams[key])[0]
 
     def decode_file(self, path):
         return decode_distributed_file(path)
