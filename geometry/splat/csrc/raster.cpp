@@ -24,7 +24,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <numeric>
+#include <omp.h>
+#include <utility>
 #include <type_traits>
 #include <vector>
 
@@ -63,10 +64,21 @@ LMVIC_INLINE void store(float *p, VF v) { std::memcpy(p, &v, sizeof v); }
 LMVIC_INLINE void store(int32_t *p, VI v) { std::memcpy(p, &v, sizeof v); }
 LMVIC_INLINE VF select(VI mask, VF a, VF b) { return mask ? a : b; }
 LMVIC_INLINE VF vabs(VF v) { return (VF)((VI)v & bcast((int32_t)0x7fffffff)); }
-LMVIC_INLINE float hsum(VF v) {
-    float total = 0.f;
-    for (int l = 0; l < kLanes; ++l) total += v[l];
-    return total;
+// Lane sums of `count` <= kLanes vectors, written to out[0, count).
+LMVIC_INLINE void lane_sums(const VF *v, int count, float *out) {
+    static_assert(kLanes == 8, "the shuffle tree assumes 8 lanes");
+    VF x[8];
+    for (int j = 0; j < 8; ++j) x[j] = j < count ? v[j] : VF{};
+    VF a[4], b[2];
+    for (int k = 0; k < 4; ++k)  // lanes: pair sums of x[2k] and x[2k+1], interleaved
+        a[k] = __builtin_shufflevector(x[2 * k], x[2 * k + 1], 0, 8, 2, 10, 4, 12, 6, 14) +
+               __builtin_shufflevector(x[2 * k], x[2 * k + 1], 1, 9, 3, 11, 5, 13, 7, 15);
+    for (int k = 0; k < 2; ++k)  // lanes: quarter sums of x[4k..4k+3] (lower and upper half)
+        b[k] = __builtin_shufflevector(a[2 * k], a[2 * k + 1], 0, 1, 8, 9, 4, 5, 12, 13) +
+               __builtin_shufflevector(a[2 * k], a[2 * k + 1], 2, 3, 10, 11, 6, 7, 14, 15);
+    const VF total = __builtin_shufflevector(b[0], b[1], 0, 1, 2, 3, 8, 9, 10, 11) +
+                     __builtin_shufflevector(b[0], b[1], 4, 5, 6, 7, 12, 13, 14, 15);
+    for (int j = 0; j < count; ++j) out[j] = total[j];
 }
 
 // exp(x) for x in [-32, 88] (clamped outside), Cephes' expf polynomial: relative error < 1.5e-7.
@@ -120,15 +132,15 @@ struct TileBox {
 // row from row_span. The sigma limit has a margin (about 0.1 % of the radius) for float rounding,
 // so the spans are a superset of the pixels the exact test accepts.
 struct Footprint {
-    float smax;  // largest sigma at which alpha can reach the threshold
-    float det;   // of the conic; <= 0 (degenerate): every pixel of the rows
+    float det;             // of the conic; 0 when degenerate: every pixel of the rows
+    float two_a_smax, inv_a;  // 2 a smax (smax: largest sigma at which alpha reaches the threshold), 1 / a
     int r0, r1;
 };
 
 LMVIC_INLINE bool footprint(const Splat &s, const TileBox &t, Footprint &f) {
     if (!(s.opacity >= kAlphaThreshold)) return false;
     const float l = std::log(s.opacity / kAlphaThreshold);
-    f.smax = l + 1e-2f + 1e-3f * l;
+    const float smax = l + 1e-2f + 1e-3f * l;
     f.det = s.a * s.c - s.b * s.b;
     if (!(f.det > 0.f) || !(s.a > 0.f)) {
         f.det = 0.f;
@@ -136,7 +148,9 @@ LMVIC_INLINE bool footprint(const Splat &s, const TileBox &t, Footprint &f) {
         f.r1 = t.y1;
         return true;
     }
-    const float half_h = std::sqrt(2.f * f.smax * s.a / f.det);  // |dy| on the ellipse
+    f.two_a_smax = 2.f * s.a * smax;
+    f.inv_a = 1.f / s.a;
+    const float half_h = std::sqrt(f.two_a_smax / f.det);  // |dy| on the ellipse
     f.r0 = std::max(t.y0, (int)std::ceil(s.y - half_h - 0.5f));  // pixel centres row + 0.5
     f.r1 = std::min(t.y1, (int)std::floor(s.y + half_h - 0.5f) + 1);
     return f.r0 < f.r1;
@@ -150,13 +164,13 @@ LMVIC_INLINE bool row_span(const Splat &s, const Footprint &f, const TileBox &t,
         return true;
     }
     const float dy = s.y - ((float)row + 0.5f);
-    const float bdy = s.b * dy;
-    const float disc = bdy * bdy - s.a * (s.c * dy * dy - 2.f * f.smax);
+    // sigma(dx, dy) = smax: a dx^2 + 2 b dy dx + c dy^2 - 2 smax = 0, discriminant / 4 = 2 a smax - det dy^2
+    const float disc = f.two_a_smax - f.det * dy * dy;
     if (disc < 0.f) return false;
-    const float root = std::sqrt(disc);
+    const float root = std::sqrt(disc), bdy = s.b * dy;
     // dx = x_mean - px in [(-bdy - root) / a, (-bdy + root) / a]
-    c0 = std::max(t.x0, (int)std::ceil(s.x - (-bdy + root) / s.a - 0.5f));
-    c1 = std::min(t.x1, (int)std::floor(s.x - (-bdy - root) / s.a - 0.5f) + 1);
+    c0 = std::max(t.x0, (int)std::ceil(s.x + (bdy - root) * f.inv_a - 0.5f));
+    c1 = std::min(t.x1, (int)std::floor(s.x + (bdy + root) * f.inv_a - 0.5f) + 1);
     return c0 < c1;
 }
 
@@ -394,7 +408,7 @@ LMVIC_INLINE void backward_tile_impl(const Entries &in, const Grid &grid, int64_
             }
         }
         float *q = bi.part + idx * stride;
-        for (int64_t j = 0; j < stride; ++j) q[j] = hsum(sums[j]);
+        for (int64_t j = 0; j < stride; j += kLanes) lane_sums(sums + j, (int)std::min<int64_t>(kLanes, stride - j), q + j);
     }
 }
 
@@ -442,7 +456,10 @@ void dispatch_channels(int64_t D, F &&f) {
 
 }  // namespace
 
-// Tile lists: for every (image, tile) the entries whose radius box touches it, sorted by depth.
+// Tile lists: for every (image, tile) the entries whose radius box touches it, sorted by depth
+// (ties in entry order). A counting sort by tile, parallel over contiguous ranges of entries (each
+// thread's range keeps its place, so the result does not depend on the thread count), then a
+// sort by (depth, entry) within every tile.
 // Returns (tile_offsets [I*tiles_y*tiles_x + 1] int32, flatten_ids [n_isects] int32).
 std::vector<torch::Tensor> intersect_tiles(torch::Tensor means2d,   // [M, 2]
                                            torch::Tensor radii,     // [M, 2] int32
@@ -465,46 +482,66 @@ std::vector<torch::Tensor> intersect_tiles(torch::Tensor means2d,   // [M, 2]
 
     // tile rectangle of every entry (as gsplat's IntersectTile: floor/ceil of mean +- radius)
     std::vector<int32_t> rect(4 * M, 0);
-    std::vector<int64_t> count(M, 0);
-#pragma omp parallel for schedule(static)
-    for (int64_t g = 0; g < M; ++g) {
-        if (r[2 * g] <= 0 || r[2 * g + 1] <= 0) continue;
-        const float tx = m[2 * g] / tile_size, ty = m[2 * g + 1] / tile_size;
-        const float rx = (float)r[2 * g] / tile_size, ry = (float)r[2 * g + 1] / tile_size;
-        auto clampi = [](float v, int64_t hi) {
-            return (int32_t)std::min<int64_t>(std::max<int64_t>(0, (int64_t)v), hi);
-        };
-        const int32_t x0 = clampi(std::floor(tx - rx), tiles_x), x1 = clampi(std::ceil(tx + rx), tiles_x);
-        const int32_t y0 = clampi(std::floor(ty - ry), tiles_y), y1 = clampi(std::ceil(ty + ry), tiles_y);
-        rect[4 * g] = x0;
-        rect[4 * g + 1] = y0;
-        rect[4 * g + 2] = x1;
-        rect[4 * g + 3] = y1;
-        count[g] = (int64_t)(x1 - x0) * (y1 - y0);
-    }
     auto for_each_tile = [&](int64_t g, auto &&f) {  // global tile index of every tile of entry g
-        if (count[g] == 0) return;
         const int64_t base = (int64_t)img[g] * tiles_per_image;
         for (int32_t y = rect[4 * g + 1]; y < rect[4 * g + 3]; ++y)
             for (int32_t x = rect[4 * g]; x < rect[4 * g + 2]; ++x) f(base + y * tiles_x + x);
     };
-    std::vector<int64_t> tile_count(n_tiles + 1, 0);
-    for (int64_t g = 0; g < M; ++g) for_each_tile(g, [&](int64_t t) { tile_count[t + 1]++; });
-    std::partial_sum(tile_count.begin(), tile_count.end(), tile_count.begin());
-    const int64_t n_isects = tile_count[n_tiles];
-    TORCH_CHECK(n_isects < INT32_MAX, "too many tile intersections: ", n_isects);
-
+    const int n_threads = std::max(1, std::min<int>(omp_get_max_threads(), (int)(M / 4096) + 1));
+    // count[k * n_tiles + t]: entries of range k in tile t, turned into the range's write positions
+    std::vector<int64_t> count((int64_t)n_threads * n_tiles, 0);
+    auto range = [&](int k) { return std::make_pair(M * k / n_threads, M * (k + 1) / n_threads); };
+#pragma omp parallel num_threads(n_threads)
+    {
+        const int k = omp_get_thread_num();
+        const auto [lo, hi] = range(k);
+        int64_t *cnt = count.data() + (int64_t)k * n_tiles;
+        for (int64_t g = lo; g < hi; ++g) {
+            if (r[2 * g] <= 0 || r[2 * g + 1] <= 0) continue;
+            const float tx = m[2 * g] / tile_size, ty = m[2 * g + 1] / tile_size;
+            const float rx = (float)r[2 * g] / tile_size, ry = (float)r[2 * g + 1] / tile_size;
+            auto clampi = [](float v, int64_t top) {
+                return (int32_t)std::min<int64_t>(std::max<int64_t>(0, (int64_t)v), top);
+            };
+            rect[4 * g] = clampi(std::floor(tx - rx), tiles_x);
+            rect[4 * g + 1] = clampi(std::floor(ty - ry), tiles_y);
+            rect[4 * g + 2] = clampi(std::ceil(tx + rx), tiles_x);
+            rect[4 * g + 3] = clampi(std::ceil(ty + ry), tiles_y);
+            for_each_tile(g, [&](int64_t t) { cnt[t]++; });
+        }
+    }
     auto offsets = torch::empty({n_tiles + 1}, torch::dtype(torch::kInt32));
-    auto ids = torch::empty({n_isects}, torch::dtype(torch::kInt32));
     int32_t *off = offsets.data_ptr<int32_t>();
-    int32_t *out = ids.data_ptr<int32_t>();
-    for (int64_t t = 0; t <= n_tiles; ++t) off[t] = (int32_t)tile_count[t];
-    std::vector<int64_t> fill(tile_count.begin(), tile_count.end() - 1);
-    for (int64_t g = 0; g < M; ++g)  // ascending entry order: ties in depth keep index order
-        for_each_tile(g, [&](int64_t t) { out[fill[t]++] = (int32_t)g; });
-#pragma omp parallel for schedule(dynamic, 16)
+    int64_t total = 0;
     for (int64_t t = 0; t < n_tiles; ++t) {
-        std::stable_sort(out + off[t], out + off[t + 1], [z](int32_t p, int32_t q) { return z[p] < z[q]; });
+        off[t] = (int32_t)total;
+        for (int k = 0; k < n_threads; ++k) {
+            const int64_t c = count[(int64_t)k * n_tiles + t];
+            count[(int64_t)k * n_tiles + t] = total;
+            total += c;
+        }
+        TORCH_CHECK(total < INT32_MAX, "too many tile intersections: ", total);
+    }
+    off[n_tiles] = (int32_t)total;
+    auto ids = torch::empty({total}, torch::dtype(torch::kInt32));
+    int32_t *out = ids.data_ptr<int32_t>();
+#pragma omp parallel num_threads(n_threads)
+    {
+        const int k = omp_get_thread_num();
+        const auto [lo, hi] = range(k);
+        int64_t *pos = count.data() + (int64_t)k * n_tiles;
+        for (int64_t g = lo; g < hi; ++g) for_each_tile(g, [&](int64_t t) { out[pos[t]++] = (int32_t)g; });
+    }
+#pragma omp parallel
+    {
+        std::vector<std::pair<float, int32_t>> keys;
+#pragma omp for schedule(dynamic, 8)
+        for (int64_t t = 0; t < n_tiles; ++t) {
+            keys.clear();
+            for (int32_t i = off[t]; i < off[t + 1]; ++i) keys.emplace_back(z[out[i]], out[i]);
+            std::sort(keys.begin(), keys.end());  // by depth, then entry
+            for (int32_t i = off[t]; i < off[t + 1]; ++i) out[i] = keys[i - off[t]].second;
+        }
     }
     return {offsets, ids};
 }
