@@ -120,6 +120,11 @@ def align(method: str, target: np.ndarray, reference: np.ndarray):
     """
     if method not in METHODS:
         raise ValueError(f"unknown alignment method {method!r}; known: {', '.join(METHODS)}")
+    source = reference
     if method != "homography" and target.shape != reference.shape:
-        raise ValueError(f"{method} needs images of one size, got {target.shape} and {reference.shape}")
-    return warp_to_positions(reference, METHODS[method](target, reference), target.shape[:2])
+        # dense flow needs one size: the reference on a canvas of the target's size, anchored at the
+        # top-left corner (so canvas pixels are reference pixels); positions off the reference are invalid
+        source = np.zeros_like(target)
+        h, w = min(target.shape[0], reference.shape[0]), min(target.shape[1], reference.shape[1])
+        source[:h, :w] = reference[:h, :w]
+    return warp_to_positions(reference, METHODS[method](target, source), target.shape[:2])
