@@ -228,3 +228,40 @@ def test_meta_drives_default_strategy_on_cpu(scene):
             opt.zero_grad()
         state = strategy.initialize_state()
     assert torch.isfinite(params["means"].detach()).all()
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_tile_lists_match_reference(threads):
+    """Per-tile lists (counting sort split over threads, then depth sort) equal a plain sort, any thread count."""
+    from geometry.splat.projection import tile_grid
+    from geometry.splat.rasterize import intersect_tiles
+
+    gen = torch.Generator().manual_seed(3)
+    m, width, height, tile = 12000, 180, 130, 16
+    means2d = torch.rand(m, 2, generator=gen) * torch.tensor([width + 20.0, height + 20.0]) - 10.0
+    radii = torch.randint(0, 20, (m, 2), generator=gen, dtype=torch.int32)
+    depths = torch.randint(0, 50, (m,), generator=gen).float() / 10.0  # many ties: entry order decides
+    image_ids = torch.randint(0, 2, (m,), generator=gen, dtype=torch.int32)
+    tiles_x, tiles_y = tile_grid(width, height, tile)
+    lo = torch.floor(means2d / tile - radii / tile).long()
+    hi = torch.ceil(means2d / tile + radii / tile).long()
+    lo = torch.stack([lo[:, 0].clamp(0, tiles_x), lo[:, 1].clamp(0, tiles_y)], -1)
+    hi = torch.stack([hi[:, 0].clamp(0, tiles_x), hi[:, 1].clamp(0, tiles_y)], -1)
+    keys = []
+    for g in torch.nonzero((radii > 0).all(-1))[:, 0].tolist():
+        for ty in range(lo[g, 1], hi[g, 1]):
+            for tx in range(lo[g, 0], hi[g, 0]):
+                keys.append(((int(image_ids[g]) * tiles_y + ty) * tiles_x + tx, float(depths[g]), g))
+    keys.sort()
+    ref_ids = torch.tensor([g for _, _, g in keys], dtype=torch.int32)
+    ref_counts = torch.bincount(torch.tensor([t for t, _, _ in keys]), minlength=2 * tiles_x * tiles_y)
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        offsets, ids = intersect_tiles(means2d, radii, depths, image_ids, 2, tile, tiles_x, tiles_y)
+    finally:
+        torch.set_num_threads(before)
+    assert len(ref_ids) > 40_000
+    torch.testing.assert_close(offsets[1:] - offsets[:-1], ref_counts.int(), rtol=0, atol=0)
+    torch.testing.assert_close(ids, ref_ids, rtol=0, atol=0)
