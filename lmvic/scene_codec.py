@@ -41,7 +41,7 @@ from lmvic.bitstream import (BitstreamError, LatentStream, SceneHeader, SceneRea
 from lmvic.models.depth_codec import DepthCodec, DepthRange, build_depth_codec, cross_view_prediction
 from lmvic.models.joint import JointImageCodec, Side, build_joint_image
 from lmvic.models.single_view import DEFAULT_LAMBDAS, EXACT_THREADS, SIZES, SingleViewCodec, fixed_threads
-from lmvic.zoo import WEIGHTS_DIR, WeightsError, read_weights, write_weights
+from lmvic.zoo import WEIGHTS_DIR, WeightsError, base_reference, load_base, read_weights, write_weights
 from pipelines.errors import LmvicError
 
 PAD = 64
@@ -343,18 +343,42 @@ def build_joint(size: str = "cpu", lambdas: tuple[float, ...] = DEFAULT_LAMBDAS,
     return JointCodec(build_joint_image(size, lambdas, backbone), build_depth_codec(size, lambdas), size)
 
 
-def save_joint(codec: JointCodec, path: Path, half: bool = True) -> Path:
-    """Write ``codec`` (CDFs refreshed; float16 parameters if ``half``) and its ``.json`` SHA-256 sidecar."""
-    return write_weights(codec, path, {"format": WEIGHT_FORMAT, "size": codec.size,
-                                       "lambdas": codec.image.backbone.lambdas.tolist()},
-                         {"model_id": codec.model_id}, half)
+class JointPart(CompressionModel):
+    """What the joint codec adds to a frozen single-view base: the image codec's reference path,
+    QPEM and fusions, and the whole depth codec. It shares the codec's modules, so loading it
+    fills the codec in place."""
+
+    def __init__(self, codec: JointCodec):
+        super().__init__()
+        self.image = torch.nn.ModuleDict({n: m for n, m in codec.image.named_children() if n != "backbone"})
+        self.depth = codec.depth
+
+
+def save_joint(codec: JointCodec, path: Path, base: str | None = None, half: bool = True) -> Path:
+    """Write ``codec`` (CDFs refreshed; float16 parameters if ``half``) and its ``.json`` SHA-256 sidecar.
+
+    ``base``: the shipped single-view weights its image backbone is (trained frozen); the file then
+    holds only the :class:`JointPart` and the base's name and SHA-256, checked on loading.
+    """
+    payload = {"format": WEIGHT_FORMAT, "size": codec.size, "lambdas": codec.image.backbone.lambdas.tolist()}
+    if base is not None:
+        payload.update(base_reference(base))
+    return write_weights(codec if base is None else JointPart(codec), path, payload,
+                         {"model_id": codec.model_id, **{k: v for k, v in payload.items() if k.startswith("base")}}, half)
 
 
 def load_joint_file(path: Path) -> JointCodec:
     """A codec written by ``save_joint`` (eval mode, CDFs ready); ``WeightsError`` if missing or corrupt."""
     ck = read_weights(path, WEIGHT_FORMAT, "joint weights")
-    codec = build_joint(ck["size"], tuple(ck["lambdas"]))
-    codec.load_state_dict(ck["state_dict"])
+    if "base" not in ck:
+        codec = build_joint(ck["size"], tuple(ck["lambdas"]))
+        codec.load_state_dict(ck["state_dict"])
+        return codec.eval()
+    codec = build_joint(ck["size"], backbone=load_base(ck, f"joint weights {path.name}", path.parent))
+    try:
+        JointPart(codec).load_state_dict(ck["state_dict"])
+    except RuntimeError as exc:
+        raise WeightsError(f"{path.name} does not fit the joint architecture: {exc}") from exc
     return codec.eval()
 
 

@@ -90,6 +90,24 @@ def load_single_view(name: str = "single_view_cpu", directory: Path = WEIGHTS_DI
     return model.eval()
 
 
+def base_reference(base: str, directory: Path = WEIGHTS_DIR) -> dict:
+    """``{"base", "base_sha256"}`` of the shipped single-view weights a model was trained on top of
+    (the model's file then stores only what it adds)."""
+    meta = directory / f"{base}.json"
+    if not meta.exists():
+        raise WeightsError(f"base weights {base!r} not found in {directory}")
+    return {"base": base, "base_sha256": json.loads(meta.read_text())["sha256"]}
+
+
+def load_base(ck: dict, what: str, directory: Path = WEIGHTS_DIR) -> SingleViewCodec:
+    """The single-view codec named by ``ck``'s :func:`base_reference`; ``WeightsError`` if the shipped
+    file is not the one ``what`` was trained on."""
+    meta = directory / f"{ck['base']}.json"
+    if not meta.exists() or json.loads(meta.read_text()).get("sha256") != ck["base_sha256"]:
+        raise WeightsError(f"{what} was trained on other {ck['base']!r} weights than the ones shipped")
+    return load_single_view(ck["base"], directory)
+
+
 def check_quality(model: SingleViewCodec, quality: int) -> int:
     """``quality`` if it is one of the model's levels 1..Q, else ``WeightsError``."""
     if not 1 <= quality <= model.num_qualities:

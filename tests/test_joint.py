@@ -205,6 +205,30 @@ def test_missing_or_corrupt_weights(tmp_path) -> None:
         load_joint_file(path)
 
 
+def test_weights_on_a_frozen_base_store_only_what_the_joint_codec_adds(tmp_path) -> None:
+    import shutil
+
+    from lmvic.zoo import WEIGHTS_DIR, load_single_view
+
+    for suffix in (".pt", ".json"):
+        shutil.copy(WEIGHTS_DIR / f"single_view_cpu{suffix}", tmp_path / f"single_view_cpu{suffix}")
+    codec = build_joint("cpu", backbone=load_single_view("single_view_cpu", tmp_path))
+    with torch.no_grad():  # what training changes: the added modules, not the frozen backbone
+        for p in codec.depth.parameters():
+            p.add_(0.01)
+    full = save_joint(codec, tmp_path / "full.pt")
+    slim = save_joint(codec, tmp_path / "slim.pt", base="single_view_cpu")
+    assert slim.stat().st_size < full.stat().st_size - 4_000_000  # the backbone is not stored again
+    a, b = load_joint_file(full).state_dict(), load_joint_file(slim).state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a if not k.startswith("image.backbone."))
+    shipped = load_single_view("single_view_cpu", tmp_path).state_dict()  # the base exactly as shipped
+    assert all(torch.equal(b[f"image.backbone.{k}"], v) for k, v in shipped.items())
+    (tmp_path / "single_view_cpu.json").write_text('{"sha256": "0"}')  # another base than trained on
+    with pytest.raises(WeightsError, match="other 'single_view_cpu' weights"):
+        load_joint_file(slim)
+
+
 def test_clip_crops_keep_the_geometry_exact() -> None:
     """A crop with the principal point shifted gives the full image's disparity and mask, cropped."""
     from geometry.warp import relate

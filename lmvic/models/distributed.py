@@ -31,7 +31,7 @@ from lmvic.layers import ste_round
 from lmvic.opam import align_image
 from lmvic.models.single_view import (DEFAULT_LAMBDAS, EXACT_THREADS, SingleViewCodec,
                                       build_single_view, fixed_threads)
-from lmvic.zoo import WEIGHTS_DIR, WeightsError, load_single_view, read_weights, write_weights
+from lmvic.zoo import WEIGHTS_DIR, WeightsError, base_reference, load_base, read_weights, write_weights
 
 
 #: Side views of each view: ``sides[v]`` lists the indexes (in the batch's view axis) fused into view
@@ -201,8 +201,7 @@ def save_distributed(codec: DistributedCodec, path: Path, base: str = "single_vi
                      meta: dict | None = None) -> Path:
     """Ship ``codec`` (float16) as ``path`` + sidecar: only its ``DecoderPart``, plus the name and
     SHA-256 of the shipped single-view weights ``base`` it was trained on (checked on loading)."""
-    base_sha = json.loads((WEIGHTS_DIR / f"{base}.json").read_text())["sha256"]
-    payload = {"format": WEIGHTS_FORMAT, "base": base, "base_sha256": base_sha, "fusion": codec.fusion_name,
+    payload = {"format": WEIGHTS_FORMAT, **base_reference(base), "fusion": codec.fusion_name,
                "feature_fusions": len(codec.fusions) - 1}
     return write_weights(DecoderPart(codec), path, payload, {**payload, **(meta or {}), "half": True})
 
@@ -210,10 +209,7 @@ def save_distributed(codec: DistributedCodec, path: Path, base: str = "single_vi
 def load_distributed(name: str, directory: Path = WEIGHTS_DIR) -> DistributedCodec:
     """The shipped distributed codec ``name`` (e.g. ``"distributed-cpu"``) in eval mode, ready to code."""
     ck = read_weights(directory / f"{name}.pt", WEIGHTS_FORMAT, f"shipped weights {name!r}")
-    base_meta = directory / f"{ck['base']}.json"
-    if not base_meta.exists() or json.loads(base_meta.read_text()).get("sha256") != ck["base_sha256"]:
-        raise WeightsError(f"{name!r} was trained on other {ck['base']!r} weights than the ones shipped")
-    codec = DistributedCodec(load_single_view(ck["base"], directory), ck["fusion"], ck["feature_fusions"])
+    codec = DistributedCodec(load_base(ck, repr(name), directory), ck["fusion"], ck["feature_fusions"])
     try:
         DecoderPart(codec).load_state_dict(ck["state_dict"])
     except RuntimeError as exc:

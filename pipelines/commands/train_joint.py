@@ -52,4 +52,6 @@ def run(args: argparse.Namespace) -> None:
                               schedule=Schedule(peak_lr=args.lr, warmup_steps=20))
     model = train_joint(config, resume=args.resume)
     if args.export and dist_info()[0] == 0:
-        print(save_joint(model.eval(), Path(args.export)))
+        # a frozen shipped backbone is referenced by name and SHA-256, not stored again
+        shipped = args.freeze_backbone and args.init_single_view and not args.init_single_view.endswith(".pt")
+        print(save_joint(model.eval(), Path(args.export), base=args.init_single_view if shipped else None))

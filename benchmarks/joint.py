@@ -1,0 +1,50 @@
+"""Joint-mode figures on held-out scenes: BD-rates against Separate, x265 LDP and AVIF, times, sizes.
+
+Reads the results of ``lmvic eval SCENE --mode joint`` (``WORK/eval/<codec>.json``, CompressAI
+layout) of each given work folder, and prints per scene the BD-rate (PSNR and MS-SSIM) of
+``lmvic-joint`` against every other codec there, the joint codec's encode and decode seconds per
+view, and the shipped model's size. Run the evaluations first, e.g.::
+
+    lmvic eval ../shared/scenes/fox --work-dir W/fox --mode joint --max-views 8
+    python benchmarks/joint.py W/fox W/sceaux
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from lmvic.zoo import WEIGHTS_DIR
+from pipelines.rd import curve_bd_rates, from_compressai_json
+
+TEST = "lmvic-joint"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("work_dirs", nargs="+", type=Path)
+    ap.add_argument("--model", default="joint-cpu")
+    args = ap.parse_args()
+    weights = WEIGHTS_DIR / f"{args.model}.pt"
+    print(f"model {args.model}: {weights.stat().st_size / 2**20:.1f} MiB ({weights})")
+    for work in args.work_dirs:
+        curves = {p.stem: from_compressai_json(json.loads(p.read_text())) for p in sorted((work / "eval").glob("*.json"))}
+        if TEST not in curves:
+            raise SystemExit(f"{work}: no {TEST}.json; run `lmvic eval SCENE --work-dir {work} --mode joint` first")
+        test = curves[TEST]
+        times = json.loads((work / "eval" / f"{TEST}.json").read_text())["results"]
+        print(f"\n{work.name}: {len(test.views)} views; {TEST} encode {np.mean(times['encoding_time']):.2f} s/view, "
+              f"decode {np.mean(times['decoding_time']):.2f} s/view")
+        for name, anchor in curves.items():
+            if name == TEST:
+                continue
+            bd = curve_bd_rates(anchor, test)
+            print(f"  BD-rate of {TEST} vs {name:<18} " + "  ".join(
+                f"{metric}: {value:+.1f} %" if isinstance(value, float) else f"{metric}: n/a ({value})"
+                for metric, value in bd.items()))
+
+
+if __name__ == "__main__":
+    main()
