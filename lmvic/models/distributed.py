@@ -17,7 +17,6 @@ Shapes: a scene batch is ``(B, V, 3, H, W)``; all views share ``H × W`` (multip
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Sequence
 
