@@ -14,7 +14,7 @@
 // test decides, so the result equals visiting every pixel of the tile. Per-pixel state is kept in
 // structure-of-arrays form with rows padded by kLanes pixels (padding lanes never take a
 // contribution), so a group may start at any column.
-// The kernels are compiled twice, for baseline x86-64 and for AVX2 (chosen at run time), and
+// The kernels are compiled twice, for the baseline target and for AVX2 + FMA (chosen at run time), and
 // exp is a polynomial (within 2 ulp of expf) so both passes vectorise and agree bit for bit.
 
 #include <torch/extension.h>
@@ -412,11 +412,18 @@ LMVIC_INLINE void backward_tile_impl(const Entries &in, const Grid &grid, int64_
     }
 }
 
-// The kernels for baseline x86-64 and for AVX2, chosen once per process.
+// The kernels for the baseline target and for AVX2 + FMA, chosen once per process (on other
+// architectures than x86 the second is the baseline build too and is never chosen).
+#if defined(__x86_64__) || defined(__i386__)
+#define LMVIC_AVX2 __attribute__((target("avx2,fma")))
 bool has_avx2() {
-    static const bool yes = __builtin_cpu_supports("avx2");
+    static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
     return yes;
 }
+#else
+#define LMVIC_AVX2
+bool has_avx2() { return false; }
+#endif
 
 template <int DT>
 void forward_tile_base(const Entries &in, const float *z, const Grid &grid, int64_t it, ForwardScratch &sc,
@@ -425,7 +432,7 @@ void forward_tile_base(const Entries &in, const float *z, const Grid &grid, int6
 }
 
 template <int DT>
-__attribute__((target("avx2,fma"))) void forward_tile_avx2(const Entries &in, const float *z, const Grid &grid,
+LMVIC_AVX2 void forward_tile_avx2(const Entries &in, const float *z, const Grid &grid,
                                                        int64_t it, ForwardScratch &sc, float *oc, float *oa,
                                                        float *omed, int32_t *olast) {
     forward_tile_impl<DT>(in, z, grid, it, sc, oc, oa, omed, olast);
@@ -438,7 +445,7 @@ void backward_tile_base(const Entries &in, const Grid &grid, int64_t it, const B
 }
 
 template <int DT>
-__attribute__((target("avx2,fma"))) void backward_tile_avx2(const Entries &in, const Grid &grid, int64_t it,
+LMVIC_AVX2 void backward_tile_avx2(const Entries &in, const Grid &grid, int64_t it,
                                                         const BackwardInputs &bi, BackwardScratch &sc) {
     backward_tile_impl<DT>(in, grid, it, bi, sc);
 }
