@@ -41,8 +41,10 @@ def write_weights(model: torch.nn.Module, path: Path, payload: dict, meta: dict,
             for p in model.parameters():
                 p.copy_(p.half().float())
     model.update(force=True, update_quantiles=True)
-    sd = {k: (v.half() if half and v.is_floating_point() and not k.endswith("scale_table") else v)
-          for k, v in model.state_dict().items()}
+    params = {name for name, _ in model.named_parameters()}
+    # only parameters go to float16: buffers such as CompressAI's likelihood lower bound (1e-9) would
+    # round to 0 (infinite estimated bits) and the scale table must stay exact
+    sd = {k: (v.half() if half and k in params else v) for k, v in model.state_dict().items()}
     buf = io.BytesIO()
     torch.save({**payload, "state_dict": sd}, buf)
     path = Path(path)
