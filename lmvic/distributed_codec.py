@@ -23,12 +23,12 @@ from lmvic.bitstream import BitstreamError, LatentStream, SceneHeader, SceneRead
 from lmvic.eval_codec import ContainerEvalCodec
 from lmvic.models.distributed import DistributedCodec, load_distributed
 from lmvic.scene_codec import DecodedScene, pad
+from lmvic.separate_codec import STREAM, read_stream
 from lmvic.zoo import WEIGHTS_DIR, WeightsError, check_quality
 from pipelines.errors import LmvicError
 
 #: Shipped models: OPAM + PMIFM fusion, and the average-pooling comparison point.
 MODEL_IDS = ("distributed-cpu", "distributed-average-cpu")
-STREAM = "image"
 #: Side views per view written into the header by default (the training used clips of 2–4 views).
 SIDE_VIEWS = 3
 
@@ -119,19 +119,6 @@ def decode_views(model: DistributedCodec, infos: Sequence[ViewInfo], streams: Se
             images[info.name] = (view[:, :info.height, :info.width].permute(1, 2, 0) * 255).round().to(
                 torch.uint8).numpy()
     return images
-
-
-def read_stream(reader: SceneReader, index: int) -> LatentStream:
-    """View ``index``'s ``image`` stream, checked against the view's size (``BitstreamError``)."""
-    info = reader.header.views[index]
-    stream = reader.read_view(index).get(STREAM)
-    if stream is None or len(stream.chunks) != 2 or len(stream.shape) != 2:
-        raise BitstreamError(f"view {info.name!r} has no valid {STREAM!r} stream")
-    expected = ((info.height + 63) // 64, (info.width + 63) // 64)
-    if tuple(stream.shape) != expected:
-        raise BitstreamError(f"view {info.name!r}: latent shape {tuple(stream.shape)} does not fit "
-                             f"{info.height}x{info.width}")
-    return stream
 
 
 @torch.no_grad()

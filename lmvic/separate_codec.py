@@ -57,6 +57,20 @@ def encode_separate_file(path: str | Path, model_id: str, views: Sequence[ViewIn
     return write_scene(path, header, records), DecodedScene(header, decoded, {})
 
 
+def read_stream(reader: SceneReader, index: int) -> LatentStream:
+    """View ``index``'s ``image`` stream (y and z strings, z shape), checked against the view's size
+    (``BitstreamError``); the single and distributed modes store the same per-view stream."""
+    info = reader.header.views[index]
+    stream = reader.read_view(index).get(STREAM)
+    if stream is None or len(stream.chunks) != 2 or len(stream.shape) != 2:
+        raise BitstreamError(f"view {info.name!r} has no valid {STREAM!r} stream")
+    expected = ((info.height + 63) // 64, (info.width + 63) // 64)
+    if tuple(stream.shape) != expected:
+        raise BitstreamError(f"view {info.name!r}: latent shape {tuple(stream.shape)} does not fit "
+                             f"{info.height}x{info.width}")
+    return stream
+
+
 @torch.no_grad()
 def decode_separate_file(source: str | Path, views: Collection[str] | None = None) -> DecodedScene:
     """Decode a single-mode container (any subset of its views)."""
@@ -75,12 +89,7 @@ def decode_separate_file(source: str | Path, views: Collection[str] | None = Non
         images = {}
         for name in wanted:
             info = header.views[names.index(name)]
-            stream = reader.read_view(names.index(name)).get(STREAM)
-            if stream is None or len(stream.chunks) != 2 or len(stream.shape) != 2:
-                raise BitstreamError(f"view {name!r} has no valid {STREAM!r} stream")
-            expected = ((info.height + 63) // 64, (info.width + 63) // 64)
-            if tuple(stream.shape) != expected:
-                raise BitstreamError(f"view {name!r}: latent shape {tuple(stream.shape)} does not fit {info.height}x{info.width}")
+            stream = read_stream(reader, names.index(name))
             strings = [[stream.chunks[0]], [stream.chunks[1]]]
             x_hat = model.decompress(strings, tuple(stream.shape), header.quality)["x_hat"]
             images[name] = _to_uint8(x_hat, info.height, info.width)
