@@ -205,6 +205,28 @@ def test_missing_or_corrupt_weights(tmp_path) -> None:
         load_joint_file(path)
 
 
+def test_the_shipped_joint_weights_decode_bit_exactly_in_another_process(tmp_path) -> None:
+    from lmvic.scene_codec import load_joint
+    from lmvic.zoo import WEIGHTS_DIR
+
+    codec = load_joint("joint-cpu")
+    scene = render(3, 112, 80)
+    path = tmp_path / "scene.lmv"
+    _, output = encode_scene_file(path, codec, scene, [0, 1, 2], 2)
+    script = (
+        "import sys, numpy as np, torch, lmvic\n"
+        "from lmvic.scene_codec import decode_scene_file\n"
+        "out = decode_scene_file(sys.argv[1])\n"  # loads the shipped weights named in the file
+        "np.savez(sys.argv[2], **out.images)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script, str(path), str(tmp_path / "out.npz")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    decoded = np.load(tmp_path / "out.npz")
+    assert all(np.array_equal(decoded[n], output.images[n]) for n in scene.names)
+    assert (WEIGHTS_DIR / "joint-cpu.pt").stat().st_size < 10_000_000  # the base is referenced, not stored
+
+
 def test_weights_on_a_frozen_base_store_only_what_the_joint_codec_adds(tmp_path) -> None:
     import shutil
 
