@@ -34,7 +34,7 @@ from torch import Tensor
 from lmvic.models.distributed import DistributedCodec, save_distributed
 from lmvic.models.single_view import bits_per_pixel
 from lmvic.training.data import HELD_OUT_SCENES, IMAGE_SUFFIXES, ImageCache, build_cache
-from lmvic.training.loop import _append_csv, _save_atomic, psnr_from_mse
+from lmvic.training.loop import _append_csv, _save_atomic, log_row, psnr_from_mse
 from lmvic.training.schedule import Schedule
 from lmvic.zoo import load_single_view
 
@@ -278,8 +278,7 @@ def train_distributed(cfg: DistributedTrainConfig, resume: bool = False, log=pri
             row = {"step": step, "cpu_min": round(cpu_spent / 60, 3), "lr": lr,
                    **{k: v / cfg.log_every for k, v in acc.items()},
                    "s_per_step": (time.perf_counter() - t_log) / cfg.log_every}
-            _append_csv(out / "train.csv", row)
-            log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+            log_row(out / "train.csv", row, log)
             acc, t_log = {}, time.perf_counter()
         if step % cfg.ckpt_every == 0:
             save()

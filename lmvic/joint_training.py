@@ -30,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 from lmvic.clips import Clip, ClipSampler, load_sequence
 from lmvic.models.single_view import bits_per_pixel
 from lmvic.scene_codec import JointCodec, build_joint
-from lmvic.training.loop import (_append_csv, _save_atomic, budget_progress, check_replicas_equal, dist_info,
+from lmvic.training.loop import (_save_atomic, budget_progress, check_replicas_equal, dist_info, log_row,
                                 optimisation_step, psnr_from_mse)
 from lmvic.training.schedule import Schedule
 from lmvic.zoo import load_single_view
@@ -153,8 +153,7 @@ def train_joint(cfg: JointTrainConfig, resume: bool = False, log=print) -> Joint
         if step % cfg.log_every == 0 and rank == 0:
             row = {"step": step, "lr": lr, **{k: v / cfg.log_every for k, v in acc.items()},
                    "s_per_step": (time.perf_counter() - t0) / cfg.log_every}
-            _append_csv(out / "train.csv", row)
-            log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+            log_row(out / "train.csv", row, log)
             acc, t0 = {}, time.perf_counter()
         if step % cfg.ckpt_every == 0:
             save()

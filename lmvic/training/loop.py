@@ -169,6 +169,12 @@ def _append_csv(path: Path, row: dict[str, object]) -> None:
         w.writerow(row)
 
 
+def log_row(path: Path, row: dict[str, object], log) -> None:
+    """Append ``row`` to the CSV at ``path`` and print it as ``key=value`` pairs."""
+    _append_csv(path, row)
+    log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+
+
 def train(cfg: TrainConfig, resume: bool = False, val_crops: Tensor | None = None,
           log=print) -> SingleViewCodec:
     """Run (or resume) the training described by ``cfg``; returns the trained model (rank 0's)."""
@@ -271,8 +277,7 @@ def train(cfg: TrainConfig, resume: bool = False, val_crops: Tensor | None = Non
                    "steps_per_s": (step - log_step) / dw,
                    "images_per_s": (step - log_step) * cfg.batch * world / dw,
                    "cpu_s_per_step": (time.process_time() - t_log_cpu) / (step - log_step)}
-            _append_csv(out / "train.csv", row)
-            log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+            log_row(out / "train.csv", row, log)
             acc = {"loss": 0.0, "bpp": 0.0, "mse": 0.0, "n": 0}
             t_log_cpu, t_log_wall, log_step = time.process_time(), time.perf_counter(), step
         if cpu_spent >= next_val:
