@@ -25,7 +25,7 @@ import cv2
 import numpy as np
 import pycolmap
 
-from geometry.cameras import opengl_c2w_to_opencv_w2c
+from geometry.cameras import camera_centres, opengl_c2w_to_opencv_w2c
 from pipelines.errors import LmvicError
 
 log = logging.getLogger(__name__)
@@ -183,7 +183,7 @@ def posed_views_from_transforms(path: Path, scales: dict[str, float]) -> list[Po
         frames = meta["frames"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise LmvicError(f"malformed {path}: {exc}") from exc
-    views = []
+    views, centres = [], []
     for frame in frames:
         name = Path(str(frame.get("file_path", ""))).name
         if name not in scales:
@@ -198,11 +198,25 @@ def posed_views_from_transforms(path: Path, scales: dict[str, float]) -> list[Po
         if c2w.shape != (4, 4) or not np.isfinite(c2w).all():
             raise LmvicError(f"transforms.json: frame {name} has a transform_matrix that is not a finite 4x4 matrix")
         w2c = opengl_c2w_to_opencv_w2c(c2w)
+        centres.append(camera_centres(w2c))
         views.append(PosedView(working_name(name), _transforms_camera(meta | frame, scales[name]),
                                tuple(_quaternion_wxyz(w2c[:3, :3])), tuple(w2c[:3, 3])))
     if len(views) < 2:
         raise LmvicError(f"transforms.json names {len(views)} of the images in images/; need at least 2")
+    require_parallax(np.stack(centres), "transforms.json")
     return sorted(views, key=lambda v: v.name)
+
+
+def require_parallax(centres: np.ndarray, source: str, tolerance: float = 1e-6) -> None:
+    """``LmvicError`` if the camera centres [V, 3] coincide (all views from one position).
+
+    Without a baseline nothing can be triangulated and depth is undefined; the spread is compared
+    with the centres' distance from the origin (``tolerance`` relative, at least absolute).
+    """
+    spread = float(np.linalg.norm(centres - centres.mean(0), axis=1).max())
+    if spread <= tolerance * max(1.0, float(np.linalg.norm(centres, axis=1).max())):
+        raise LmvicError(f"{source}: all {len(centres)} cameras are at the same position (no parallax); "
+                         "depth cannot be recovered from these views")
 
 
 def write_posed_model(views: list[PosedView], out: Path,

@@ -23,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 from geometry import sfm
+from geometry.cameras import camera_centres
 from geometry.depth import render_depths, save_depth_png
 from geometry.gaussian_fit import FitConfig, FitDiverged, fit_gaussians
 from geometry.ply import read_ply, write_ply
@@ -97,6 +98,7 @@ def run_sfm(ctx: StageContext) -> dict:
         log.warning("%d view(s) did not register and are left out: %s", len(result.excluded), ", ".join(result.excluded))
     if len(result.names) < 2:
         raise LmvicError(f"SfM registered {len(result.names)} of {len(originals)} views; at least 2 are needed")
+    sfm.require_parallax(camera_centres(result.T), f"the {result.source} cameras")
     if len(result.points) == 0:
         raise LmvicError("SfM produced no 3-D points; the views do not overlap enough")
     atomic_write_json(ctx.out / "cameras.json", {

@@ -110,3 +110,26 @@ def test_views_without_overlap_fail_sfm_cleanly(tmp_path, capsys):
     message = fails(capsys, "run", tmp_path, "--stages", "sfm")
     assert "SfM" in message
     assert not (tmp_path / ".lmvic" / "sfm").exists() and not list((tmp_path / ".lmvic").glob(".tmp-*"))
+
+
+def test_identical_views_fail_sfm_cleanly(tmp_path, small_scene, capsys):
+    """Every view the same photo (one camera position): real SfM cannot initialise; one-line error."""
+    (tmp_path / "images").mkdir()
+    source = sorted((small_scene / "images").iterdir())[0]
+    for i in range(3):
+        shutil.copy(source, tmp_path / "images" / f"{i}{source.suffix}")
+    message = fails(capsys, "run", tmp_path, "--stages", "sfm")
+    assert "SfM" in message
+    assert not (tmp_path / ".lmvic" / "sfm").exists() and not list((tmp_path / ".lmvic").glob(".tmp-*"))
+
+
+def test_cameras_at_one_position_are_refused(tmp_path, small_scene, capsys):
+    """transforms.json giving every view the same pose: refused before triangulation, nothing cached."""
+    shutil.copytree(small_scene / "images", tmp_path / "images")
+    names = sorted(p.name for p in (tmp_path / "images").iterdir())
+    (tmp_path / "transforms.json").write_text(json.dumps({
+        "w": 320, "h": 240, "fl_x": 300.0, "fl_y": 300.0, "cx": 160.0, "cy": 120.0,
+        "frames": [{"file_path": f"images/{n}", "transform_matrix": np.eye(4).tolist()} for n in names]}))
+    message = fails(capsys, "run", tmp_path, "--stages", "sfm")
+    assert "same position" in message
+    assert not (tmp_path / ".lmvic" / "sfm").exists()
