@@ -60,12 +60,11 @@ class JointEvalCodec(ContainerEvalCodec):
     """
 
     name = "lmvic-joint"
-    description = "lmvic joint mode: depth codec (CVDP + DCI) and image codec (ICT, QPEM) over 3DGS depth"
 
     def __init__(self, names: Sequence[str], K: np.ndarray, T: np.ndarray, depths: Sequence[np.ndarray],
                  model_id: str = "joint-cpu"):
         from lmvic.scene_codec import load_joint
-        from lmvic.zoo import WeightsError
+        from lmvic.zoo import WeightsError, weights_sha256
         from pipelines.errors import LmvicError
 
         super().__init__(names, K, T)
@@ -74,6 +73,8 @@ class JointEvalCodec(ContainerEvalCodec):
             self.codec = load_joint(model_id)
         except WeightsError as exc:
             raise LmvicError(f"joint mode is not available: {exc}") from exc
+        self.description = (f"lmvic joint mode ({model_id} {weights_sha256(model_id)[:12]}): depth codec "
+                            "(CVDP + DCI) and image codec (ICT, QPEM) over 3DGS depth")
         self.qualities = tuple(range(1, self.codec.num_qualities + 1))
 
     def encode_file(self, path, views, images, quality):

@@ -10,7 +10,15 @@ sequence ``DepthRange`` (as the scene codec normalises) and λ the quality's λ 
 variable-rate backbone (a random quality per sample).
 The aux loss of the entropy bottlenecks is optimised alongside. ``freeze_backbone`` trains only
 the reference path, QPEM and the depth codec (stage two of a staged training on top of shipped
-single-view weights). Under ``torchrun`` (``WORLD_SIZE`` > 1) every rank samples its own clips
+single-view weights). ``parts`` stages it further: ``"depth"`` trains the depth codec alone (the
+image codec is neither run nor trained, so the loss is its depth terms only), ``"image"`` freezes
+the depth codec and trains the image codec on its decoded depth, ``"context"`` trains everything
+but the ICT fusions (which keep their zero-initialised identity): the reference then reaches the
+image only through the entropy model, so it can change the rate but never the reconstruction. ``depth_weight`` sets the
+depth codec's own rate point: its distortion weight is ``depth_weight·λ``. ``init_joint`` starts
+from what a previous run or a shipped joint file added to the base (``JointPart``): the tensors
+under the name prefixes ``init_parts`` (e.g. ``depth``, ``image.qpem``) whose names and shapes still match (an initialisation across
+architecture changes, not a resume; what is left out keeps its fresh, zero-path initialisation). Under ``torchrun`` (``WORLD_SIZE`` > 1) every rank samples its own clips
 and DistributedDataParallel averages the gradients (gloo on the CPU); rank 0 writes the log, the
 CSV and the checkpoint. The schedule is ``lmvic.training.schedule.Schedule`` over the step budget.
 """
@@ -29,35 +37,40 @@ from torch.nn.parallel import DistributedDataParallel
 
 from lmvic.clips import Clip, ClipSampler, load_sequence
 from lmvic.models.single_view import bits_per_pixel
-from lmvic.scene_codec import JointCodec, build_joint
+from lmvic.scene_codec import JointCodec, JointPart, build_joint, load_joint_file
 from lmvic.training.loop import (_save_atomic, budget_progress, check_replicas_equal, dist_info, log_row,
                                 optimisation_step, psnr_from_mse)
 from lmvic.training.schedule import Schedule
 from lmvic.zoo import load_single_view
 
 VIEW_WEIGHTS = (0.5, 1.2, 0.5, 0.9)
+PARTS = ("all", "depth", "image", "context")
 
 
 def clip_loss(net: torch.nn.Module, codec: JointCodec, clip: Clip, quality: Tensor, depth_weight: float = 1.0,
-              weights: tuple[float, ...] = VIEW_WEIGHTS) -> tuple[Tensor, dict[str, float]]:
+              weights: tuple[float, ...] = VIEW_WEIGHTS, with_image: bool = True) -> tuple[Tensor, dict[str, float]]:
     """Weighted RD loss of a clip batch; stats are per-view means of bpp and PSNR (image, depth).
 
     ``net`` runs the forward (``codec`` itself or its DDP wrapper, which averages the gradients).
+    ``with_image=False``: the depth codec alone (image terms 0).
     """
     B, L, _, H, W = clip.images.shape
     if len(weights) != L:
         raise ValueError(f"{len(weights)} view weights for clips of {L} views")
     lam = codec.image.backbone.lambda_of(quality, B) * 255**2
     depth_range = clip.depth_range
-    outs = net(clip.images, clip.depths, clip.K, clip.T, quality, depth_range)
+    outs = net(clip.images, clip.depths, clip.K, clip.T, quality, depth_range, with_image=with_image)
     loss = clip.images.new_zeros(())
     stats = {"bpp_img": 0.0, "bpp_depth": 0.0, "psnr": 0.0, "psnr_depth": 0.0}
     for t, (w, out) in enumerate(zip(weights, outs)):
         x, d = clip.images[:, t], clip.depths[:, t]
-        mse = F.mse_loss(out["image"]["x_hat"], x, reduction="none").flatten(1).mean(1)
         d_mse = F.mse_loss(out["depth"]["x_hat"], depth_range.normalise(d), reduction="none").flatten(1).mean(1)
-        bpp_img = bits_per_pixel(out["image"]["likelihoods"], H * W)
         bpp_depth = bits_per_pixel(out["depth"]["likelihoods"], H * W)
+        if with_image:
+            mse = F.mse_loss(out["image"]["x_hat"], x, reduction="none").flatten(1).mean(1)
+            bpp_img = bits_per_pixel(out["image"]["likelihoods"], H * W)
+        else:  # depth-only stage: no image terms
+            mse, bpp_img = torch.zeros_like(d_mse), torch.zeros_like(bpp_depth)
         loss = loss + w * (lam * (mse + depth_weight * d_mse) + bpp_img + bpp_depth).mean()
         for key, value in (("bpp_img", bpp_img.mean()), ("bpp_depth", bpp_depth.mean()),
                            ("psnr", psnr_from_mse(mse.mean())), ("psnr_depth", psnr_from_mse(d_mse.mean()))):
@@ -71,7 +84,10 @@ class JointTrainConfig:
     scenes: tuple[str, ...]  # synthetic scene folders or real scenes' work folders (lmvic.clips.load_sequence)
     size: str = "cpu"
     init_single_view: str = ""  # single-view weights (shipped name or .pt path) for the image backbone; "" = fresh
+    init_joint: str = ""  # a run's checkpoint.pt or a joint weight file: start from what it adds to the base
+    init_parts: tuple[str, ...] = ("image", "depth")  # name prefixes of the JointPart tensors init_joint sets
     freeze_backbone: bool = False
+    parts: str = "all"  # "all", "depth" (the depth codec alone), "image" (depth codec frozen), "context" (no ICT)
     steps: int = 1000
     batch: int = 2
     crop: int = 128
@@ -87,14 +103,33 @@ class JointTrainConfig:
     started: float = 0.0
 
 
-def _build(cfg: JointTrainConfig) -> JointCodec:
+def _build(cfg: JointTrainConfig, log=print) -> JointCodec:
     torch.manual_seed(cfg.seed)
     backbone = None
     if cfg.init_single_view:  # a shipped name, or a path to a weight file exported by lmvic.zoo
         path = Path(cfg.init_single_view)
         backbone = (load_single_view(path.stem, path.parent) if path.suffix == ".pt"
                     else load_single_view(cfg.init_single_view))
-    return build_joint(cfg.size, backbone=backbone)
+    codec = build_joint(cfg.size, backbone=backbone)
+    if cfg.init_joint:
+        part = JointPart(codec)
+        own = part.state_dict()
+        given = {k: v for k, v in _joint_part_state(Path(cfg.init_joint)).items()
+                 if any(k == p or k.startswith(p + ".") for p in cfg.init_parts)}
+        kept = {k: v for k, v in given.items() if k in own and own[k].shape == v.shape}
+        part.load_state_dict({**own, **kept})
+        log(f"initialised {len(kept)} of {len(own)} tensors from {cfg.init_joint}")
+    return codec
+
+
+def _joint_part_state(path: Path) -> dict[str, Tensor]:
+    """The ``JointPart`` state of a training checkpoint (keys of the whole codec) or a joint weight file."""
+    if not path.exists():
+        raise FileNotFoundError(f"joint initialisation not found: {path}")
+    if path.with_suffix(".json").exists():  # shipped weights with their sidecar
+        return JointPart(load_joint_file(path)).state_dict()
+    model = torch.load(path, map_location="cpu", weights_only=False)["model"]
+    return {k: v for k, v in model.items() if not k.startswith("image.backbone.")}
 
 
 def train_joint(cfg: JointTrainConfig, resume: bool = False, log=print) -> JointCodec:
@@ -106,12 +141,17 @@ def train_joint(cfg: JointTrainConfig, resume: bool = False, log=print) -> Joint
         out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / "checkpoint.pt"
     cfg = dataclasses.replace(cfg, started=cfg.started or time.time())
-    codec = _build(cfg).train()
-    if cfg.freeze_backbone:
-        codec.image.backbone.requires_grad_(False)
-        codec.image.backbone.entropy_bottleneck.quantiles.requires_grad_(True)  # aux loss only
+    if cfg.parts not in PARTS:
+        raise ValueError(f"parts must be one of {PARTS}, not {cfg.parts!r}")
+    codec = _build(cfg, log).train()
+    frozen = {"all": [], "depth": [codec.image], "image": [codec.depth],
+              "context": [codec.image.enc_fusions, codec.image.dec_fusions]}[cfg.parts]
+    for module in frozen + ([codec.image.backbone] if cfg.freeze_backbone else []):
+        module.requires_grad_(False)
+    if cfg.parts != "depth":  # the image bottleneck's quantiles follow the aux loss whenever the image codec runs
+        codec.image.backbone.entropy_bottleneck.quantiles.requires_grad_(True)
     main = [p for n, p in codec.named_parameters() if p.requires_grad and not n.endswith(".quantiles")]
-    aux = [p for n, p in codec.named_parameters() if n.endswith(".quantiles")]
+    aux = [p for n, p in codec.named_parameters() if p.requires_grad and n.endswith(".quantiles")]
     opt = torch.optim.Adam(main, lr=cfg.schedule.peak_lr)
     aux_opt = torch.optim.Adam(aux, lr=cfg.aux_lr)
     step = 0
@@ -145,7 +185,8 @@ def train_joint(cfg: JointTrainConfig, resume: bool = False, log=print) -> Joint
         for g in opt.param_groups:
             g["lr"] = lr
         quality = torch.randint(1, codec.num_qualities + 1, (cfg.batch,), generator=gen).float()
-        loss, stats = clip_loss(net, codec, sampler.batch(cfg.batch), quality, cfg.depth_weight)
+        loss, stats = clip_loss(net, codec, sampler.batch(cfg.batch), quality, cfg.depth_weight,
+                                with_image=cfg.parts != "depth")
         applied = optimisation_step(loss, codec.aux_loss(), opt, aux_opt, main, cfg.clip)
         step += 1
         for k, v in {"loss": loss.item(), **stats, "skipped": float(not applied)}.items():

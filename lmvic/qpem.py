@@ -44,7 +44,11 @@ def step_masks(channels: int, height: int, width: int, device: torch.device | No
 
 
 class StepParameters(nn.Module):
-    """Δ_s: (hyperprior params 2M + context + decoded latent M) → (Δscale, Δmean), last conv zero."""
+    """Δ_s: (hyperprior params 2M + decoded latent M + context) → (Δscale, Δmean).
+
+    A small network plus a linear 1×1 path (a context that already predicts the latent, such as
+    an aligned reference latent, is then one linear map away); both start at zero.
+    """
 
     def __init__(self, M: int, context_ch: int, hidden: int):
         super().__init__()
@@ -53,13 +57,15 @@ class StepParameters(nn.Module):
             nn.Conv2d(hidden, hidden, 3, padding=1), nn.LeakyReLU(inplace=True),
             nn.Conv2d(hidden, 2 * M, 1),
         )
-        nn.init.zeros_(self.net[-1].weight)
-        nn.init.zeros_(self.net[-1].bias)
+        self.linear = nn.Conv2d(3 * M + context_ch, 2 * M, 1)
+        for layer in (self.net[-1], self.linear):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
 
     def forward(self, scales: Tensor, means: Tensor, decoded: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
         """All (B, ·, h, w) → refined (scales, means), each (B, M, h, w)."""
-        parts = [scales, means, decoded] + ([] if context is None else [context])
-        d_scales, d_means = self.net(torch.cat(parts, dim=1)).chunk(2, dim=1)
+        x = torch.cat([scales, means, decoded] + ([] if context is None else [context]), dim=1)
+        d_scales, d_means = (self.net(x) + self.linear(x)).chunk(2, dim=1)
         return scales + d_scales, means + d_means
 
 

@@ -3,7 +3,11 @@
 For view i with reference r (the previous view in the coding order; none for the first):
 
 1. depth: CVDP splats the *decoded* reference depth D̂_r into view i; the depth codec codes the
-   normalised depth of view i with that prediction (``lmvic.models.depth_codec``);
+   normalised depth of view i with that prediction (``lmvic.models.depth_codec``), at 1/4 of the
+   image resolution (``DEPTH_FACTOR``: mean of 4×4 blocks of normalised inverse depth, padded to a
+   multiple of 64; the decoded map is upsampled bilinearly). The image codec uses the reference
+   only at 1/2…1/16 and the entropy context at 1/16, so a coarse depth serves it; at full resolution
+   the depth stream cost as much as the image stream at low rates;
 2. image: disparity and trust mask from the *decoded* depths D̂_i and D̂_r
    (``geometry.warp.relate`` then ``multiscale`` at 1/2…1/16); the image codec codes x_i with the
    decoded reference image, its decoder features and that relation (``lmvic.models.joint``).
@@ -14,8 +18,8 @@ padded (edge replication) to multiples of 64 on the right and bottom — the pri
 not move — and cropped back after decoding.
 
 Streams per view (``lmvic.bitstream.LatentStream``): ``depth`` and ``image``, each with five
-chunks — the range-coded QPEM steps y0…y3 and the hyper-latent z — and the shape (H/64, W/64) of z
-(the latent is (M, H/16, W/16)); the first coded view also holds ``scene.depth_range`` (two
+chunks — the range-coded QPEM steps y0…y3 and the hyper-latent z — and the shape of z ((H/64, W/64)
+for the image; for the depth that of its padded 1/4-resolution map); the first coded view also holds ``scene.depth_range`` (two
 float64: near, far). Two streams per view keep the container's per-stream overhead small.
 
 Model ids are ``joint-<size>``; weights are ``lmvic/weights/<model id>.pt`` with a SHA-256 sidecar.
@@ -45,23 +49,25 @@ from lmvic.zoo import WEIGHTS_DIR, WeightsError, base_reference, load_base, read
 from pipelines.errors import LmvicError
 
 PAD = 64
-WEIGHT_FORMAT = 1
+WEIGHT_FORMAT = 2  # 2: depth coded at 1/DEPTH_FACTOR, aligned-latent QPEM context
+DEPTH_FACTOR = 4
 MODEL_IDS = tuple(f"joint-{size}" for size in SIZES)
 RANGE_STREAM = "scene.depth_range"
 _RANGE = struct.Struct("<2d")
-_RELATION_FACTORS = (2, 4, 8, 16)
+_RELATION_FACTORS = (1, 2, 4, 8, 16)
 
 
 @dataclass
 class DecodedView:
     """What a later view needs from a decoded one (padded size H×W).
 
-    image (B, 3, H, W) in [0, 1]; features: image decoder features at 1/8, 1/4, 1/2;
-    depth (B, H, W) metric; K (B, 3, 3); T (B, 4, 4) world-to-camera.
+    image (B, 3, H, W) in [0, 1]; features: image decoder features at 1/8, 1/4, 1/2 (both None
+    when only the depth codec runs, in depth-only training); depth (B, H, W) metric; K (B, 3, 3);
+    T (B, 4, 4) world-to-camera.
     """
 
-    image: Tensor
-    features: list[Tensor]
+    image: Tensor | None
+    features: list[Tensor] | None
     depth: Tensor
     K: Tensor
     T: Tensor
@@ -88,13 +94,26 @@ class JointCodec(CompressionModel):
     def num_qualities(self) -> int:
         return self.image.num_qualities
 
+    # ---- depth resolution -------------------------------------------------------------------
+    @staticmethod
+    def coarse_depth(normalised: Tensor) -> Tensor:
+        """Normalised depth (B, 1, H, W), H and W multiples of ``DEPTH_FACTOR`` → the map the depth
+        codec codes: 4×4 block means, edge-padded to multiples of 64 (B, 1, h, w)."""
+        return pad(F.avg_pool2d(normalised, DEPTH_FACTOR))
+
+    @staticmethod
+    def fine_depth(coded: Tensor, size: tuple[int, int]) -> Tensor:
+        """Decoded coarse map (B, 1, h, w) → normalised depth (B, 1, H, W) at the image size."""
+        crop = coded[..., : size[0] // DEPTH_FACTOR, : size[1] // DEPTH_FACTOR]
+        return F.interpolate(crop, size=size, mode="bilinear", align_corners=False)
+
     # ---- reference path (shared by training and coding) -------------------------------------
     def depth_side(self, ref: DecodedView | None, K: Tensor, T: Tensor, size: tuple[int, int],
                    depth_range: DepthRange) -> Side | None:
-        """CVDP side information of the depth codec (None for a view without reference)."""
+        """CVDP side information of the depth codec for its coded map of ``size`` (None without reference)."""
         if ref is None:
             return None
-        prediction, hit = cross_view_prediction(ref.depth, ref.K, ref.T, K, T, size, depth_range)
+        prediction, hit = cross_view_prediction(ref.depth, ref.K, ref.T, coarse_intrinsics(K), T, size, depth_range)
         return self.depth.prediction_side(prediction, hit)
 
     def image_side(self, ref: DecodedView | None, depth_hat: Tensor, K: Tensor, T: Tensor) -> Side | None:
@@ -107,26 +126,34 @@ class JointCodec(CompressionModel):
 
     # ---- training path ----------------------------------------------------------------------
     def forward_view(self, image: Tensor, depth: Tensor, K: Tensor, T: Tensor, quality: float | Tensor,
-                     depth_range: DepthRange, ref: DecodedView | None) -> tuple[dict[str, object], DecodedView]:
+                     depth_range: DepthRange, ref: DecodedView | None, with_image: bool = True
+                     ) -> tuple[dict[str, object], DecodedView]:
         """One view of a clip (B, 3, H, W), depth (B, H, W) → ({"depth": out, "image": out}, DecodedView).
 
-        Each ``out`` is the codec's ``forward`` dict; the depth output is normalised (B, 1, H, W).
+        Each ``out`` is the codec's ``forward`` dict; the depth output ``x_hat`` is the decoded
+        normalised depth upsampled to the image size (B, 1, H, W).
+        ``with_image=False`` runs the depth codec only (its CVDP chain needs only decoded depths):
+        the image output and the decoded image are None.
         """
         size = tuple(image.shape[-2:])
-        d_out = self.depth(depth_range.normalise(depth), quality,
-                           self.depth_side(ref, K, T, size, depth_range))
+        coarse = self.coarse_depth(depth_range.normalise(depth))
+        d_out = self.depth(coarse, quality, self.depth_side(ref, K, T, tuple(coarse.shape[-2:]), depth_range))
+        d_out = {**d_out, "x_hat": self.fine_depth(d_out["x_hat"], size)}
         depth_hat = depth_range.denormalise(d_out["x_hat"])
+        if not with_image:
+            return {"depth": d_out, "image": None}, DecodedView(None, None, depth_hat, K, T)
         i_out = self.image(image, quality, self.image_side(ref, depth_hat, K, T))
         decoded = DecodedView(i_out["x_hat"].clamp(0, 1), i_out["features"], depth_hat, K, T)
         return {"depth": d_out, "image": i_out}, decoded
 
     def forward(self, images: Tensor, depths: Tensor, K: Tensor, T: Tensor, quality: float | Tensor,
-                depth_range: DepthRange) -> list[dict[str, object]]:
+                depth_range: DepthRange, with_image: bool = True) -> list[dict[str, object]]:
         """A clip in coding order: images (B, L, 3, H, W), depths (B, L, H, W), K (B, L, 3, 3),
         T (B, L, 4, 4) → per view the ``forward_view`` outputs (the first view has no reference)."""
         ref, outs = None, []
         for t in range(images.shape[1]):
-            out, ref = self.forward_view(images[:, t], depths[:, t], K[:, t], T[:, t], quality, depth_range, ref)
+            out, ref = self.forward_view(images[:, t], depths[:, t], K[:, t], T[:, t], quality, depth_range, ref,
+                                         with_image)
             outs.append(out)
         return outs
 
@@ -135,10 +162,11 @@ class JointCodec(CompressionModel):
                     depth_range: DepthRange, ref: DecodedView | None) -> tuple[dict[str, LatentStream], DecodedView]:
         """Code one padded view (1, 3, H, W) + depth (1, H, W) → (streams, the decoder's DecodedView)."""
         size = tuple(image.shape[-2:])
-        d_side = _exact(self.depth_side, ref, K, T, size, depth_range)
-        strings, shape, y_hat = self.depth.encode(depth_range.normalise(depth), quality, d_side)
+        coarse = self.coarse_depth(depth_range.normalise(depth))
+        d_side = _exact(self.depth_side, ref, K, T, tuple(coarse.shape[-2:]), depth_range)
+        strings, shape, y_hat = self.depth.encode(coarse, quality, d_side)
         streams = {"depth": _stream(strings, shape)}
-        depth_hat = depth_range.denormalise(self.depth.reconstruct(y_hat, quality, d_side)[-1])
+        depth_hat = self._decoded_depth(y_hat, quality, d_side, size, depth_range)
         i_side = _exact(self.image_side, ref, depth_hat, K, T)
         strings, shape, y_hat = self.image.encode(image, quality, i_side)
         streams["image"] = _stream(strings, shape)
@@ -147,12 +175,20 @@ class JointCodec(CompressionModel):
     def decode_view(self, streams: ViewRecord, K: Tensor, T: Tensor, size: tuple[int, int], quality: int,
                     depth_range: DepthRange, ref: DecodedView | None) -> DecodedView:
         """Inverse of ``encode_view`` for a padded size (H, W)."""
-        d_side = _exact(self.depth_side, ref, K, T, size, depth_range)
-        y_hat = self.depth.decode_latent(*_strings(streams, "depth", size), d_side)
-        depth_hat = depth_range.denormalise(self.depth.reconstruct(y_hat, quality, d_side)[-1])
+        coarse = coarse_size(size)
+        d_side = _exact(self.depth_side, ref, K, T, coarse, depth_range)
+        y_hat = self.depth.decode_latent(*_strings(streams, "depth", coarse), quality, d_side)
+        depth_hat = self._decoded_depth(y_hat, quality, d_side, size, depth_range)
         i_side = _exact(self.image_side, ref, depth_hat, K, T)
-        y_hat = self.image.decode_latent(*_strings(streams, "image", size), i_side)
+        y_hat = self.image.decode_latent(*_strings(streams, "image", size), quality, i_side)
         return self._decoded(y_hat, quality, i_side, depth_hat, K, T)
+
+    def _decoded_depth(self, y_hat: Tensor, quality: int, side: Side | None, size: tuple[int, int],
+                       depth_range: DepthRange) -> Tensor:
+        """Depth latent → metric depth (B, H, W) at the padded image size, as encoder and decoder see it."""
+        coded = self.depth.reconstruct(y_hat, quality, side)[-1]
+        with fixed_threads(EXACT_THREADS), torch.no_grad():
+            return depth_range.denormalise(self.fine_depth(coded, size))
 
     def _decoded(self, y_hat: Tensor, quality: int, side: Side | None, depth_hat: Tensor,
                  K: Tensor, T: Tensor) -> DecodedView:
@@ -171,8 +207,19 @@ def _stream(strings: list[list[bytes]], z_shape: tuple[int, int]) -> LatentStrea
     return LatentStream(tuple(bytes(s[0]) for s in strings), tuple(z_shape))
 
 
+def coarse_intrinsics(K: Tensor) -> Tensor:
+    """Intrinsics (B, 3, 3) of the image → those of its ``DEPTH_FACTOR``-block-mean depth map
+    (pixel centres at +0.5, so the first two rows scale by 1/DEPTH_FACTOR)."""
+    return torch.cat([K[:, :2] / DEPTH_FACTOR, K[:, 2:]], dim=1)
+
+
+def coarse_size(size: tuple[int, int]) -> tuple[int, int]:
+    """Padded image size (H, W) → size of the depth map the depth codec codes (``coarse_depth``)."""
+    return tuple(-(-(s // DEPTH_FACTOR) // PAD) * PAD for s in size)
+
+
 def _strings(streams: ViewRecord, name: str, size: tuple[int, int]) -> tuple[list[list[bytes]], tuple[int, int]]:
-    """Check and unpack one codec's stream → (strings, z shape) for ``decode_latent``."""
+    """Check and unpack one codec's stream coding a map of ``size`` → (strings, z shape) for ``decode_latent``."""
     z_shape = (size[0] // PAD, size[1] // PAD)
     stream = streams.get(name)
     if stream is None:

@@ -16,7 +16,7 @@ from lmvic.bitstream import BitstreamError, LatentStream, SceneHeader, SceneRead
 from lmvic.eval_codec import ContainerEvalCodec
 from lmvic.models.single_view import SingleViewCodec
 from lmvic.scene_codec import DecodedScene, pad
-from lmvic.zoo import WeightsError, check_quality, load_single_view
+from lmvic.zoo import WeightsError, check_quality, load_single_view, weights_sha256
 from pipelines.errors import LmvicError
 
 MODEL_IDS = ("single_view_cpu",)
@@ -100,11 +100,11 @@ class SeparateCodec(ContainerEvalCodec):
     """The single mode as an RD-evaluation codec: every view alone, real container bytes."""
 
     name = "lmvic-single"
-    description = "lmvic single-view codec, each view alone (Separate)"
 
     def __init__(self, names: Sequence[str], K: np.ndarray, T: np.ndarray, model_id: str = "single_view_cpu"):
         super().__init__(names, K, T)
         self.model_id = model_id
+        self.description = f"lmvic single-view codec ({model_id} {weights_sha256(model_id)[:12]}), each view alone (Separate)"
         self.qualities = tuple(range(1, load_model(model_id).num_qualities + 1))
 
     def encode_file(self, path, views, images, quality):

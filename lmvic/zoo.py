@@ -92,13 +92,18 @@ def load_single_view(name: str = "single_view_cpu", directory: Path = WEIGHTS_DI
     return model.eval()
 
 
+def weights_sha256(name: str, directory: Path = WEIGHTS_DIR) -> str:
+    """SHA-256 recorded in the sidecar of the shipped weights ``name`` (identifies results measured with them)."""
+    meta = directory / f"{name}.json"
+    if not meta.exists():
+        raise WeightsError(f"weights {name!r} not found in {directory}")
+    return json.loads(meta.read_text())["sha256"]
+
+
 def base_reference(base: str, directory: Path = WEIGHTS_DIR) -> dict:
     """``{"base", "base_sha256"}`` of the shipped single-view weights a model was trained on top of
     (the model's file then stores only what it adds)."""
-    meta = directory / f"{base}.json"
-    if not meta.exists():
-        raise WeightsError(f"base weights {base!r} not found in {directory}")
-    return {"base": base, "base_sha256": json.loads(meta.read_text())["sha256"]}
+    return {"base": base, "base_sha256": weights_sha256(base, directory)}
 
 
 def load_base(ck: dict, what: str, directory: Path = WEIGHTS_DIR) -> SingleViewCodec:

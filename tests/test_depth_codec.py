@@ -107,7 +107,7 @@ def test_coding_round_trip_with_prediction() -> None:
     x = torch.rand(1, 1, 64, 64)
     strings, shape, y_hat = codec.encode(x, 4, side)
     assert shape == (1, 1) and len(strings) == 5
-    assert torch.equal(codec.decode_latent(strings, shape, side), y_hat)
+    assert torch.equal(codec.decode_latent(strings, shape, 4, side), y_hat)
     assert codec.reconstruct(y_hat, 4, side)[-1].shape == x.shape
     with pytest.raises(ValueError, match="multiples of 64"):
         codec.encode(torch.rand(1, 1, 48, 64), 4, side)

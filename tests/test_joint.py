@@ -68,11 +68,11 @@ def test_shapes_and_reference_side() -> None:
     assert out["x_hat"].shape == x.shape
     assert [tuple(f.shape) for f in out["features"]] == [(2, 64, 8, 16), (2, 64, 16, 32), (2, 64, 32, 64)]
     assert out["likelihoods"]["y"].shape == (2, 128, 4, 8)
-    rel = multiscale(torch.randn(2, 2, 64, 128), torch.rand(2, 64, 128) > 0.5, (2, 4, 8, 16))
+    rel = multiscale(torch.randn(2, 2, 64, 128), torch.rand(2, 64, 128) > 0.5, (1, 2, 4, 8, 16))
     side = codec.reference_side(x, out["features"], rel)
     assert [a[0].shape[-1] for a in side.enc] == [64, 32, 16]
     assert [a[0].shape[-1] for a in side.dec] == [16, 32, 64]
-    assert side.context.shape == (2, 64, 4, 8)
+    assert side.context.shape == (2, 64 + 1, 4, 8) and side.latent.shape == (2, 128, 4, 8)
     out = codec(x, torch.tensor([1.0, 6.0]), side)
     (out["x_hat"].square().mean() + sum(l.log().mean() for l in out["likelihoods"].values())).backward()
     for module in (codec.reference_features, codec.feature_masks, codec.enc_fusions[0], codec.qpem):
@@ -86,7 +86,7 @@ def test_zero_initialised_reference_path_equals_single_view() -> None:
     x = torch.rand(1, 3, 64, 64)
     ref = torch.rand(1, 3, 64, 64)
     ref_feats = joint(ref, QUALITY)["features"]
-    rel = multiscale(torch.randn(1, 2, 64, 64) * 4, torch.rand(1, 64, 64) > 0.3, (2, 4, 8, 16))
+    rel = multiscale(torch.randn(1, 2, 64, 64) * 4, torch.rand(1, 64, 64) > 0.3, (1, 2, 4, 8, 16))
     side = joint.reference_side(ref, ref_feats, rel)
     expected = single(x, QUALITY)
     for s in (None, side):
@@ -96,6 +96,39 @@ def test_zero_initialised_reference_path_equals_single_view() -> None:
         assert torch.equal(out["likelihoods"]["z"], expected["likelihoods"]["z"])
     activate(joint)
     assert not torch.equal(joint(x, QUALITY, side)["x_hat"], expected["x_hat"])
+
+
+def test_aligned_latent_of_a_perfectly_aligned_reference_is_the_target_latent() -> None:
+    """Reference = target, zero disparity, every pixel trusted: the QPEM context's latent part is y itself."""
+    torch.manual_seed(4)
+    codec = JointImageCodec(build_single_view("cpu")).eval()
+    x = torch.rand(1, 3, 64, 128)
+    feats = codec(x, QUALITY)["features"]
+    side = codec.reference_side(x, feats, multiscale(torch.zeros(1, 2, 64, 128), torch.ones(1, 64, 128, dtype=torch.bool),
+                                                     (1, 2, 4, 8, 16)))
+    level = codec.backbone.levels(QUALITY, 1)
+    with torch.no_grad():
+        y = codec.backbone.gain(codec.analyse(x, None), level)
+        context = codec.qpem_context(side, level)
+    torch.testing.assert_close(context[:, -codec.backbone.M:], y, rtol=1e-5, atol=1e-5)
+    assert torch.equal(context[:, codec.backbone.N], torch.ones_like(context[:, 0]))  # the mask channel
+
+
+def test_cvdp_at_the_depth_codec_resolution_moves_a_plane_by_its_coarse_disparity() -> None:
+    """Plane at z = 2 seen by a camera moved 0.5 along x: at full resolution (f = 128) the disparity is
+    32 px, so on the 1/4 map every column moves by 8 and the last 8 columns get no prediction."""
+    from lmvic.models.depth_codec import DepthRange, cross_view_prediction
+    from lmvic.scene_codec import DEPTH_FACTOR, coarse_intrinsics, coarse_size
+
+    K = torch.tensor([[[128.0, 0, 128], [0, 128.0, 128], [0, 0, 1]]])
+    T_ref, T_tgt = torch.eye(4)[None], torch.eye(4)[None].clone()
+    T_tgt[0, 0, 3] = -0.5  # camera centre at x = +0.5
+    size = coarse_size((256, 256))
+    assert DEPTH_FACTOR == 4 and size == (64, 64)
+    prediction, hit = cross_view_prediction(torch.full((1, 256, 256), 2.0), K, T_ref, coarse_intrinsics(K), T_tgt,
+                                            size, DepthRange(1.0, 4.0))
+    assert bool((hit[..., :56] == 1).all()) and bool((hit[..., 56:] == 0).all())
+    torch.testing.assert_close(prediction[..., :56], DepthRange(1.0, 4.0).normalise(torch.full((1, 64, 56), 2.0)))
 
 
 @pytest.fixture(scope="module")
@@ -313,6 +346,42 @@ def test_joint_training_runs_resumes_and_freezes(tmp_path) -> None:
     after = resumed.image.backbone.state_dict()
     assert all(torch.equal(v, after[k]) for k, v in before.items() if "_quantized_cdf" not in k)
     assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["step"] == 3
+
+
+def test_staged_parts_train_only_their_codec_and_start_from_a_previous_run(tmp_path) -> None:
+    from lmvic.joint_training import JointTrainConfig, train_joint
+    from scenes.synthetic import generate
+
+    def params(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in module.named_parameters() if not k.endswith("quantiles")}
+
+    scene = generate(tmp_path / "scene", ArcCameras(n_views=5, width=64, height=64, arc_degrees=20.0), seed=3)
+    base = JointTrainConfig(str(tmp_path / "all"), (str(scene),), steps=2, batch=1, crop=64, log_every=1,
+                            ckpt_every=1, freeze_backbone=True)
+    first = train_joint(base, log=lambda _: None)
+    # the depth stage starts from the first run's joint part, trains the depth codec, leaves the image codec
+    depth_cfg = replace(base, out_dir=str(tmp_path / "depth"), parts="depth", depth_weight=0.1,
+                        init_joint=str(tmp_path / "all" / "checkpoint.pt"))
+    depth = train_joint(replace(depth_cfg, steps=0), log=lambda _: None)
+    assert all(torch.equal(v, params(first.image)[k]) for k, v in params(depth.image).items())
+    assert all(torch.equal(v, params(first.depth)[k]) for k, v in params(depth.depth).items())
+    trained = train_joint(replace(depth_cfg, out_dir=str(tmp_path / "depth2")), log=lambda _: None)
+    assert all(torch.equal(v, params(first.image)[k]) for k, v in params(trained.image).items())
+    assert any(not torch.equal(v, params(first.depth)[k]) for k, v in params(trained.depth).items())
+    rows = (tmp_path / "depth2" / "train.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    assert all(float(r.split(",")[header.index("bpp_img")]) == 0.0 for r in rows[1:])  # image not run
+    # the image stage freezes the depth codec
+    image = train_joint(replace(depth_cfg, out_dir=str(tmp_path / "image"), parts="image"), log=lambda _: None)
+    assert all(torch.equal(v, params(first.depth)[k]) for k, v in params(image.depth).items())
+    assert any(not torch.equal(v, params(first.image)[k]) for k, v in params(image.image).items())
+    # the context stage keeps the ICT fusions at their zero-initialised identity (only the entropy model
+    # sees the reference) and initialises only the parts named
+    context = train_joint(replace(depth_cfg, out_dir=str(tmp_path / "context"), parts="context",
+                                  init_parts=("depth", "image.qpem")), log=lambda _: None)
+    for fusion in [*context.image.enc_fusions, *context.image.dec_fusions]:
+        assert not fusion.out.weight.any() and not fusion.out.bias.any()  # still the identity
+    assert any(not torch.equal(v, params(first.image.qpem)[k]) for k, v in params(context.image.qpem).items())
 
 
 def test_joint_training_ddp_two_gloo_processes(tmp_path) -> None:

@@ -18,7 +18,11 @@ so a freshly built codec on loaded single-view weights reproduces the single-vie
 - the aligned reference ``a_s = backward_warp(r_s, disparity_s) ⊙ m_s`` — the warp and mask half of
   ICT, computed once per scale and shared by the encoder's and decoder's ICT at that scale;
 - ICT fusion ``f + Z(ResBlock(conv3×3([f, a_s])))`` (``ContextTransfer``, Z = zero-init 1×1 conv);
-- ``a_16`` is the QPEM context.
+- the QPEM context is ``a_16``, the trust-mask fraction at 1/16 and the *aligned latent*: the
+  backbone's own analysis of the reference image warped into the target at full resolution,
+  masked at 1/16 and scaled by the target's gain (``Side.latent``). It lives in the target
+  latent's space, so where the warp is right it predicts ŷ almost directly and the entropy model
+  only has to learn to trust it.
 
 Shapes: images (B, 3, H, W) in [0, 1], H and W multiples of 64 for coding; the latent is
 (B, M, H/16, W/16). Coding is bit-exact across processes: everything the decoder derives from
@@ -54,12 +58,15 @@ class Side:
 
     enc[k] / dec[k]: argument tuples passed to the k-th encoder / decoder fusion after the
     backbone feature (scales ``ENCODER_SCALES`` / ``DECODER_SCALES``).
-    context: (B, context_ch, H/16, W/16) QPEM context.
+    context: (B, C, H/16, W/16) QPEM context.
+    latent: optional (B, M, H/16, W/16) reference latent aligned to the target, before the gain:
+        the QPEM context is ``[context, gain(latent)]`` (``context_ch = C + M``).
     """
 
     enc: tuple[tuple[Tensor, ...], ...]
     dec: tuple[tuple[Tensor, ...], ...]
     context: Tensor
+    latent: Tensor | None = None
 
 
 def zero_conv(in_ch: int, out_ch: int, kernel: int = 1) -> nn.Conv2d:
@@ -95,6 +102,12 @@ class ConditionalCodec(CompressionModel):
     def num_qualities(self) -> int:
         return self.backbone.num_qualities
 
+    def qpem_context(self, side: Side | None, level: Tensor) -> Tensor | None:
+        """QPEM context of ``side`` for the 0-based quality ``level`` (B,) (None without reference)."""
+        if side is None or side.latent is None:
+            return None if side is None else side.context
+        return torch.cat([side.context, self.backbone.gain(side.latent, level)], dim=1)
+
     # ---- transforms -------------------------------------------------------------------------
     def analyse(self, x: Tensor, side: Side | None) -> Tensor:
         """x (B, C, H, W) → y (B, M, H/16, W/16), before the gain."""
@@ -128,7 +141,7 @@ class ConditionalCodec(CompressionModel):
         _, z_likelihoods = bb.entropy_bottleneck(z)
         medians = bb.entropy_bottleneck._get_medians().detach().reshape(1, -1, 1, 1)
         scales, means = bb.gaussian_params(ste_round(z - medians) + medians)
-        context = None if side is None else side.context
+        context = self.qpem_context(side, level)
         y_hat, y_likelihoods = self.qpem(y, scales, means, bb.gaussian_conditional, context)
         feats = self.synthesise(bb.inverse_gain(y_hat, level), side)
         return {"x_hat": feats[-1], "features": feats[:-1],
@@ -141,17 +154,18 @@ class ConditionalCodec(CompressionModel):
         if x.shape[-2] % 64 or x.shape[-1] % 64:
             raise ValueError("coding needs H and W multiples of 64 (pad first)")
         bb = self.backbone
+        level = bb.levels(quality, x.shape[0])
         with torch.no_grad():
-            y = bb.gain(self.analyse(x, side), bb.levels(quality, x.shape[0]))
+            y = bb.gain(self.analyse(x, side), level)
             z = bb.hyper_analysis(y)
+            context = self.qpem_context(side, level)
         z_strings = bb.entropy_bottleneck.compress(z)
         z_hat = bb.entropy_bottleneck.decompress(z_strings, z.shape[-2:])
         scales, means = bb.exact_gaussian_params(z_hat)
-        context = None if side is None else side.context
         y_strings, y_hat = self.qpem.compress(y, scales, means, bb.gaussian_conditional, context)
         return [*y_strings, z_strings], tuple(z.shape[-2:]), y_hat
 
-    def decode_latent(self, strings: list[list[bytes]], shape: tuple[int, int],
+    def decode_latent(self, strings: list[list[bytes]], shape: tuple[int, int], quality: float,
                       side: Side | None = None) -> Tensor:
         """Strings from ``encode`` → ŷ (B, M, 4h, 4w) float64, identical to the encoder's."""
         if len(strings) != 5:
@@ -159,7 +173,8 @@ class ConditionalCodec(CompressionModel):
         bb = self.backbone
         z_hat = bb.entropy_bottleneck.decompress(strings[4], shape)
         scales, means = bb.exact_gaussian_params(z_hat)
-        context = None if side is None else side.context
+        with torch.no_grad():
+            context = self.qpem_context(side, bb.levels(quality, z_hat.shape[0]))
         return self.qpem.decompress(strings[:4], scales, means, bb.gaussian_conditional, context)
 
     def reconstruct(self, y_hat: Tensor, quality: float, side: Side | None = None) -> list[Tensor]:
@@ -225,7 +240,7 @@ class JointImageCodec(ConditionalCodec):
     def __init__(self, backbone: SingleViewCodec):
         N = backbone.N
         super().__init__(backbone, [ContextTransfer(N) for _ in ENCODER_SCALES],
-                         [ContextTransfer(N) for _ in DECODER_SCALES], context_ch=N)
+                         [ContextTransfer(N) for _ in DECODER_SCALES], context_ch=N + 1 + backbone.M)
         self.reference_features = ReferenceFeatures(N)
         self.feature_masks = nn.ModuleDict({str(s): FeatureMask(N) for s in (2, 4, 8, CONTEXT_SCALE)})
 
@@ -236,16 +251,22 @@ class JointImageCodec(ConditionalCodec):
         Args:
             ref_image: (B, 3, H, W) decoded reference. ref_feats: its decoder features (1/8, 1/4, 1/2).
             relation: ``geometry.warp.multiscale`` of the target→reference disparity and trust mask,
-                with at least the factors 2, 4, 8, 16: {f: (disparity (B, 2, H/f, W/f), mask (B, 1, ·))}.
+                with the factors 1, 2, 4, 8, 16: {f: (disparity (B, 2, H/f, W/f), mask (B, 1, ·))}.
+
+        The aligned latent is computed without gradient (an input of the entropy model, like the
+        hyperprior's parameters, not a path to train the reference's decoder through).
         """
         feats = dict(zip((2, 4, 8, CONTEXT_SCALE), self.reference_features(ref_image, ref_feats)))
         aligned = {}
         for s, r in feats.items():
             disparity, mask = relation[s]
             aligned[s] = backward_warp(r, disparity) * self.feature_masks[str(s)](mask)
+        mask_16 = relation[CONTEXT_SCALE][1]
+        with torch.no_grad():
+            latent = self.analyse(backward_warp(ref_image, relation[1][0]), None) * mask_16
         return Side(enc=tuple((aligned[s],) for s in ENCODER_SCALES),
                     dec=tuple((aligned[s],) for s in DECODER_SCALES),
-                    context=aligned[CONTEXT_SCALE])
+                    context=torch.cat([aligned[CONTEXT_SCALE], mask_16], dim=1), latent=latent)
 
 
 def build_joint_image(size: str = "cpu", lambdas: tuple[float, ...] = DEFAULT_LAMBDAS,

@@ -26,6 +26,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--init-single-view", default="", help="single-view weights for the image backbone "
                    "(a shipped name such as single_view_cpu, or a .pt path); default: a fresh backbone")
     p.add_argument("--freeze-backbone", action="store_true", help="train only what the joint codec adds")
+    p.add_argument("--init-joint", default="", help="start from what a previous run's checkpoint.pt or a joint "
+                   "weight file (e.g. lmvic/weights/joint-cpu.pt) adds to the single-view base")
+    p.add_argument("--init-parts", default="image,depth", help="what --init-joint initialises: comma-separated "
+                   "name prefixes of the joint codec's tensors (e.g. depth,image.qpem)")
+    p.add_argument("--parts", choices=("all", "depth", "image", "context"), default="all", help="what trains: all, "
+                   "the depth codec alone (image codec not run), the image codec on the frozen depth codec's output, "
+                   "or all but the ICT fusions (the reference only conditions the entropy model)")
+    p.add_argument("--depth-weight", type=float, default=1.0, help="the depth codec's distortion weight is "
+                   "DEPTH_WEIGHT·λ: below 1 moves its rate point down (cheaper, coarser depth)")
     p.add_argument("--resume", action="store_true", help="continue RUN_DIR/checkpoint.pt")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--until", default="", help="UTC wall-clock end HH:MM: the schedule finishes by then")
@@ -47,11 +56,14 @@ def run(args: argparse.Namespace) -> None:
         raise LmvicError(f"--resume: no checkpoint at {args.run_dir / 'checkpoint.pt'}")
     config = JointTrainConfig(str(args.run_dir), tuple(str(s) for s in args.scenes), steps=args.steps,
                               batch=args.batch, crop=args.crop, init_single_view=args.init_single_view,
-                              freeze_backbone=args.freeze_backbone, threads=args.threads,
+                              init_joint=args.init_joint, init_parts=tuple(args.init_parts.split(",")),
+                              freeze_backbone=args.freeze_backbone,
+                              parts=args.parts, depth_weight=args.depth_weight, threads=args.threads,
                               deadline=utc_deadline(args.until),
                               schedule=Schedule(peak_lr=args.lr, warmup_steps=20))
     model = train_joint(config, resume=args.resume)
     if args.export and dist_info()[0] == 0:
         # a frozen shipped backbone is referenced by name and SHA-256, not stored again
-        shipped = args.freeze_backbone and args.init_single_view and not args.init_single_view.endswith(".pt")
+        untouched = args.freeze_backbone or args.parts == "depth"
+        shipped = untouched and args.init_single_view and not args.init_single_view.endswith(".pt")
         print(save_joint(model.eval(), Path(args.export), base=args.init_single_view if shipped else None))
