@@ -16,7 +16,8 @@ Prints, per data set and k, the BD-rate (PSNR and MS-SSIM) of ``lmvic-distribute
 quality, so their encode times are not meaningful here). JSONs, tables and RD plots go into ``--out``
 (a codec already measured on the same views is read back; ``--rerun`` re-measures).
 
-Usage: nice -n 10 python benchmarks/distributed.py [--data fox,sceaux_castle,middlebury] [--sides 1,2,3]
+Usage: nice -n 10 python benchmarks/distributed.py [--data fox,sceaux_castle,middlebury] [--sides 1,2,3,4]
+[--align-quality 6 [--align-weights DIR]]
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ import lmvic  # noqa: F401  (torchvision compatibility before pytorch_msssim/com
 from lmvic.distributed_codec import DistributedSceneCodec
 from lmvic.separate_codec import SeparateCodec
 from lmvic.training.data import read_rgb
+from lmvic.zoo import WEIGHTS_DIR
 from pipelines.rd import RDCurve, crop_common, curve_bd_rates, run_evaluation
 
 SCENES = Path(__file__).resolve().parents[2] / "shared" / "scenes"
@@ -114,7 +116,7 @@ def psnr_in(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
     return float(10 * np.log10(255 ** 2 / mse))
 
 
-def middlebury_alignment(quality: int) -> None:
+def middlebury_alignment(quality: int, weights: Path) -> None:
     """OPAM alignment (right → left) of each pair against the ground-truth disparity warp.
 
     The 8-bit disparity maps are scaled per Middlebury year (2003 quarter size: ×4; 2005/2006 third
@@ -127,7 +129,7 @@ def middlebury_alignment(quality: int) -> None:
     from lmvic.scene_codec import pad
     from pipelines.align_compare import OPAM_VALID
 
-    codec = load_distributed("distributed-cpu")
+    codec = load_distributed("distributed-cpu", weights)
     rows = []
     for pair in sorted(p for p in (SCENES / "middlebury_stereo").iterdir() if p.is_dir()):
         left_path, right_path = sorted(p for p in pair.iterdir() if p.stem.startswith(("view", "im")))
@@ -150,7 +152,7 @@ def middlebury_alignment(quality: int) -> None:
                      psnr_in(left, opam, opam_valid) if opam_valid.any() else float("nan"), float(opam_valid.mean()),
                      psnr_in(left, opam, valid), float(validity[0, 0, :h, :w].mean()), float(np.median(err)),
                      float((err < 3).mean())))
-    print(f"-- Middlebury alignment, right → left (OPAM of distributed-cpu at quality {quality}, "
+    print(f"-- Middlebury alignment, right → left (OPAM of {weights / 'distributed-cpu.pt'} at quality {quality}, "
           f"valid: consistency ≥ {OPAM_VALID})")
     print(f"{'pair':<10}{'scale':>6}{'GT PSNR':>9}{'GT cov':>8}{'OPAM PSNR':>11}{'OPAM cov':>9}"
           f"{'OPAM@GT':>9}{'mean C':>8}{'med |Δd|':>10}{'<3px':>7}")
@@ -171,13 +173,15 @@ def main() -> None:
     p.add_argument("--qualities", default="", help="a subset of the quality levels (default: all)")
     p.add_argument("--align-quality", type=int, default=0,
                    help="also compare OPAM's alignment with the Middlebury ground truth at this quality (0: skip)")
+    p.add_argument("--align-weights", type=Path, default=WEIGHTS_DIR,
+                   help="folder of the distributed-cpu weights whose OPAM is compared (default: the shipped ones)")
     a = p.parse_args()
     torch.set_num_threads(1)
     for data in [d for d in a.data.split(",") if d]:
         run(data, [int(k) for k in a.sides.split(",") if k], a.out, a.rerun,
             tuple(int(q) for q in a.qualities.split(",") if q))
     if a.align_quality:
-        middlebury_alignment(a.align_quality)
+        middlebury_alignment(a.align_quality, a.align_weights)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,9 @@
 
 The encoder must stay the single-view encoder (each camera codes alone), so the shipped
 variable-rate single-view codec is frozen and only the decoder-side fusions are trained (started as
-the identity, ``lmvic.fusion``); ``synthesis_lr_scale > 0`` also fine-tunes the synthesis (on three
-training scenes that overfitted: −0.1 dB on held-out fox, so it is off by default). One variable-rate model covers every quality
+the identity, ``lmvic.fusion``, or from shipped distributed weights with ``init_weights``);
+``synthesis_lr_scale > 0`` also fine-tunes the synthesis (on three training scenes that overfitted:
+−0.1 dB on held-out fox, so it is off by default). One variable-rate model covers every quality
 1..Q (a random quality per clip), in place of one model per rate point.
 
 Data: clips of 2–4 views in file order (a random stride of 1..``max_stride``) with one crop window
@@ -12,15 +13,28 @@ step with real (hard) quantisation and every model being trained decodes the sam
 variants see identical data. Loss of a clip: Σ_v (bpp_v + λ_q·255²·MSE(x_v, x̂_v)) / V with x̂_v the
 fused reconstruction (the rate is fixed by the frozen encoder; it is part of the reported RD).
 
-Outputs in ``out_dir``: ``train.csv`` (per-model loss and PSNR), ``val.csv`` (fixed clips: bpp and
-the PSNR of the single-view decode, of each model decoding every view alone, and fused),
-``curves.png``, ``checkpoint.pt`` (resumable) and a log.
+Alignment signal (the RD loss alone left OPAM's attention uniform): each step also codes
+``align_pairs`` *shifted pairs* — two crops of one image, the side one moved by a random
+``(o_y, o_x)`` up to ``max_shift`` px, so the correspondence is known — and as many pairs of
+neighbouring views (real parallax, correspondence unknown). Every fusion's OPAM, on the decoded
+features at its scale, pays ``lmvic.opam.photometric_alignment_loss`` (consistency-weighted error
+of the aligned side image, with a cost ``invalid_cost`` per unaligned position so the consistency
+cannot collapse) on all pairs, plus ``shift_ce_weight`` × ``lmvic.opam.shift_attention_loss``
+(cross-entropy of the attention against the known shift) on the shifted pairs; this is added to the
+RD loss with weight ``align_weight``. The first ``align_warmup_steps`` steps train OPAM on the
+alignment loss alone (cheap: no synthesis backward).
+
+Outputs in ``out_dir``: ``train.csv`` (per-model loss, PSNR and alignment loss), ``val.csv`` (fixed
+clips: bpp and the PSNR of the single-view decode, of each model decoding every view alone, and
+fused; on fixed shifted pairs, each model's mean consistency and its attention's mean displacement
+error in px), ``curves.png``, ``checkpoint.pt`` (resumable) and a log.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,12 +45,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lmvic.models.distributed import DistributedCodec, save_distributed
+from lmvic.models.distributed import DistributedCodec, load_distributed, save_distributed
 from lmvic.models.single_view import bits_per_pixel
+from lmvic.opam import apply_opam, photometric_alignment_loss, shift_attention_loss
 from lmvic.training.data import HELD_OUT_SCENES, IMAGE_SUFFIXES, ImageCache, build_cache
-from lmvic.training.loop import _append_csv, _save_atomic, log_row, psnr_from_mse
+from lmvic.training.loop import _append_csv, _save_atomic, budget_progress, log_row, psnr_from_mse
 from lmvic.training.schedule import Schedule
 from lmvic.zoo import load_single_view
+
+#: Never trained on: the held-out development scenes and the Middlebury pairs (alignment ground truth).
+NOT_FOR_TRAINING = (*HELD_OUT_SCENES, "middlebury_stereo")
 
 
 def folder_images(folder: Path) -> list[Path]:
@@ -52,7 +70,7 @@ class SceneClips:
     """One scene's views decoded once into a uint8 cache (``lmvic.training.data``), in file order."""
 
     def __init__(self, folder: Path, cache_root: Path, max_side: int):
-        if folder.name in HELD_OUT_SCENES:
+        if folder.name in NOT_FOR_TRAINING or folder.parent.name in NOT_FOR_TRAINING:
             raise ValueError(f"{folder.name} is held out for evaluation; do not train on it")
         tag = f"{folder.parent.name}_{folder.name}_{max_side}"
         self.cache = ImageCache(build_cache(folder_images(folder), cache_root / tag, max_side, scales=(1.0,)))
@@ -82,8 +100,11 @@ class ClipSampler:
         self.crop, self.max_stride = crop, max_stride
         self.rng = np.random.default_rng(seed)
 
+    def scene(self) -> SceneClips:
+        return self.scenes[int(self.rng.choice(len(self.scenes), p=self.weights))]
+
     def one(self, views: int) -> np.ndarray:
-        scene = self.scenes[int(self.rng.choice(len(self.scenes), p=self.weights))]
+        scene = self.scene()
         stride = int(self.rng.integers(1, max(1, min(self.max_stride, (len(scene) - 1) // max(views - 1, 1))) + 1))
         start = int(self.rng.integers(0, len(scene) - (views - 1) * stride))
         y = int(self.rng.integers(0, scene.height - self.crop + 1))
@@ -93,8 +114,32 @@ class ClipSampler:
 
     def batch(self, size: int, views: int) -> Tensor:
         """``(size, views, 3, crop, crop)`` float32 in [0, 1]."""
-        arr = np.stack([self.one(views) for _ in range(size)])
-        return torch.from_numpy(arr).permute(0, 1, 4, 2, 3).float().div_(255)
+        return _as_batch([self.one(views) for _ in range(size)])
+
+    def shifted_pair(self, max_shift: tuple[int, int]) -> tuple[np.ndarray, tuple[int, int]]:
+        """Two crops of one view, the side window moved by a random offset → ``(2, crop, crop, 3)``
+        uint8 and the offset ``(o_y, o_x)`` (|o| ≤ ``max_shift``, within the view): main pixel
+        ``(y, x)`` is side pixel ``(y + o_y, x + o_x)``."""
+        scene = self.scene()
+        image = scene.cache.image(int(self.rng.integers(0, len(scene))))
+        offset, origin = [], []
+        for size, limit in zip((scene.height, scene.width), max_shift):
+            room = size - self.crop
+            o = int(self.rng.integers(-min(limit, room), min(limit, room) + 1))
+            offset.append(o)
+            origin.append(int(self.rng.integers(max(0, o), room + min(0, o) + 1)))  # both windows inside
+        (y, x), (oy, ox), c = origin, offset, self.crop
+        return np.stack([image[y: y + c, x: x + c], image[y - oy: y - oy + c, x - ox: x - ox + c]]), (oy, ox)
+
+    def shifted_batch(self, size: int, max_shift: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        """``(size, 2, 3, crop, crop)`` shifted pairs in [0, 1] and their offsets ``(size, 2)``."""
+        pairs, offsets = zip(*(self.shifted_pair(max_shift) for _ in range(size)))
+        return _as_batch(pairs), torch.tensor(offsets, dtype=torch.float32)
+
+
+def _as_batch(clips: Sequence[np.ndarray]) -> Tensor:
+    """uint8 clips ``(V, H, W, 3)`` → ``(B, V, 3, H, W)`` float32 in [0, 1]."""
+    return torch.from_numpy(np.stack(clips)).permute(0, 1, 4, 2, 3).float().div_(255)
 
 
 @dataclass
@@ -105,6 +150,7 @@ class DistributedTrainConfig:
     fusions: tuple[str, ...] = ("pmifm", "average")
     feature_fusions: int = 1
     base: str = "single_view_cpu"  # shipped single-view weights: the frozen encoder and the initial decoder
+    init_weights: str = ""  # a folder of shipped distributed weights (``SHIPPED`` names) to start the fusions from
     max_side: int = 512
     crop: int = 256
     batch: int = 2
@@ -117,6 +163,13 @@ class DistributedTrainConfig:
     schedule: Schedule = dataclasses.field(default_factory=lambda: Schedule(peak_lr=1e-4, final_lr=1e-5,
                                                                             warmup_steps=50))
     synthesis_lr_scale: float = 0.0  # >0 also fine-tunes the synthesis (overfitted the 3 scenes: see the note)
+    opam_lr_scale: float = 1.0  # learning rate of the OPAM projections relative to the rest of the fusions
+    align_weight: float = 1.0  # weight of the alignment loss (0: RD loss only)
+    align_warmup_steps: int = 0  # first steps: the alignment loss alone
+    align_pairs: int = 2  # per step: this many shifted pairs and as many pairs of neighbouring views
+    max_shift: tuple[int, int] = (32, 80)  # (vertical, horizontal) px of the shifted pairs
+    invalid_cost: float = 0.08  # photometric cost of an unaligned position (mean absolute error in [0, 1])
+    shift_ce_weight: float = 0.1  # weight of the attention cross-entropy on the shifted pairs
     clip: float = 1.0  # gradient-norm clipping
     val_clips: int = 1  # per scene, 3 views each
     val_qualities: tuple[int, ...] = (2, 5)
@@ -140,6 +193,9 @@ def build_models(cfg: DistributedTrainConfig) -> dict[str, DistributedCodec]:
     models = {}
     for name in cfg.fusions:
         codec = DistributedCodec(copy.deepcopy(base), name, cfg.feature_fusions).eval()  # eval: hard rounding
+        if cfg.init_weights:
+            start = load_distributed(SHIPPED[name], Path(cfg.init_weights))
+            codec.fusions.load_state_dict(start.fusions.state_dict())
         codec.requires_grad_(False)
         codec.fusions.requires_grad_(True)
         codec.backbone.synthesis.requires_grad_(cfg.synthesis_lr_scale > 0)
@@ -148,10 +204,22 @@ def build_models(cfg: DistributedTrainConfig) -> dict[str, DistributedCodec]:
 
 
 def optimiser(codec: DistributedCodec, cfg: DistributedTrainConfig) -> torch.optim.Optimizer:
-    groups = [{"params": list(codec.fusions.parameters()), "scale": 1.0}]
+    """Adam over the OPAM projections, the rest of the fusions and (if fine-tuned) the synthesis; each
+    group's ``scale`` (``lr_scales``) multiplies the scheduled learning rate."""
+    opam = [p for n, p in codec.fusions.named_parameters() if ".opam." in f".{n}"]
+    rest = [p for n, p in codec.fusions.named_parameters() if ".opam." not in f".{n}"]
+    groups = [{"params": opam}, {"params": rest}]
     if cfg.synthesis_lr_scale > 0:
-        groups.append({"params": list(codec.backbone.synthesis.parameters()), "scale": cfg.synthesis_lr_scale})
-    return torch.optim.Adam(groups, lr=cfg.schedule.peak_lr)
+        groups.append({"params": list(codec.backbone.synthesis.parameters())})
+    opt = torch.optim.Adam(groups, lr=cfg.schedule.peak_lr)
+    set_lr_scales(opt, cfg)
+    return opt
+
+
+def set_lr_scales(opt: torch.optim.Optimizer, cfg: DistributedTrainConfig) -> None:
+    """The groups' learning-rate scales from ``cfg`` (also after loading a resumed optimiser's state)."""
+    for group, scale in zip(opt.param_groups, (cfg.opam_lr_scale, 1.0, cfg.synthesis_lr_scale)):
+        group["scale"] = scale
 
 
 def decoder_step(loss: Tensor, opt: torch.optim.Optimizer, clip: float) -> None:
@@ -186,41 +254,92 @@ def psnr_8bit(x_hat: Tensor, x: Tensor) -> Tensor:
     return psnr_from_mse(F.mse_loss(q, x, reduction="none").flatten(-3).mean(-1))
 
 
+def opam_passes(codec: DistributedCodec, y_hat: Tensor):
+    """Every fusion's OPAM on coded pairs: ``y_hat`` ``(B, 2, M, h, w)`` (main, side) → per fusion
+    index ``k`` its ``OpamResult`` on the (detached) decoded features at its scale."""
+    for k, fusion in enumerate(codec.fusions):
+        with torch.no_grad():
+            feats = codec.synthesise_views(y_hat, stop=k)
+        yield fusion.opam(feats[:, 0], feats[:, 1])
+
+
+def alignment_loss(codec: DistributedCodec, shifted: Tensor, offset: Tensor, shifted_y: Tensor,
+                   neighbours: Tensor, neighbours_y: Tensor, cfg: DistributedTrainConfig) -> Tensor:
+    """Mean over the fusions of the photometric alignment loss on shifted pairs and on pairs of
+    neighbouring views, plus ``shift_ce_weight`` × the attention cross-entropy on the shifted pairs.
+
+    ``shifted``/``neighbours``: pairs ``(B, 2, 3, H, W)``; ``offset``: ``(B, 2)`` px of the shifted
+    pairs; ``*_y``: their coded latents ``(B, 2, M, H/16, W/16)``.
+    """
+    total = torch.zeros(())
+    for known, other in zip(opam_passes(codec, shifted_y), opam_passes(codec, neighbours_y)):
+        stride = shifted.shape[-1] // known.consistency.shape[-1]
+        photometric = (photometric_alignment_loss(known, shifted[:, 0], shifted[:, 1], cfg.invalid_cost)
+                       + photometric_alignment_loss(other, neighbours[:, 0], neighbours[:, 1], cfg.invalid_cost)) / 2
+        total = total + photometric + cfg.shift_ce_weight * shift_attention_loss(known, offset, stride)
+    return total / len(codec.fusions)
+
+
+@torch.no_grad()
+def shift_recovery(codec: DistributedCodec, pairs: Tensor, offset: Tensor, y_hat: Tensor) -> tuple[float, float]:
+    """The finest fusion's OPAM on shifted pairs (``pairs`` ``(B, 2, 3, H, W)``, ``offset`` ``(B, 2)`` px,
+    ``y_hat`` their latents) → its mean consistency and the mean distance in px between the side
+    position its attention takes on average (``apply_opam`` of the coordinates) and the true match,
+    over the positions whose match lies inside the side view."""
+    result = list(opam_passes(codec, y_hat))[-1]
+    batch, _, height, width = result.consistency.shape
+    stride = pairs.shape[-1] // width
+    grid = torch.stack(torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")).float()
+    grid = grid[None].expand(batch, -1, -1, -1)
+    truth = grid + offset[:, :, None, None] / stride
+    limit = torch.tensor([height - 1, width - 1], dtype=torch.float32)[None, :, None, None]
+    inside = ((truth >= 0) & (truth <= limit)).all(dim=1)
+    error = (apply_opam(result, grid) - truth).norm(dim=1) * stride
+    return float(result.consistency[:, 0][inside].mean()), float(error[inside].mean())
+
+
 @torch.no_grad()
 def validate(models: dict[str, DistributedCodec], reference: DistributedCodec, clips: Tensor,
-             qualities: Sequence[int]) -> list[dict[str, float]]:
+             qualities: Sequence[int], shifted: Tensor, offset: Tensor) -> list[dict[str, float]]:
     """Rows per quality: mean bpp and PSNR of the single-view decode (``reference``'s synthesis, no
-    fusion), and per model of every view decoded alone (no side view) and of the fused decode."""
+    fusion), per model of every view decoded alone (no side view) and of the fused decode, and per
+    model its ``shift_recovery`` on the shifted pairs ``shifted`` (offsets ``offset``)."""
     rows = []
     for q in qualities:
         quality = torch.full((clips.shape[0],), float(q))
         y_hat, bpp = code_clips(reference, clips, quality)
+        shifted_y, _ = code_clips(reference, shifted, torch.full((shifted.shape[0],), float(q)))
         single = reference.backbone.synthesise(y_hat.flatten(0, 1))[-1].unflatten(0, clips.shape[:2])
         row = {"quality": q, "bpp": float(bpp.mean()), "psnr_single": float(psnr_8bit(single, clips).mean())}
         for name, codec in models.items():
             alone = torch.cat([codec.synthesise_views(y_hat[:, v: v + 1]) for v in range(y_hat.shape[1])], dim=1)
             row[f"psnr_alone_{name}"] = float(psnr_8bit(alone, clips).mean())
             row[f"psnr_fused_{name}"] = float(psnr_8bit(codec.synthesise_views(y_hat), clips).mean())
+            row[f"consistency_{name}"], row[f"shift_error_px_{name}"] = shift_recovery(codec, shifted, offset, shifted_y)
         rows.append(row)
     return rows
 
 
 def train_distributed(cfg: DistributedTrainConfig, resume: bool = False, log=print) -> dict[str, DistributedCodec]:
-    """Run (or resume from ``out_dir/checkpoint.pt``) the training of every fusion in ``cfg.fusions``."""
+    """Run (or resume from ``out_dir/checkpoint.pt``: its settings, with ``cfg``'s steps, budget and
+    deadline) the training of every fusion in ``cfg.fusions``."""
     torch.set_num_threads(cfg.threads)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / "checkpoint.pt"
+    if resume and ckpt_path.exists():  # the stored settings, with the run length asked for now
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        cfg = dataclasses.replace(DistributedTrainConfig.from_dict(ck["config"]), steps=cfg.steps,
+                                  budget_cpu_minutes=cfg.budget_cpu_minutes, deadline=cfg.deadline)
     models = build_models(cfg)
     reference = DistributedCodec(load_single_view(cfg.base), cfg.fusions[0], cfg.feature_fusions).eval()
     opts = {name: optimiser(codec, cfg) for name, codec in models.items()}
     step, cpu_spent = 0, 0.0
     if resume and ckpt_path.exists():
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        cfg = DistributedTrainConfig.from_dict(ck["config"])
         for name, codec in models.items():
             codec.load_state_dict(ck["models"][name])
             opts[name].load_state_dict(ck["opts"][name])
+            set_lr_scales(opts[name], cfg)
         step, cpu_spent = ck["step"], ck["cpu_seconds"]
         log(f"resumed at step {step}, {cpu_spent / 60:.1f} CPU-min")
     else:
@@ -229,17 +348,15 @@ def train_distributed(cfg: DistributedTrainConfig, resume: bool = False, log=pri
         cfg.started = cfg.started or time.time()
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
     scenes = [SceneClips(Path(s), Path(cfg.cache_dir), cfg.max_side) for s in cfg.scenes]
-    val_clips = ClipSampler(scenes, cfg.crop, 1, seed=12345)
-    val_set = val_clips.batch(cfg.val_clips * len(scenes), 3)
+    val_sampler = ClipSampler(scenes, cfg.crop, 1, seed=12345)
+    val_set = val_sampler.batch(cfg.val_clips * len(scenes), 3)
+    val_shifted, val_offset = val_sampler.shifted_batch(2 * len(scenes), cfg.max_shift)
     sampler = ClipSampler(scenes, cfg.crop, cfg.max_stride, seed=cfg.seed * 1000 + 7919 * step)
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + 7919 * step)
     budget = cfg.budget_cpu_minutes * 60
 
     def progress() -> float:
-        p = max(step / cfg.steps, cpu_spent / budget)
-        if cfg.deadline > cfg.started:
-            p = max(p, (time.time() - cfg.started) / (cfg.deadline - cfg.started))
-        return p
+        return budget_progress(max(step / cfg.steps, cpu_spent / budget), cfg.started, cfg.deadline, 1)
 
     def save() -> None:
         _save_atomic({"models": {n: c.state_dict() for n, c in models.items()},
@@ -247,42 +364,60 @@ def train_distributed(cfg: DistributedTrainConfig, resume: bool = False, log=pri
                       "cpu_seconds": cpu_spent, "config": dataclasses.asdict(cfg)}, ckpt_path)
 
     def run_validation() -> None:
-        for row in validate(models, reference, val_set, cfg.val_qualities):
+        for row in validate(models, reference, val_set, cfg.val_qualities, val_shifted, val_offset):
             _append_csv(out / "val.csv", {"step": step, "cpu_min": round(cpu_spent / 60, 3), **row})
             log(f"val step {step}: " + " ".join(f"{k}={v:.4g}" for k, v in row.items()))
         plot_curves(out)
 
+    def random_quality(size: int) -> Tensor:
+        return torch.randint(1, reference.backbone.num_qualities + 1, (size,), generator=gen).float()
+
     if step == 0:
         run_validation()
+    logged = ["bpp", *(f"{kind}_{name}" for name in models for kind in ("loss", "psnr", "align"))]
     acc: dict[str, float] = {}
     t_log = time.perf_counter()
     while progress() < 1.0:
         c0 = time.process_time()
         lr = cfg.schedule.lr(step, progress())
-        views = int(torch.randint(cfg.views[0], cfg.views[1] + 1, (), generator=gen))
-        quality = torch.randint(1, reference.backbone.num_qualities + 1, (cfg.batch,), generator=gen).float()
-        x = sampler.batch(cfg.batch, views)
-        y_hat, bpp = code_clips(reference, x, quality)
-        lam = reference.backbone.lambda_of(quality, cfg.batch)
+        rd = step >= cfg.align_warmup_steps
+        if rd:
+            views = int(torch.randint(cfg.views[0], cfg.views[1] + 1, (), generator=gen))
+            quality = random_quality(cfg.batch)
+            x = sampler.batch(cfg.batch, views)
+            y_hat, bpp = code_clips(reference, x, quality)
+            lam = reference.backbone.lambda_of(quality, cfg.batch)
+            acc["bpp"] = acc.get("bpp", 0.0) + float(bpp.mean())
+        if cfg.align_weight > 0:
+            shifted, offset = sampler.shifted_batch(cfg.align_pairs, cfg.max_shift)
+            neighbours = sampler.batch(cfg.align_pairs, 2)
+            shifted_y, _ = code_clips(reference, shifted, random_quality(cfg.align_pairs))
+            neighbours_y, _ = code_clips(reference, neighbours, random_quality(cfg.align_pairs))
         for name, codec in models.items():
             for group in opts[name].param_groups:
                 group["lr"] = lr * group["scale"]
-            loss, mse = clip_rd(codec.synthesise_views(y_hat), x, bpp, lam)
+            loss = torch.zeros(())
+            if rd:
+                rd_loss, mse = clip_rd(codec.synthesise_views(y_hat), x, bpp, lam)
+                loss = loss + rd_loss
+                acc[f"loss_{name}"] = acc.get(f"loss_{name}", 0.0) + rd_loss.item()
+                acc[f"psnr_{name}"] = acc.get(f"psnr_{name}", 0.0) + float(psnr_from_mse(mse.mean()))
+            if cfg.align_weight > 0:
+                align = alignment_loss(codec, shifted, offset, shifted_y, neighbours, neighbours_y, cfg)
+                loss = loss + cfg.align_weight * align
+                acc[f"align_{name}"] = acc.get(f"align_{name}", 0.0) + align.item()
             decoder_step(loss, opts[name], cfg.clip)
-            acc[f"loss_{name}"] = acc.get(f"loss_{name}", 0.0) + loss.item()
-            acc[f"psnr_{name}"] = acc.get(f"psnr_{name}", 0.0) + float(psnr_from_mse(mse.mean()))
-        acc["bpp"] = acc.get("bpp", 0.0) + float(bpp.mean())
         step += 1
         cpu_spent += time.process_time() - c0
         if step % cfg.log_every == 0:
             row = {"step": step, "cpu_min": round(cpu_spent / 60, 3), "lr": lr,
-                   **{k: v / cfg.log_every for k, v in acc.items()},
+                   **{k: acc.get(k, math.nan) / cfg.log_every for k in logged},
                    "s_per_step": (time.perf_counter() - t_log) / cfg.log_every}
             log_row(out / "train.csv", row, log)
             acc, t_log = {}, time.perf_counter()
         if step % cfg.ckpt_every == 0:
             save()
-        if step % cfg.val_every == 0:
+        if step % cfg.val_every == 0 or step == cfg.align_warmup_steps:
             run_validation()
     save()
     run_validation()
@@ -299,7 +434,7 @@ def plot_curves(run_dir: Path) -> Path:
     from lmvic.training.curves import read_csv
 
     train, val = read_csv(run_dir / "train.csv"), read_csv(run_dir / "val.csv")
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4))
     names = sorted({k[len("psnr_fused_"):] for r in val for k in r if k.startswith("psnr_fused_")})
     for name in names:
         if train:
@@ -311,7 +446,13 @@ def plot_curves(run_dir: Path) -> Path:
                          label=f"{name} fused, q{q}")
             axes[1].plot(t, [r[f"psnr_alone_{name}"] - r["psnr_single"] for r in rows], ls="--",
                          label=f"{name} alone, q{q}")
+        for q in sorted({int(r["quality"]) for r in val if f"shift_error_px_{name}" in r}):
+            rows = [r for r in val if int(r["quality"]) == q]
+            axes[2].plot([r["cpu_min"] for r in rows], [r[f"shift_error_px_{name}"] for r in rows], marker=".",
+                         label=f"{name}, q{q}")
     axes[0].set(xlabel="CPU-minutes", ylabel="train PSNR (dB, fused)")
+    axes[2].set(xlabel="CPU-minutes", ylabel="mean displacement error (px)", yscale="log",
+                title="OPAM (finest fusion) on shifted validation pairs")
     axes[1].axhline(0, color="k", lw=0.5)
     axes[1].set(xlabel="CPU-minutes", ylabel="validation PSNR − single-view decode (dB)",
                 title="same bits: fused / alone vs single-view decoder")
@@ -350,41 +491,3 @@ def export_checkpoint(run_dir: Path, directory: Path, base_synthesis: bool = Fal
         paths.append(save_distributed(codec, Path(directory) / f"{SHIPPED[name]}.pt", cfg.base, meta))
     return paths
 
-
-if __name__ == "__main__":
-    import argparse
-
-    from lmvic.zoo import WEIGHTS_DIR
-
-    p = argparse.ArgumentParser(description="train the distributed codecs (frozen single-view encoder)")
-    p.add_argument("out_dir")
-    p.add_argument("scenes", nargs="*", help="image folders in file order (not the held-out scenes)")
-    p.add_argument("--fusions", default="pmifm,average")
-    p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--budget-cpu-minutes", type=float, default=100.0)
-    p.add_argument("--deadline", default="", help="UTC time HH:MM today to stop at the latest")
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--crop", type=int, default=256)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--synthesis-lr-scale", type=float, default=0.0)
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--export", default="", help=f"write the weights into this folder (e.g. {WEIGHTS_DIR})")
-    a = p.parse_args()
-    deadline = 0.0
-    if a.deadline:
-        import datetime as dt
-
-        hh, mm = (int(v) for v in a.deadline.split(":"))
-        now = dt.datetime.now(dt.timezone.utc)
-        deadline = now.replace(hour=hh, minute=mm, second=0, microsecond=0).timestamp()
-    config = DistributedTrainConfig(a.out_dir, tuple(a.scenes), fusions=tuple(a.fusions.split(",")), steps=a.steps,
-                                    budget_cpu_minutes=a.budget_cpu_minutes, deadline=deadline, batch=a.batch,
-                                    crop=a.crop, schedule=Schedule(peak_lr=a.lr, final_lr=a.lr / 10, warmup_steps=50),
-                                    synthesis_lr_scale=a.synthesis_lr_scale)
-    if a.resume:
-        config = DistributedTrainConfig.from_dict(
-            torch.load(Path(a.out_dir) / "checkpoint.pt", map_location="cpu", weights_only=False)["config"])
-    train_distributed(config, resume=a.resume)
-    if a.export:
-        for path in export_checkpoint(Path(a.out_dir), Path(a.export)):
-            print(path)

@@ -174,6 +174,87 @@ def align_image(result: OpamResult, image: Tensor) -> tuple[Tensor, Tensor]:
     return aligned, validity
 
 
+def shift_targets(length: int, offset: Tensor, stride: int) -> tuple[Tensor, Tensor]:
+    """Attention targets of a known shift along one axis.
+
+    Main position ``i`` on a grid of stride ``stride`` px matches side position ``i + offset/stride``;
+    a fractional match is split between its two neighbours (linear interpolation).
+
+    Args:
+        length: positions along the axis.
+        offset: ``[B]`` shift in pixels (main pixel ``p`` shows what side pixel ``p + offset`` shows).
+        stride: pixels per position.
+    Returns:
+        ``[B, L, L]`` target distributions (rows sum to 1 where valid, 0 elsewhere) and ``[B, L]``
+        validity (the match lies inside the side view).
+    """
+    position = torch.arange(length, dtype=torch.float32)[None] + offset.float()[:, None] / stride  # [B, L]
+    low = position.floor()
+    frac = position - low
+    valid = (low >= 0) & (low + (frac > 0).float() <= length - 1)
+    target = torch.zeros(offset.shape[0], length, length)
+    target.scatter_add_(2, low.clamp(0, length - 1).long()[..., None], (1 - frac)[..., None])
+    target.scatter_add_(2, (low + 1).clamp(0, length - 1).long()[..., None], frac[..., None])
+    return target * valid[..., None], valid
+
+
+def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    return (values * mask).sum() / mask.sum().clamp_min(1)
+
+
+def shift_attention_loss(result: OpamResult, offset: Tensor, stride: int) -> Tensor:
+    """Cross-entropy of both stages' attention against a known 2-D shift (a direct alignment signal).
+
+    HPA must take, in the same row of the side view, the column of the match (``j + o_x``); VPA
+    must then take, in the same column of the horizontally aligned feature, the row of the match
+    (``i + o_y``): together they move side ``(i + o_y, j + o_x)`` onto main ``(i, j)`` (Eq. 24).
+    Positions whose match lies outside the side view do not count.
+
+    Args:
+        result: OPAM pass on ``[B, C, H, W]`` features.
+        offset: ``[B, 2]`` pixel shift ``(o_y, o_x)``: main pixel ``(y, x)`` shows side pixel
+            ``(y + o_y, x + o_x)``.
+        stride: pixels per feature position.
+    Returns:
+        scalar: mean over valid positions of ``−Σ target·log M`` (HPA) plus the same for VPA.
+    """
+    batch, _, height, width = result.consistency.shape
+    target_h, valid_h = shift_targets(width, offset[:, 1], stride)  # [B, W, W], [B, W]
+    target_v, valid_v = shift_targets(height, offset[:, 0], stride)  # [B, H, H], [B, H]
+    log_h = result.horizontal.attention.clamp_min(1e-12).log().unflatten(0, (batch, height))  # [B, H, W, W]
+    log_v = result.vertical.attention.clamp_min(1e-12).log().unflatten(0, (batch, width))  # [B, W, H, H]
+    ce_h = -(target_h[:, None] * log_h).sum(-1)  # [B, H, W]
+    ce_v = -(target_v[:, None] * log_v).sum(-1)  # [B, W, H]
+    mask_h = valid_h[:, None].expand(-1, height, -1).float()
+    # VPA only where the horizontal stage had a match to bring (its column's match is inside)
+    mask_v = (valid_v[:, None] & valid_h[..., None]).float()
+    return _masked_mean(ce_h, mask_h) + _masked_mean(ce_v, mask_v)
+
+
+def photometric_alignment_loss(result: OpamResult, main_image: Tensor, side_image: Tensor,
+                               invalid_cost: float) -> Tensor:
+    """Consistency-weighted photometric error of the attention-aligned side image.
+
+    Both images are averaged over the ``s × s`` pixel blocks of the feature grid, the side one is
+    moved by the pass's attention (``apply_opam``), and each position pays ``C·e + τ·(1 − C)``
+    with ``e`` its mean absolute error and ``τ = invalid_cost``: declaring a position unaligned
+    costs ``τ``, so the consistency cannot collapse to 0 where the alignment error is below ``τ``,
+    and is driven to 0 where it is above (occlusions, outside the side view).
+
+    Args:
+        result: OPAM pass on ``[B, C, H, W]`` features.
+        main_image, side_image: ``[B, 3, s·H, s·W]`` in [0, 1].
+    Returns:
+        scalar, the mean over positions.
+    """
+    height = result.consistency.shape[-2]
+    stride = main_image.shape[-2] // height
+    main_blocks, side_blocks = (F.avg_pool2d(image, stride) for image in (main_image, side_image))
+    error = (apply_opam(result, side_blocks) - main_blocks).abs().mean(dim=1, keepdim=True)
+    consistency = result.consistency
+    return (consistency * error + invalid_cost * (1 - consistency)).mean()
+
+
 class SelectiveKernel(nn.Module):
     """Selective-kernel module (Li et al. 2019) used as the Q/K projection of OPAM.
 

@@ -159,3 +159,45 @@ def test_align_side_image_shapes(codec, views: torch.Tensor) -> None:
                            validity)
     with pytest.raises(ValueError, match="fusion_index"):
         codec.align_side_image(views[:, 0], views[:, 1], QUALITY, fusion_index=2)
+
+
+def test_distributed_training_warm_up_rd_resume_and_export(tmp_path: Path) -> None:
+    """Step 1 (alignment warm-up) moves only OPAM; step 2 (RD + alignment) also the merge; the rows
+    are finite, resuming continues, and the exported weights load as a distributed codec."""
+    from dataclasses import replace
+
+    import shutil
+
+    from lmvic.distributed_training import DistributedTrainConfig, build_models, export_checkpoint, train_distributed
+    from lmvic.models.distributed import load_distributed
+    from lmvic.zoo import WEIGHTS_DIR
+    from scenes.synthetic import ArcCameras, generate
+
+    scene = generate(tmp_path / "scene", ArcCameras(n_views=3, width=128, height=128, arc_degrees=20.0), seed=1)
+    cfg = DistributedTrainConfig(str(tmp_path / "run"), (str(scene),), cache_dir=str(tmp_path / "cache"),
+                                 fusions=("pmifm",), crop=64, batch=1, steps=1, views=(2, 3), align_warmup_steps=1,
+                                 align_pairs=1, max_shift=(16, 32), log_every=1, val_every=100,
+                                 val_qualities=(3,))
+
+    def state(models) -> dict[str, torch.Tensor]:
+        return {k: v.clone() for k, v in models["pmifm"].fusions.state_dict().items()}
+
+    start = state(build_models(cfg))
+    warm = state(train_distributed(cfg, log=lambda _: None))
+    changed = {k for k in warm if not torch.equal(warm[k], start[k])}
+    assert changed and all(".opam." in f".{k}" for k in changed)
+    trained = state(train_distributed(replace(cfg, steps=2), resume=True, log=lambda _: None))
+    assert any(not torch.equal(trained[k], warm[k]) for k in trained if "merge" in k)
+    rows = (tmp_path / "run" / "train.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    assert len(rows) == 3 and np.isfinite(float(rows[2].split(",")[header.index("loss_pmifm")]))
+    assert all(np.isfinite(float(r.split(",")[header.index("align_pmifm")])) for r in rows[1:])
+    val = (tmp_path / "run" / "val.csv").read_text().splitlines()
+    assert {"consistency_pmifm", "shift_error_px_pmifm"} <= set(val[0].split(","))
+    (tmp_path / "weights").mkdir()
+    for suffix in (".pt", ".json"):  # the base the exported weights refer to
+        shutil.copy(WEIGHTS_DIR / f"{cfg.base}{suffix}", tmp_path / "weights")
+    (path,) = export_checkpoint(tmp_path / "run", tmp_path / "weights")
+    shipped = load_distributed(path.stem, tmp_path / "weights")
+    for k, v in shipped.fusions.state_dict().items():
+        torch.testing.assert_close(v, trained[k], atol=1e-2, rtol=1e-2)  # float16 storage

@@ -10,8 +10,8 @@ from torch.profiler import ProfilerActivity, profile
 import lmvic  # noqa: F401  (torchvision shim before anything imports compressai)
 from lmvic.fusion import AverageFusion, ParallaxFusion
 from lmvic.models.single_view import fixed_threads
-from lmvic.opam import (OPAM, align_image, column_attention, omni_parallax_attention,
-                        row_attention)
+from lmvic.opam import (OPAM, align_image, apply_opam, column_attention, omni_parallax_attention,
+                        photometric_alignment_loss, row_attention, shift_attention_loss, shift_targets)
 
 IDENTITY = nn.Identity()
 
@@ -168,6 +168,61 @@ def test_align_image_moves_pixel_blocks() -> None:
     assert float(validity[..., pr, pc].min()) > 0.99
     with pytest.raises(ValueError):
         align_image(out, side_img[..., :-1])
+
+
+def test_shift_targets_split_fractional_matches() -> None:
+    target, valid = shift_targets(5, torch.tensor([2.0, -1.5]), stride=1)
+    torch.testing.assert_close(target[0], torch.diag(torch.ones(3), 2)[:5, :5] * valid[0, :, None])
+    assert valid[0].tolist() == [True, True, True, False, False]
+    assert valid[1].tolist() == [False, False, True, True, True]
+    torch.testing.assert_close(target[1, 3], torch.tensor([0.0, 0.5, 0.5, 0.0, 0.0]))
+    # 6 px at 4 px per position: position i takes i + 1.5
+    target, valid = shift_targets(4, torch.tensor([6.0]), stride=4)
+    torch.testing.assert_close(target[0, 1], torch.tensor([0.0, 0.0, 0.5, 0.5]))
+    assert valid[0].tolist() == [True, True, False, False]
+    torch.testing.assert_close(target.sum(-1), valid.float())
+
+
+@pytest.mark.parametrize("dy,dx", [(2, -3), (0, 4), (-3, 0)])
+def test_shift_attention_loss_vanishes_only_at_the_true_shift(dy: int, dx: int) -> None:
+    h, w = 12, 14
+    main, side = shifted_code_pair(h, w, dy, dx)
+    out = omni_parallax_attention(2 * main, 2 * side, IDENTITY, IDENTITY)  # ×2: sharper attention
+    loss = {o: float(shift_attention_loss(out, torch.tensor([o], dtype=torch.float32), 1))
+            for o in [(dy, dx), (dy, dx + 1), (dy + 1, dx), (0, 0)]}
+    assert loss[(dy, dx)] < 1e-3
+    assert min(v for o, v in loss.items() if o != (dy, dx)) > 5.0
+    # the same shift seen on images 4× larger (4 px per feature position)
+    torch.testing.assert_close(shift_attention_loss(out, torch.tensor([[4.0 * dy, 4.0 * dx]]), 4),
+                               torch.tensor(loss[(dy, dx)]))
+
+
+def test_photometric_alignment_loss_closed_form() -> None:
+    """Aligned pair: the error is ~0 where C ≈ 1, so the loss is τ × the unaligned share; uniform
+    attention (zero features): C = 1/(H·W) exactly and the loss is C·e + τ(1 − C) with e the error
+    of the side image's block-mean average."""
+    h, w, dy, dx, s, tau = 8, 10, 1, -2, 4, 0.1
+    main_f, side_f = shifted_code_pair(h, w, dy, dx, seed=11)
+    out = omni_parallax_attention(2 * main_f, 2 * side_f, IDENTITY, IDENTITY)
+    image = torch.rand(1, 3, s * (h + 4), s * (w + 4), generator=torch.Generator().manual_seed(12))
+    main_img = image[..., 2 * s: (2 + h) * s, 2 * s: (2 + w) * s]
+    side_img = image[..., (2 - dy) * s: (2 - dy + h) * s, (2 - dx) * s: (2 - dx + w) * s]
+    rows, cols = interior(h, w, dy, dx)
+    inside = torch.zeros(h, w, dtype=torch.bool)
+    inside[rows, cols] = True
+    c = out.consistency[0, 0]
+    assert float(c[inside].min()) > 0.99
+    loss = photometric_alignment_loss(out, main_img, side_img, tau)
+    main_blocks, side_blocks = (torch.nn.functional.avg_pool2d(v, s) for v in (main_img, side_img))
+    error = (apply_opam(out, side_blocks) - main_blocks).abs().mean(1)[0]
+    torch.testing.assert_close(loss, (c * error + tau * (1 - c)).mean())
+    assert float(error[inside].max()) < 1e-4
+
+    zero = omni_parallax_attention(torch.zeros(1, 4, h, w), torch.zeros(1, 4, h, w), IDENTITY, IDENTITY)
+    torch.testing.assert_close(zero.consistency, torch.full((1, 1, h, w), 1 / (h * w)))
+    mean_error = (side_blocks.mean((-2, -1), keepdim=True) - main_blocks).abs().mean(1)
+    expected = (mean_error / (h * w) + tau * (1 - 1 / (h * w))).mean()
+    torch.testing.assert_close(photometric_alignment_loss(zero, main_img, side_img, tau), expected)
 
 
 def test_opam_128_never_forms_the_2d_attention() -> None:
