@@ -18,7 +18,9 @@ Tensors are channel-first (``[B, C, H, W]``) as everywhere in PyTorch.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import torch
@@ -280,16 +282,35 @@ class SelectiveKernel(nn.Module):
         return (outputs * weights[..., None, None]).sum(dim=1)
 
 
+def normalised(project: Projection, log_temperature: Tensor, x: Tensor) -> Tensor:
+    """``exp(t) · (P(x) − mean) / |P(x) − mean|``: the projection centred over the positions of each
+    image and L2-normalised along the channels, so ``Q Kᵀ`` is a cosine similarity times the
+    temperature ``exp(t)`` (a raw dot product favours positions of large feature norm over matching
+    ones). ``[B, C, H, W]`` → ``[B, C, H, W]``."""
+    projected = project(x)
+    centred = projected - projected.mean(dim=(-2, -1), keepdim=True)
+    return log_temperature.exp() * F.normalize(centred, dim=1)
+
+
 class OPAM(nn.Module):
-    """OmniParallax Attention with learned SKM projections (one per stage, shared by Q and K).
+    """OmniParallax Attention with learned SKM projections (one per stage, shared by Q and K),
+    centred and normalised (``normalised``) with a learned temperature per stage.
 
     ``forward(main [B, C, H, W], side [B, C, H, W]) -> OpamResult``.
     """
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, temperature: float = 10.0):
         super().__init__()
         self.project_hor = SelectiveKernel(channels)
         self.project_ver = SelectiveKernel(channels)
+        self.initial_temperature = temperature
+        self.log_temperature = nn.Parameter(torch.full((2,), math.log(temperature)))
 
     def forward(self, main: Tensor, side: Tensor) -> OpamResult:
-        return omni_parallax_attention(main, side, self.project_hor, self.project_ver)
+        return omni_parallax_attention(main, side, partial(normalised, self.project_hor, self.log_temperature[0]),
+                                       partial(normalised, self.project_ver, self.log_temperature[1]))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # weights saved before the temperature existed start from the initial one
+        state_dict.setdefault(prefix + "log_temperature", torch.full((2,), math.log(self.initial_temperature)))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

@@ -10,7 +10,7 @@ from torch.profiler import ProfilerActivity, profile
 import lmvic  # noqa: F401  (torchvision shim before anything imports compressai)
 from lmvic.fusion import AverageFusion, ParallaxFusion
 from lmvic.models.single_view import fixed_threads
-from lmvic.opam import (OPAM, align_image, apply_opam, column_attention, omni_parallax_attention,
+from lmvic.opam import (OPAM, align_image, apply_opam, column_attention, normalised, omni_parallax_attention,
                         photometric_alignment_loss, row_attention, shift_attention_loss, shift_targets)
 
 IDENTITY = nn.Identity()
@@ -168,6 +168,26 @@ def test_align_image_moves_pixel_blocks() -> None:
     assert float(validity[..., pr, pc].min()) > 0.99
     with pytest.raises(ValueError):
         align_image(out, side_img[..., :-1])
+
+
+def test_normalised_projection_is_a_temperature_times_a_centred_unit_vector() -> None:
+    gen = torch.Generator().manual_seed(13)
+    x = torch.randn(2, 6, 5, 7, generator=gen) + 3.0  # an offset common to all positions is removed
+    out = normalised(IDENTITY, torch.tensor(np.log(5.0)), x)
+    centred = x - x.mean(dim=(-2, -1), keepdim=True)
+    torch.testing.assert_close(out, 5.0 * centred / centred.norm(dim=1, keepdim=True))
+    torch.testing.assert_close(normalised(IDENTITY, torch.tensor(np.log(5.0)), 4.0 * x - 1.0), out)
+
+
+def test_opam_weights_without_temperature_load_with_the_initial_one() -> None:
+    torch.manual_seed(14)
+    state = OPAM(8, temperature=7.0).state_dict()
+    del state["log_temperature"]
+    model = OPAM(8, temperature=7.0)
+    with torch.no_grad():
+        model.log_temperature.zero_()
+    model.load_state_dict(state)
+    torch.testing.assert_close(model.log_temperature.exp(), torch.tensor([7.0, 7.0]))
 
 
 def test_shift_targets_split_fractional_matches() -> None:
