@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -24,6 +25,14 @@ from typing import Literal
 import cv2
 import numpy as np
 import pycolmap
+
+# pycolmap installs glog's failure-signal handler, SIGTERM included: a terminated lmvic process then
+# prints a stack trace and, with worker threads busy, can hang instead of exiting (seen: a killed
+# training kept spinning at 60 % CPU). Terminating must just terminate.
+try:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+except ValueError:  # imported outside the main thread: the caller owns signal handling
+    pass
 
 from geometry.cameras import camera_centres, opengl_c2w_to_opencv_w2c
 from pipelines.errors import LmvicError

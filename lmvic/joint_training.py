@@ -3,11 +3,12 @@
 Loss of a clip of L views in coding order (each view coded with the previous one's *decoded*
 image, features and depth as reference, the same chain as coding)::
 
-    Σ_t w_t (λ·255²·(MSE(x_t, x̂_t) + depth_weight·MSE(d_t, d̂_t)) + bpp_img,t + bpp_depth,t)
+    Σ_t w_t (255²·(λ·MSE(x_t, x̂_t) + depth_weight·λ_1·MSE(d_t, d̂_t)) + bpp_img,t + bpp_depth,t)
 
 with ``w = (0.5, 1.2, 0.5, 0.9)``, depths in the normalised inverse-depth domain of the clip's
-sequence ``DepthRange`` (as the scene codec normalises) and λ the quality's λ of the
-variable-rate backbone (a random quality per sample).
+sequence ``DepthRange`` (as the scene codec normalises), λ the quality's λ of the variable-rate
+backbone (a random quality per sample) and λ_1 that of ``DEPTH_QUALITY``, the one rate point the
+depth codec codes at.
 The aux loss of the entropy bottlenecks is optimised alongside. ``freeze_backbone`` trains only
 the reference path, QPEM and the depth codec (stage two of a staged training on top of shipped
 single-view weights). ``parts`` stages it further: ``"depth"`` trains the depth codec alone (the
@@ -15,7 +16,7 @@ image codec is neither run nor trained, so the loss is its depth terms only), ``
 the depth codec and trains the image codec on its decoded depth, ``"context"`` trains everything
 but the ICT fusions (which keep their zero-initialised identity): the reference then reaches the
 image only through the entropy model, so it can change the rate but never the reconstruction. ``depth_weight`` sets the
-depth codec's own rate point: its distortion weight is ``depth_weight·λ``. ``init_joint`` starts
+depth codec's rate point: its distortion weight is ``depth_weight·λ_1``. ``init_joint`` starts
 from what a previous run or a shipped joint file added to the base (``JointPart``): the tensors
 under the name prefixes ``init_parts`` (e.g. ``depth``, ``image.qpem``) whose names and shapes still match (an initialisation across
 architecture changes, not a resume; what is left out keeps its fresh, zero-path initialisation). Under ``torchrun`` (``WORLD_SIZE`` > 1) every rank samples its own clips
@@ -37,7 +38,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from lmvic.clips import Clip, ClipSampler, load_sequence
 from lmvic.models.single_view import bits_per_pixel
-from lmvic.scene_codec import JointCodec, JointPart, build_joint, load_joint_file
+from lmvic.scene_codec import DEPTH_QUALITY, JointCodec, JointPart, build_joint, load_joint_file
 from lmvic.training.loop import (_save_atomic, budget_progress, check_replicas_equal, dist_info, log_row,
                                 optimisation_step, psnr_from_mse)
 from lmvic.training.schedule import Schedule
@@ -58,6 +59,7 @@ def clip_loss(net: torch.nn.Module, codec: JointCodec, clip: Clip, quality: Tens
     if len(weights) != L:
         raise ValueError(f"{len(weights)} view weights for clips of {L} views")
     lam = codec.image.backbone.lambda_of(quality, B) * 255**2
+    lam_depth = codec.depth.backbone.lambda_of(DEPTH_QUALITY, B) * 255**2
     depth_range = clip.depth_range
     outs = net(clip.images, clip.depths, clip.K, clip.T, quality, depth_range, with_image=with_image)
     loss = clip.images.new_zeros(())
@@ -71,7 +73,7 @@ def clip_loss(net: torch.nn.Module, codec: JointCodec, clip: Clip, quality: Tens
             bpp_img = bits_per_pixel(out["image"]["likelihoods"], H * W)
         else:  # depth-only stage: no image terms
             mse, bpp_img = torch.zeros_like(d_mse), torch.zeros_like(bpp_depth)
-        loss = loss + w * (lam * (mse + depth_weight * d_mse) + bpp_img + bpp_depth).mean()
+        loss = loss + w * (lam * mse + depth_weight * lam_depth * d_mse + bpp_img + bpp_depth).mean()
         for key, value in (("bpp_img", bpp_img.mean()), ("bpp_depth", bpp_depth.mean()),
                            ("psnr", psnr_from_mse(mse.mean())), ("psnr_depth", psnr_from_mse(d_mse.mean()))):
             stats[key] += float(value.detach()) / L

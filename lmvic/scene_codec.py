@@ -7,7 +7,10 @@ For view i with reference r (the previous view in the coding order; none for the
    image resolution (``DEPTH_FACTOR``: mean of 4×4 blocks of normalised inverse depth, padded to a
    multiple of 64; the decoded map is upsampled bilinearly). The image codec uses the reference
    only at 1/2…1/16 and the entropy context at 1/16, so a coarse depth serves it; at full resolution
-   the depth stream cost as much as the image stream at low rates;
+   the depth stream cost as much as the image stream at low rates. The depth codec always codes at
+   its lowest rate point (``DEPTH_QUALITY``), whatever the image quality: fed the uncoded stage-one
+   depth instead of the decoded one, the image stream was no smaller (session-3 measurement), so
+   finer depth would only cost bits;
 2. image: disparity and trust mask from the *decoded* depths D̂_i and D̂_r
    (``geometry.warp.relate`` then ``multiscale`` at 1/2…1/16); the image codec codes x_i with the
    decoded reference image, its decoder features and that relation (``lmvic.models.joint``).
@@ -51,6 +54,7 @@ from pipelines.errors import LmvicError
 PAD = 64
 WEIGHT_FORMAT = 2  # 2: depth coded at 1/DEPTH_FACTOR, aligned-latent QPEM context
 DEPTH_FACTOR = 4
+DEPTH_QUALITY = 1
 MODEL_IDS = tuple(f"joint-{size}" for size in SIZES)
 RANGE_STREAM = "scene.depth_range"
 _RANGE = struct.Struct("<2d")
@@ -137,7 +141,7 @@ class JointCodec(CompressionModel):
         """
         size = tuple(image.shape[-2:])
         coarse = self.coarse_depth(depth_range.normalise(depth))
-        d_out = self.depth(coarse, quality, self.depth_side(ref, K, T, tuple(coarse.shape[-2:]), depth_range))
+        d_out = self.depth(coarse, DEPTH_QUALITY, self.depth_side(ref, K, T, tuple(coarse.shape[-2:]), depth_range))
         d_out = {**d_out, "x_hat": self.fine_depth(d_out["x_hat"], size)}
         depth_hat = depth_range.denormalise(d_out["x_hat"])
         if not with_image:
@@ -164,9 +168,9 @@ class JointCodec(CompressionModel):
         size = tuple(image.shape[-2:])
         coarse = self.coarse_depth(depth_range.normalise(depth))
         d_side = _exact(self.depth_side, ref, K, T, tuple(coarse.shape[-2:]), depth_range)
-        strings, shape, y_hat = self.depth.encode(coarse, quality, d_side)
+        strings, shape, y_hat = self.depth.encode(coarse, DEPTH_QUALITY, d_side)
         streams = {"depth": _stream(strings, shape)}
-        depth_hat = self._decoded_depth(y_hat, quality, d_side, size, depth_range)
+        depth_hat = self._decoded_depth(y_hat, d_side, size, depth_range)
         i_side = _exact(self.image_side, ref, depth_hat, K, T)
         strings, shape, y_hat = self.image.encode(image, quality, i_side)
         streams["image"] = _stream(strings, shape)
@@ -177,16 +181,16 @@ class JointCodec(CompressionModel):
         """Inverse of ``encode_view`` for a padded size (H, W)."""
         coarse = coarse_size(size)
         d_side = _exact(self.depth_side, ref, K, T, coarse, depth_range)
-        y_hat = self.depth.decode_latent(*_strings(streams, "depth", coarse), quality, d_side)
-        depth_hat = self._decoded_depth(y_hat, quality, d_side, size, depth_range)
+        y_hat = self.depth.decode_latent(*_strings(streams, "depth", coarse), DEPTH_QUALITY, d_side)
+        depth_hat = self._decoded_depth(y_hat, d_side, size, depth_range)
         i_side = _exact(self.image_side, ref, depth_hat, K, T)
         y_hat = self.image.decode_latent(*_strings(streams, "image", size), quality, i_side)
         return self._decoded(y_hat, quality, i_side, depth_hat, K, T)
 
-    def _decoded_depth(self, y_hat: Tensor, quality: int, side: Side | None, size: tuple[int, int],
+    def _decoded_depth(self, y_hat: Tensor, side: Side | None, size: tuple[int, int],
                        depth_range: DepthRange) -> Tensor:
         """Depth latent → metric depth (B, H, W) at the padded image size, as encoder and decoder see it."""
-        coded = self.depth.reconstruct(y_hat, quality, side)[-1]
+        coded = self.depth.reconstruct(y_hat, DEPTH_QUALITY, side)[-1]
         with fixed_threads(EXACT_THREADS), torch.no_grad():
             return depth_range.denormalise(self.fine_depth(coded, size))
 

@@ -133,3 +133,21 @@ def test_cameras_at_one_position_are_refused(tmp_path, small_scene, capsys):
     message = fails(capsys, "run", tmp_path, "--stages", "sfm")
     assert "same position" in message
     assert not (tmp_path / ".lmvic" / "sfm").exists()
+
+
+def test_sigterm_terminates_without_glog_stack_trace(tmp_path):
+    """pycolmap installs glog's SIGTERM handler; lmvic restores the default so `kill` just ends a run."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = "import geometry.sfm, time; print('ready', flush=True); time.sleep(60)"
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=Path(__file__).resolve().parents[1])
+    assert proc.stdout.readline().strip() == "ready"
+    start = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=20)
+    assert proc.returncode == -signal.SIGTERM and time.monotonic() - start < 5
+    assert "Aborted" not in err and "stack trace" not in err

@@ -33,8 +33,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--parts", choices=("all", "depth", "image", "context"), default="all", help="what trains: all, "
                    "the depth codec alone (image codec not run), the image codec on the frozen depth codec's output, "
                    "or all but the ICT fusions (the reference only conditions the entropy model)")
-    p.add_argument("--depth-weight", type=float, default=1.0, help="the depth codec's distortion weight is "
-                   "DEPTH_WEIGHT·λ: below 1 moves its rate point down (cheaper, coarser depth)")
+    p.add_argument("--depth-weight", type=float, default=1.0, help="the depth codec (which codes at its lowest "
+                   "rate point) weighs its distortion by DEPTH_WEIGHT·λ_1: below 1 is cheaper, coarser depth")
     p.add_argument("--resume", action="store_true", help="continue RUN_DIR/checkpoint.pt")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--until", default="", help="UTC wall-clock end HH:MM: the schedule finishes by then")
