@@ -3,8 +3,8 @@
 For view i with reference r (the previous view in the coding order; none for the first):
 
 1. depth: CVDP splats the *decoded* reference depth D̂_r into view i; the depth codec codes the
-   normalised depth of view i with that prediction (``lmvic.models.depth_codec``), at 1/4 of the
-   image resolution (``DEPTH_FACTOR``: mean of 4×4 blocks of normalised inverse depth, padded to a
+   normalised depth of view i with that prediction (``lmvic.models.depth_codec``), at 1/8 of the
+   image resolution (``DEPTH_FACTOR``: mean of 8×8 blocks of normalised inverse depth, padded to a
    multiple of 64; the decoded map is upsampled bilinearly). The image codec uses the reference
    only at 1/2…1/16 and the entropy context at 1/16, so a coarse depth serves it; at full resolution
    the depth stream cost as much as the image stream at low rates. The depth codec always codes at
@@ -22,7 +22,7 @@ not move — and cropped back after decoding.
 
 Streams per view (``lmvic.bitstream.LatentStream``): ``depth`` and ``image``, each with five
 chunks — the range-coded QPEM steps y0…y3 and the hyper-latent z — and the shape of z ((H/64, W/64)
-for the image; for the depth that of its padded 1/4-resolution map); the first coded view also holds ``scene.depth_range`` (two
+for the image; for the depth that of its padded 1/8-resolution map); the first coded view also holds ``scene.depth_range`` (two
 float64: near, far). Two streams per view keep the container's per-stream overhead small.
 
 Model ids are ``joint-<size>``; weights are ``lmvic/weights/<model id>.pt`` with a SHA-256 sidecar.
@@ -53,7 +53,7 @@ from pipelines.errors import LmvicError
 
 PAD = 64
 WEIGHT_FORMAT = 2  # 2: depth coded at 1/DEPTH_FACTOR, aligned-latent QPEM context
-DEPTH_FACTOR = 4
+DEPTH_FACTOR = 8
 DEPTH_QUALITY = 1
 MODEL_IDS = tuple(f"joint-{size}" for size in SIZES)
 RANGE_STREAM = "scene.depth_range"
@@ -102,7 +102,7 @@ class JointCodec(CompressionModel):
     @staticmethod
     def coarse_depth(normalised: Tensor) -> Tensor:
         """Normalised depth (B, 1, H, W), H and W multiples of ``DEPTH_FACTOR`` → the map the depth
-        codec codes: 4×4 block means, edge-padded to multiples of 64 (B, 1, h, w)."""
+        codec codes: block means, edge-padded to multiples of 64 (B, 1, h, w)."""
         return pad(F.avg_pool2d(normalised, DEPTH_FACTOR))
 
     @staticmethod

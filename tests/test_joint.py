@@ -116,19 +116,19 @@ def test_aligned_latent_of_a_perfectly_aligned_reference_is_the_target_latent() 
 
 def test_cvdp_at_the_depth_codec_resolution_moves_a_plane_by_its_coarse_disparity() -> None:
     """Plane at z = 2 seen by a camera moved 0.5 along x: at full resolution (f = 128) the disparity is
-    32 px, so on the 1/4 map every column moves by 8 and the last 8 columns get no prediction."""
+    32 px, so on the 1/8 map every column moves by 4 and the last 4 columns get no prediction."""
     from lmvic.models.depth_codec import DepthRange, cross_view_prediction
     from lmvic.scene_codec import DEPTH_FACTOR, coarse_intrinsics, coarse_size
 
-    K = torch.tensor([[[128.0, 0, 128], [0, 128.0, 128], [0, 0, 1]]])
+    K = torch.tensor([[[128.0, 0, 256], [0, 128.0, 256], [0, 0, 1]]])
     T_ref, T_tgt = torch.eye(4)[None], torch.eye(4)[None].clone()
     T_tgt[0, 0, 3] = -0.5  # camera centre at x = +0.5
-    size = coarse_size((256, 256))
-    assert DEPTH_FACTOR == 4 and size == (64, 64)
-    prediction, hit = cross_view_prediction(torch.full((1, 256, 256), 2.0), K, T_ref, coarse_intrinsics(K), T_tgt,
+    size = coarse_size((512, 512))
+    assert DEPTH_FACTOR == 8 and size == (64, 64)
+    prediction, hit = cross_view_prediction(torch.full((1, 512, 512), 2.0), K, T_ref, coarse_intrinsics(K), T_tgt,
                                             size, DepthRange(1.0, 4.0))
-    assert bool((hit[..., :56] == 1).all()) and bool((hit[..., 56:] == 0).all())
-    torch.testing.assert_close(prediction[..., :56], DepthRange(1.0, 4.0).normalise(torch.full((1, 64, 56), 2.0)))
+    assert bool((hit[..., :60] == 1).all()) and bool((hit[..., 60:] == 0).all())
+    torch.testing.assert_close(prediction[..., :60], DepthRange(1.0, 4.0).normalise(torch.full((1, 64, 60), 2.0)))
 
 
 @pytest.fixture(scope="module")
