@@ -1,6 +1,7 @@
 // EWA projection of 3-D Gaussians with their opacities and spherical-harmonics colours, forward and
 // hand-written backward in one pass each, OpenMP over Gaussians (each thread owns a Gaussian
-// across all cameras: no races, and every gradient is written once, without zero-filling).
+// across all cameras: no races, and every gradient is written once, without zero-filling). The
+// per-Gaussian bodies are built for the baseline target and for AVX2 + FMA (chosen at run time).
 //
 // The same function as gsplat's fused CUDA projection (ProjectionEWA3DGSFused.cu, pinhole) and
 // SphericalHarmonicsCUDA.cu: OpenCV world-to-camera viewmats, Jacobian at the mean clamped to 1.3x
@@ -8,12 +9,11 @@
 // outside [near, far], det <= 0, opacity below 1/255 and off-screen. Results are dense [C, N] or
 // packed (visible pairs only, with their camera and Gaussian ids).
 
-#include <torch/extension.h>
+#include "splat.h"
 
 #include <algorithm>
 #include <array>
 #include <cmath>
-#include <cstring>
 #include <vector>
 
 namespace {
@@ -22,14 +22,14 @@ constexpr float kAlphaThreshold = 1.f / 255.f;
 
 using Mat3 = std::array<std::array<float, 3>, 3>;
 
-Mat3 matmul(const Mat3 &a, const Mat3 &b) {
+LMVIC_INLINE Mat3 matmul(const Mat3 &a, const Mat3 &b) {
     Mat3 r{};
     for (int i = 0; i < 3; ++i)
         for (int j = 0; j < 3; ++j) r[i][j] = a[i][0] * b[0][j] + a[i][1] * b[1][j] + a[i][2] * b[2][j];
     return r;
 }
 
-Mat3 transpose(const Mat3 &a) {
+LMVIC_INLINE Mat3 transpose(const Mat3 &a) {
     Mat3 r{};
     for (int i = 0; i < 3; ++i)
         for (int j = 0; j < 3; ++j) r[i][j] = a[j][i];
@@ -37,7 +37,7 @@ Mat3 transpose(const Mat3 &a) {
 }
 
 // Rotation of the normalised quaternion (w, x, y, z).
-Mat3 quat_to_rot(float w, float x, float y, float z) {
+LMVIC_INLINE Mat3 quat_to_rot(float w, float x, float y, float z) {
     return Mat3{{{1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y)},
                  {2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x)},
                  {2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)}}};
@@ -63,7 +63,7 @@ struct Camera {
     float centre[3];  // -R^T t
 };
 
-Camera camera(const float *viewmat, const float *K) {
+LMVIC_INLINE Camera camera(const float *viewmat, const float *K) {
     Camera cam;
     for (int i = 0; i < 3; ++i) {
         for (int j = 0; j < 3; ++j) cam.R[i][j] = viewmat[4 * i + j];
@@ -83,7 +83,7 @@ struct Shape {
     Mat3 R, M, cov;
 };
 
-Shape shape(const float *q, const float *s) {
+LMVIC_INLINE Shape shape(const float *q, const float *s) {
     Shape sh;
     sh.qnorm = std::sqrt(q[0] * q[0] + q[1] * q[1] + q[2] * q[2] + q[3] * q[3]);
     const float inv = 1.f / std::max(sh.qnorm, 1e-12f);
@@ -95,7 +95,7 @@ Shape shape(const float *q, const float *s) {
     return sh;
 }
 
-Projected project(const Shape &sh, const float *mean, const Camera &cam, int width, int height, float eps2d,
+LMVIC_INLINE Projected project(const Shape &sh, const float *mean, const Camera &cam, int width, int height, float eps2d,
                   float near_plane, float far_plane) {
     Projected p{};
     p.px = cam.R[0][0] * mean[0] + cam.R[0][1] * mean[1] + cam.R[0][2] * mean[2] + cam.t[0];
@@ -152,7 +152,7 @@ constexpr float SH_C3[7] = {-0.5900435899266435f, 2.890611442640554f, -0.4570457
                             -0.4570457994644658f, 1.445305721320277f, -0.5900435899266435f};
 
 // Basis values B[k] and their derivatives dB[k][0..2] with respect to the unit direction (x, y, z).
-void sh_basis(int degree, float x, float y, float z, float *B, float (*dB)[3]) {
+LMVIC_INLINE void sh_basis(int degree, float x, float y, float z, float *B, float (*dB)[3]) {
     auto set = [&](int k, float v, float dx, float dy, float dz) {
         B[k] = v;
         if (dB) {
@@ -191,7 +191,7 @@ struct ViewDir {
     float n[3], inv;
 };
 
-ViewDir view_dir(const float *mean, const Camera &cam) {
+LMVIC_INLINE ViewDir view_dir(const float *mean, const Camera &cam) {
     const float d[3] = {mean[0] - cam.centre[0], mean[1] - cam.centre[1], mean[2] - cam.centre[2]};
     ViewDir v;
     v.inv = 1.f / std::max(std::sqrt(d[0] * d[0] + d[1] * d[1] + d[2] * d[2]), 1e-12f);
@@ -239,6 +239,206 @@ struct Inputs {
     }
 };
 
+// Dense per-entry outputs of the forward ([C, N, ...]; null where not requested).
+struct DenseOut {
+    int32_t *rad;
+    float *m2, *dep, *con, *op, *col, *cmp;
+};
+
+// Projection of Gaussian g into every camera (one thread owns a Gaussian across all cameras).
+LMVIC_INLINE void forward_gaussian(const Inputs &in, const Settings &set, const DenseOut &o, int64_t g) {
+    const int64_t N = in.N, C = in.C;
+    const int nb = set.sh_degree >= 0 ? (set.sh_degree + 1) * (set.sh_degree + 1) : 0;
+    int32_t *rad = o.rad;
+    float *m2 = o.m2, *dep = o.dep, *con = o.con, *op = o.op, *col = o.col, *cmp = o.cmp;
+    const Shape shp = shape(in.quats + 4 * g, in.scales + 3 * g);
+    const float *mu = in.means + 3 * g;
+    for (int64_t c = 0; c < C; ++c) {
+        const int64_t i = c * N + g;
+        rad[2 * i] = rad[2 * i + 1] = 0;
+        m2[2 * i] = m2[2 * i + 1] = dep[i] = con[3 * i] = con[3 * i + 1] = con[3 * i + 2] = op[i] = 0.f;
+        if (col) col[3 * i] = col[3 * i + 1] = col[3 * i + 2] = 0.f;
+        if (cmp) cmp[i] = 0.f;
+        const Projected p = project(shp, mu, in.cams[c], set.width, set.height, set.eps2d, set.near_plane,
+                                    set.far_plane);
+        if (!p.valid) continue;
+        const float comp = std::sqrt(std::max(0.f, p.det_orig / p.det));
+        const float opacity = in.opacities[g] * (set.compensate ? comp : 1.f);
+        if (opacity < kAlphaThreshold) continue;
+        const float extent = std::min(3.33f, std::sqrt(2.f * std::log(opacity / kAlphaThreshold)));
+        const float rx = std::ceil(extent * std::sqrt(p.a)), ry = std::ceil(extent * std::sqrt(p.c));
+        if (rx <= set.radius_clip && ry <= set.radius_clip) continue;
+        if (p.mx + rx <= 0 || p.mx - rx >= set.width || p.my + ry <= 0 || p.my - ry >= set.height) continue;
+        rad[2 * i] = (int32_t)rx;
+        rad[2 * i + 1] = (int32_t)ry;
+        m2[2 * i] = p.mx;
+        m2[2 * i + 1] = p.my;
+        dep[i] = p.pz;
+        con[3 * i] = p.c / p.det;
+        con[3 * i + 1] = -p.b / p.det;
+        con[3 * i + 2] = p.a / p.det;
+        op[i] = opacity;
+        if (cmp) cmp[i] = comp;
+        if (col) {
+            const ViewDir v = view_dir(mu, in.cams[c]);
+            float B[16];
+            sh_basis(set.sh_degree, v.n[0], v.n[1], v.n[2], B, nullptr);
+            const float *co = in.coeffs + g * in.K * 3;
+            for (int ch = 0; ch < 3; ++ch) {
+                float value = 0.5f;
+                for (int b = 0; b < nb; ++b) value += B[b] * co[3 * b + ch];
+                col[3 * i + ch] = std::max(value, 0.f);
+            }
+        }
+    }
+}
+
+// Gradients flowing in (per entry) and out (per Gaussian) of the backward; null where absent.
+struct Gradients {
+    const int32_t *eo;                       // [C, N] entry of each pair or -1
+    const float *cmp, *col, *vcol;           // compensations, colours and their gradient
+    const float *vm2, *vdep, *vcon, *vop;    // gradients of the other outputs
+    float *gmu, *gq, *gs, *gop, *gco;        // gradients of the inputs
+};
+
+// Gradients of Gaussian g, summed over the cameras.
+LMVIC_INLINE void backward_gaussian(const Inputs &in, const Settings &set, const Gradients &io, int64_t g) {
+    const int64_t N = in.N, C = in.C, K = in.K;
+    const bool sh = set.sh_degree >= 0;
+    const int nb = sh ? (set.sh_degree + 1) * (set.sh_degree + 1) : 0;
+    const float eps = set.eps2d;
+    const int32_t *eo = io.eo;
+    const float *cmp = io.cmp, *col = io.col, *vcol = io.vcol, *vm2 = io.vm2, *vdep = io.vdep, *vcon = io.vcon;
+    const float *vop = io.vop;
+    float *gmu = io.gmu, *gq = io.gq, *gs = io.gs, *gop = io.gop, *gco = io.gco;
+    const Shape shp = shape(in.quats + 4 * g, in.scales + 3 * g);
+    const float *mu = in.means + 3 * g;
+    const float *s = in.scales + 3 * g;
+    Mat3 v_cov{};  // world covariance gradient, summed over cameras
+    float v_mu[3] = {0.f, 0.f, 0.f}, v_o = 0.f;
+    float v_co[16][3] = {};
+    for (int64_t c = 0; c < C; ++c) {
+        const int64_t i = eo[c * N + g];
+        if (i < 0) continue;
+        const Camera &cam = in.cams[c];
+        const Projected p = project(shp, mu, cam, set.width, set.height, eps, -INFINITY, INFINITY);
+        // entry opacity = opacity * compensation
+        v_o += vop[i] * (cmp ? cmp[i] : 1.f);
+        // conic = inverse(S2) with S2 = [[a, b], [b, c]]: v_S2 = -P G P, G = [[v0, v1/2], [v1/2, v2]]
+        const float P00 = p.c / p.det, P01 = -p.b / p.det, P11 = p.a / p.det;
+        const float G00 = vcon[3 * i], G01 = 0.5f * vcon[3 * i + 1], G11 = vcon[3 * i + 2];
+        const float PG00 = P00 * G00 + P01 * G01, PG01 = P00 * G01 + P01 * G11;
+        const float PG10 = P01 * G00 + P11 * G01, PG11 = P01 * G01 + P11 * G11;
+        float vS[2][2] = {{-(PG00 * P00 + PG01 * P01), -(PG00 * P01 + PG01 * P11)},
+                          {-(PG10 * P00 + PG11 * P01), -(PG10 * P01 + PG11 * P11)}};
+        if (cmp) {  // comp = sqrt(det_orig / det): d comp^2 / d S2 = (1 - comp^2) P - eps I / det
+            const float comp2 = std::max(0.f, p.det_orig / p.det);
+            if (comp2 > 0.f) {
+                const float f = vop[i] * in.opacities[g] / (2.f * std::sqrt(comp2));
+                vS[0][0] += f * ((1 - comp2) * P00 - eps / p.det);
+                vS[0][1] += f * (1 - comp2) * P01;
+                vS[1][0] += f * (1 - comp2) * P01;
+                vS[1][1] += f * ((1 - comp2) * P11 - eps / p.det);
+            }
+        }
+        // cov2d = J S_c J^T: v_J = 2 vS J S_c, v_S_c = J^T vS J
+        float JS[2][3], vJ[2][3];
+        for (int r = 0; r < 2; ++r)
+            for (int j = 0; j < 3; ++j)
+                JS[r][j] = p.J[r][0] * p.cov_c[0][j] + p.J[r][1] * p.cov_c[1][j] + p.J[r][2] * p.cov_c[2][j];
+        for (int r = 0; r < 2; ++r)
+            for (int j = 0; j < 3; ++j) vJ[r][j] = 2.f * (vS[r][0] * JS[0][j] + vS[r][1] * JS[1][j]);
+        Mat3 v_cov_c{};
+        for (int a = 0; a < 3; ++a)
+            for (int b = 0; b < 3; ++b)
+                for (int r = 0; r < 2; ++r)
+                    v_cov_c[a][b] += p.J[r][a] * (vS[r][0] * p.J[0][b] + vS[r][1] * p.J[1][b]);
+        // camera-space mean: from the 2-D mean, the depth and the Jacobian
+        const float rz = 1.f / p.pz, rz2 = rz * rz, rz3 = rz2 * rz;
+        const float vmx = vm2[2 * i], vmy = vm2[2 * i + 1];
+        float vp[3] = {cam.fx * rz * vmx, cam.fy * rz * vmy,
+                       -(cam.fx * p.px * vmx + cam.fy * p.py * vmy) * rz2 + vdep[i]};
+        const float tx = p.tx, ty = p.ty;
+        if (!p.clamp_x) vp[0] += -cam.fx * rz2 * vJ[0][2];
+        else vp[2] += -cam.fx * rz3 * vJ[0][2] * tx;
+        if (!p.clamp_y) vp[1] += -cam.fy * rz2 * vJ[1][2];
+        else vp[2] += -cam.fy * rz3 * vJ[1][2] * ty;
+        vp[2] += -cam.fx * rz2 * vJ[0][0] - cam.fy * rz2 * vJ[1][1] + 2.f * cam.fx * tx * rz3 * vJ[0][2] +
+                 2.f * cam.fy * ty * rz3 * vJ[1][2];
+        for (int a = 0; a < 3; ++a) v_mu[a] += cam.R[0][a] * vp[0] + cam.R[1][a] * vp[1] + cam.R[2][a] * vp[2];
+        const Mat3 vc = matmul(matmul(transpose(cam.R), v_cov_c), cam.R);
+        for (int a = 0; a < 3; ++a)
+            for (int b = 0; b < 3; ++b) v_cov[a][b] += vc[a][b];
+        if (!sh) continue;
+        // colour = max(sum_b B_b(dir) coeffs_b + 0.5, 0): no gradient where clamped
+        float vrgb[3];
+        bool any = false;
+        for (int ch = 0; ch < 3; ++ch) {
+            vrgb[ch] = col[3 * i + ch] > 0.f ? vcol[3 * i + ch] : 0.f;
+            any |= vrgb[ch] != 0.f;
+        }
+        if (!any) continue;
+        const ViewDir v = view_dir(mu, cam);
+        float B[16], dB[16][3];
+        sh_basis(set.sh_degree, v.n[0], v.n[1], v.n[2], B, dB);
+        const float *co = in.coeffs + g * K * 3;
+        float vn[3] = {0.f, 0.f, 0.f};
+        for (int b = 0; b < nb; ++b) {
+            float vB = 0.f;
+            for (int ch = 0; ch < 3; ++ch) {
+                v_co[b][ch] += B[b] * vrgb[ch];
+                vB += co[3 * b + ch] * vrgb[ch];
+            }
+            for (int a = 0; a < 3; ++a) vn[a] += vB * dB[b][a];
+        }
+        const float dot = vn[0] * v.n[0] + vn[1] * v.n[1] + vn[2] * v.n[2];
+        for (int a = 0; a < 3; ++a) v_mu[a] += (vn[a] - dot * v.n[a]) * v.inv;
+    }
+    for (int a = 0; a < 3; ++a) gmu[3 * g + a] = v_mu[a];
+    gop[g] = v_o;
+    if (gco)
+        for (int b = 0; b < K; ++b)
+            for (int ch = 0; ch < 3; ++ch) gco[(g * K + b) * 3 + ch] = b < nb ? v_co[b][ch] : 0.f;
+    // cov = M M^T (v_cov symmetric): v_M = 2 v_cov M; M = R diag(s)
+    const Mat3 vM = matmul(v_cov, shp.M);
+    Mat3 vR{};
+    for (int a = 0; a < 3; ++a) {
+        float acc = 0.f;
+        for (int r = 0; r < 3; ++r) {
+            vR[r][a] = 2.f * vM[r][a] * s[a];
+            acc += 2.f * vM[r][a] * shp.R[r][a];
+        }
+        gs[3 * g + a] = acc;
+    }
+    const float w = shp.qn[0], x = shp.qn[1], y = shp.qn[2], z = shp.qn[3];
+    const float vqn[4] = {
+        2.f * (-z * vR[0][1] + y * vR[0][2] + z * vR[1][0] - x * vR[1][2] - y * vR[2][0] + x * vR[2][1]),
+        2.f * (y * vR[0][1] + z * vR[0][2] + y * vR[1][0] - 2 * x * vR[1][1] - w * vR[1][2] + z * vR[2][0] +
+               w * vR[2][1] - 2 * x * vR[2][2]),
+        2.f * (-2 * y * vR[0][0] + x * vR[0][1] + w * vR[0][2] + x * vR[1][0] + z * vR[1][2] - w * vR[2][0] +
+               z * vR[2][1] - 2 * y * vR[2][2]),
+        2.f * (-2 * z * vR[0][0] - w * vR[0][1] + x * vR[0][2] + w * vR[1][0] - 2 * z * vR[1][1] + y * vR[1][2] +
+               x * vR[2][0] + y * vR[2][1]),
+    };
+    const float dot = vqn[0] * w + vqn[1] * x + vqn[2] * y + vqn[3] * z;
+    const float inv = 1.f / std::max(shp.qnorm, 1e-12f);
+    for (int a = 0; a < 4; ++a) gq[4 * g + a] = (vqn[a] - dot * shp.qn[a]) * inv;
+}
+
+// Both built for the baseline target and for AVX2 + FMA (chosen at run time).
+void forward_gaussian_base(const Inputs &in, const Settings &set, const DenseOut &o, int64_t g) {
+    forward_gaussian(in, set, o, g);
+}
+LMVIC_AVX2 void forward_gaussian_avx2(const Inputs &in, const Settings &set, const DenseOut &o, int64_t g) {
+    forward_gaussian(in, set, o, g);
+}
+void backward_gaussian_base(const Inputs &in, const Settings &set, const Gradients &io, int64_t g) {
+    backward_gaussian(in, set, io, g);
+}
+LMVIC_AVX2 void backward_gaussian_avx2(const Inputs &in, const Settings &set, const Gradients &io, int64_t g) {
+    backward_gaussian(in, set, io, g);
+}
+
 }  // namespace
 
 // Projection, opacity (times the antialiasing compensation) and SH colour of every (camera,
@@ -272,49 +472,10 @@ std::vector<torch::Tensor> project_forward(torch::Tensor means, torch::Tensor qu
     float *op = opac.data_ptr<float>(), *col = sh ? colors.data_ptr<float>() : nullptr;
     float *cmp = calc_compensations ? comps.data_ptr<float>() : nullptr;
 
+    const DenseOut out{rad, m2, dep, con, op, col, cmp};
+    auto *one = has_avx2() ? &forward_gaussian_avx2 : &forward_gaussian_base;
 #pragma omp parallel for schedule(static)
-    for (int64_t g = 0; g < N; ++g) {
-        const Shape shp = shape(in.quats + 4 * g, in.scales + 3 * g);
-        const float *mu = in.means + 3 * g;
-        for (int64_t c = 0; c < C; ++c) {
-            const int64_t i = c * N + g;
-            rad[2 * i] = rad[2 * i + 1] = 0;
-            m2[2 * i] = m2[2 * i + 1] = dep[i] = con[3 * i] = con[3 * i + 1] = con[3 * i + 2] = op[i] = 0.f;
-            if (col) col[3 * i] = col[3 * i + 1] = col[3 * i + 2] = 0.f;
-            if (cmp) cmp[i] = 0.f;
-            const Projected p = project(shp, mu, in.cams[c], set.width, set.height, set.eps2d, set.near_plane,
-                                        set.far_plane);
-            if (!p.valid) continue;
-            const float comp = std::sqrt(std::max(0.f, p.det_orig / p.det));
-            const float opacity = in.opacities[g] * (calc_compensations ? comp : 1.f);
-            if (opacity < kAlphaThreshold) continue;
-            const float extent = std::min(3.33f, std::sqrt(2.f * std::log(opacity / kAlphaThreshold)));
-            const float rx = std::ceil(extent * std::sqrt(p.a)), ry = std::ceil(extent * std::sqrt(p.c));
-            if (rx <= set.radius_clip && ry <= set.radius_clip) continue;
-            if (p.mx + rx <= 0 || p.mx - rx >= set.width || p.my + ry <= 0 || p.my - ry >= set.height) continue;
-            rad[2 * i] = (int32_t)rx;
-            rad[2 * i + 1] = (int32_t)ry;
-            m2[2 * i] = p.mx;
-            m2[2 * i + 1] = p.my;
-            dep[i] = p.pz;
-            con[3 * i] = p.c / p.det;
-            con[3 * i + 1] = -p.b / p.det;
-            con[3 * i + 2] = p.a / p.det;
-            op[i] = opacity;
-            if (cmp) cmp[i] = comp;
-            if (col) {
-                const ViewDir v = view_dir(mu, in.cams[c]);
-                float B[16];
-                sh_basis(set.sh_degree, v.n[0], v.n[1], v.n[2], B, nullptr);
-                const float *co = in.coeffs + g * in.K * 3;
-                for (int ch = 0; ch < 3; ++ch) {
-                    float value = 0.5f;
-                    for (int b = 0; b < nb; ++b) value += B[b] * co[3 * b + ch];
-                    col[3 * i + ch] = std::max(value, 0.f);
-                }
-            }
-        }
-    }
+    for (int64_t g = 0; g < N; ++g) one(in, set, out, g);
 
     auto entry_of = torch::empty({C, N}, torch::dtype(torch::kInt32));
     int32_t *eo = entry_of.data_ptr<int32_t>();
@@ -324,29 +485,38 @@ std::vector<torch::Tensor> project_forward(torch::Tensor means, torch::Tensor qu
         auto none = torch::empty({0}, torch::dtype(torch::kInt64));
         return {radii, means2d, depths, conics, opac, colors, comps, entry_of, none, none};
     }
-    // compaction: row i of every dense result goes to row eo[i]
+    // compaction, parallel: row i of every dense result goes to row eo[i]
     auto camera_ids = torch::empty({nnz}, torch::dtype(torch::kInt64));
     auto gaussian_ids = torch::empty({nnz}, torch::dtype(torch::kInt64));
     int64_t *cid = camera_ids.data_ptr<int64_t>(), *gid = gaussian_ids.data_ptr<int64_t>();
-    auto compact = [&](const torch::Tensor &dense, int64_t width_) {
-        std::vector<int64_t> shape_{nnz};
-        if (dense.dim() == 3) shape_.push_back(width_);
-        auto out = torch::empty(shape_, dense.options());
-        const int64_t bytes = dense.element_size() * width_;
-        const char *src = (const char *)dense.data_ptr();
-        char *dst = (char *)out.data_ptr();
-        for (int64_t i = 0; i < C * N; ++i)
-            if (eo[i] >= 0) std::memcpy(dst + eo[i] * bytes, src + i * bytes, bytes);
-        return out;
+    auto packed_like = [&](const torch::Tensor &dense, int64_t w) {
+        return dense.dim() == 3 ? torch::empty({nnz, w}, dense.options()) : torch::empty({nnz}, dense.options());
     };
+    auto p_radii = packed_like(radii, 2), p_means2d = packed_like(means2d, 2), p_depths = packed_like(depths, 1);
+    auto p_conics = packed_like(conics, 3), p_opac = packed_like(opac, 1);
+    auto p_colors = sh ? packed_like(colors, 3) : colors, p_comps = cmp ? packed_like(comps, 1) : comps;
+    int32_t *prad = p_radii.data_ptr<int32_t>();
+    float *pm2 = p_means2d.data_ptr<float>(), *pdep = p_depths.data_ptr<float>(), *pcon = p_conics.data_ptr<float>();
+    float *pop = p_opac.data_ptr<float>(), *pcol = sh ? p_colors.data_ptr<float>() : nullptr;
+    float *pcmp = cmp ? p_comps.data_ptr<float>() : nullptr;
+#pragma omp parallel for schedule(static)
     for (int64_t i = 0; i < C * N; ++i) {
-        if (eo[i] < 0) continue;
-        cid[eo[i]] = i / N;
-        gid[eo[i]] = i % N;
+        const int64_t e = eo[i];
+        if (e < 0) continue;
+        cid[e] = i / N;
+        gid[e] = i % N;
+        for (int k = 0; k < 2; ++k) {
+            prad[2 * e + k] = rad[2 * i + k];
+            pm2[2 * e + k] = m2[2 * i + k];
+        }
+        for (int k = 0; k < 3; ++k) pcon[3 * e + k] = con[3 * i + k];
+        if (pcol)
+            for (int k = 0; k < 3; ++k) pcol[3 * e + k] = col[3 * i + k];
+        pdep[e] = dep[i];
+        pop[e] = op[i];
+        if (pcmp) pcmp[e] = cmp[i];
     }
-    return {compact(radii, 2), compact(means2d, 2), compact(depths, 1), compact(conics, 3), compact(opac, 1),
-            sh ? compact(colors, 3) : colors, calc_compensations ? compact(comps, 1) : comps, entry_of, camera_ids,
-            gaussian_ids};
+    return {p_radii, p_means2d, p_depths, p_conics, p_opac, p_colors, p_comps, entry_of, camera_ids, gaussian_ids};
 }
 
 // Gradients of project_forward's differentiable outputs (means2d, depths, conics, opacities,
@@ -386,120 +556,9 @@ std::vector<torch::Tensor> project_backward(torch::Tensor means, torch::Tensor q
     float *gop = v_opac.data_ptr<float>(), *gco = sh ? v_coeffs.data_ptr<float>() : nullptr;
     const float eps = set.eps2d;
 
+    const Gradients io{eo, cmp, col, vcol, vm2, vdep, vcon, vop, gmu, gq, gs, gop, gco};
+    auto *one = has_avx2() ? &backward_gaussian_avx2 : &backward_gaussian_base;
 #pragma omp parallel for schedule(static)
-    for (int64_t g = 0; g < N; ++g) {
-        const Shape shp = shape(in.quats + 4 * g, in.scales + 3 * g);
-        const float *mu = in.means + 3 * g;
-        const float *s = in.scales + 3 * g;
-        Mat3 v_cov{};  // world covariance gradient, summed over cameras
-        float v_mu[3] = {0.f, 0.f, 0.f}, v_o = 0.f;
-        float v_co[16][3] = {};
-        for (int64_t c = 0; c < C; ++c) {
-            const int64_t i = eo[c * N + g];
-            if (i < 0) continue;
-            const Camera &cam = in.cams[c];
-            const Projected p = project(shp, mu, cam, set.width, set.height, eps, -INFINITY, INFINITY);
-            // entry opacity = opacity * compensation
-            v_o += vop[i] * (cmp ? cmp[i] : 1.f);
-            // conic = inverse(S2) with S2 = [[a, b], [b, c]]: v_S2 = -P G P, G = [[v0, v1/2], [v1/2, v2]]
-            const float P00 = p.c / p.det, P01 = -p.b / p.det, P11 = p.a / p.det;
-            const float G00 = vcon[3 * i], G01 = 0.5f * vcon[3 * i + 1], G11 = vcon[3 * i + 2];
-            const float PG00 = P00 * G00 + P01 * G01, PG01 = P00 * G01 + P01 * G11;
-            const float PG10 = P01 * G00 + P11 * G01, PG11 = P01 * G01 + P11 * G11;
-            float vS[2][2] = {{-(PG00 * P00 + PG01 * P01), -(PG00 * P01 + PG01 * P11)},
-                              {-(PG10 * P00 + PG11 * P01), -(PG10 * P01 + PG11 * P11)}};
-            if (cmp) {  // comp = sqrt(det_orig / det): d comp^2 / d S2 = (1 - comp^2) P - eps I / det
-                const float comp2 = std::max(0.f, p.det_orig / p.det);
-                if (comp2 > 0.f) {
-                    const float f = vop[i] * in.opacities[g] / (2.f * std::sqrt(comp2));
-                    vS[0][0] += f * ((1 - comp2) * P00 - eps / p.det);
-                    vS[0][1] += f * (1 - comp2) * P01;
-                    vS[1][0] += f * (1 - comp2) * P01;
-                    vS[1][1] += f * ((1 - comp2) * P11 - eps / p.det);
-                }
-            }
-            // cov2d = J S_c J^T: v_J = 2 vS J S_c, v_S_c = J^T vS J
-            float JS[2][3], vJ[2][3];
-            for (int r = 0; r < 2; ++r)
-                for (int j = 0; j < 3; ++j)
-                    JS[r][j] = p.J[r][0] * p.cov_c[0][j] + p.J[r][1] * p.cov_c[1][j] + p.J[r][2] * p.cov_c[2][j];
-            for (int r = 0; r < 2; ++r)
-                for (int j = 0; j < 3; ++j) vJ[r][j] = 2.f * (vS[r][0] * JS[0][j] + vS[r][1] * JS[1][j]);
-            Mat3 v_cov_c{};
-            for (int a = 0; a < 3; ++a)
-                for (int b = 0; b < 3; ++b)
-                    for (int r = 0; r < 2; ++r)
-                        v_cov_c[a][b] += p.J[r][a] * (vS[r][0] * p.J[0][b] + vS[r][1] * p.J[1][b]);
-            // camera-space mean: from the 2-D mean, the depth and the Jacobian
-            const float rz = 1.f / p.pz, rz2 = rz * rz, rz3 = rz2 * rz;
-            const float vmx = vm2[2 * i], vmy = vm2[2 * i + 1];
-            float vp[3] = {cam.fx * rz * vmx, cam.fy * rz * vmy,
-                           -(cam.fx * p.px * vmx + cam.fy * p.py * vmy) * rz2 + vdep[i]};
-            const float tx = p.tx, ty = p.ty;
-            if (!p.clamp_x) vp[0] += -cam.fx * rz2 * vJ[0][2];
-            else vp[2] += -cam.fx * rz3 * vJ[0][2] * tx;
-            if (!p.clamp_y) vp[1] += -cam.fy * rz2 * vJ[1][2];
-            else vp[2] += -cam.fy * rz3 * vJ[1][2] * ty;
-            vp[2] += -cam.fx * rz2 * vJ[0][0] - cam.fy * rz2 * vJ[1][1] + 2.f * cam.fx * tx * rz3 * vJ[0][2] +
-                     2.f * cam.fy * ty * rz3 * vJ[1][2];
-            for (int a = 0; a < 3; ++a) v_mu[a] += cam.R[0][a] * vp[0] + cam.R[1][a] * vp[1] + cam.R[2][a] * vp[2];
-            const Mat3 vc = matmul(matmul(transpose(cam.R), v_cov_c), cam.R);
-            for (int a = 0; a < 3; ++a)
-                for (int b = 0; b < 3; ++b) v_cov[a][b] += vc[a][b];
-            if (!sh) continue;
-            // colour = max(sum_b B_b(dir) coeffs_b + 0.5, 0): no gradient where clamped
-            float vrgb[3];
-            bool any = false;
-            for (int ch = 0; ch < 3; ++ch) {
-                vrgb[ch] = col[3 * i + ch] > 0.f ? vcol[3 * i + ch] : 0.f;
-                any |= vrgb[ch] != 0.f;
-            }
-            if (!any) continue;
-            const ViewDir v = view_dir(mu, cam);
-            float B[16], dB[16][3];
-            sh_basis(set.sh_degree, v.n[0], v.n[1], v.n[2], B, dB);
-            const float *co = in.coeffs + g * K * 3;
-            float vn[3] = {0.f, 0.f, 0.f};
-            for (int b = 0; b < nb; ++b) {
-                float vB = 0.f;
-                for (int ch = 0; ch < 3; ++ch) {
-                    v_co[b][ch] += B[b] * vrgb[ch];
-                    vB += co[3 * b + ch] * vrgb[ch];
-                }
-                for (int a = 0; a < 3; ++a) vn[a] += vB * dB[b][a];
-            }
-            const float dot = vn[0] * v.n[0] + vn[1] * v.n[1] + vn[2] * v.n[2];
-            for (int a = 0; a < 3; ++a) v_mu[a] += (vn[a] - dot * v.n[a]) * v.inv;
-        }
-        for (int a = 0; a < 3; ++a) gmu[3 * g + a] = v_mu[a];
-        gop[g] = v_o;
-        if (gco)
-            for (int b = 0; b < K; ++b)
-                for (int ch = 0; ch < 3; ++ch) gco[(g * K + b) * 3 + ch] = b < nb ? v_co[b][ch] : 0.f;
-        // cov = M M^T (v_cov symmetric): v_M = 2 v_cov M; M = R diag(s)
-        const Mat3 vM = matmul(v_cov, shp.M);
-        Mat3 vR{};
-        for (int a = 0; a < 3; ++a) {
-            float acc = 0.f;
-            for (int r = 0; r < 3; ++r) {
-                vR[r][a] = 2.f * vM[r][a] * s[a];
-                acc += 2.f * vM[r][a] * shp.R[r][a];
-            }
-            gs[3 * g + a] = acc;
-        }
-        const float w = shp.qn[0], x = shp.qn[1], y = shp.qn[2], z = shp.qn[3];
-        const float vqn[4] = {
-            2.f * (-z * vR[0][1] + y * vR[0][2] + z * vR[1][0] - x * vR[1][2] - y * vR[2][0] + x * vR[2][1]),
-            2.f * (y * vR[0][1] + z * vR[0][2] + y * vR[1][0] - 2 * x * vR[1][1] - w * vR[1][2] + z * vR[2][0] +
-                   w * vR[2][1] - 2 * x * vR[2][2]),
-            2.f * (-2 * y * vR[0][0] + x * vR[0][1] + w * vR[0][2] + x * vR[1][0] + z * vR[1][2] - w * vR[2][0] +
-                   z * vR[2][1] - 2 * y * vR[2][2]),
-            2.f * (-2 * z * vR[0][0] - w * vR[0][1] + x * vR[0][2] + w * vR[1][0] - 2 * z * vR[1][1] + y * vR[1][2] +
-                   x * vR[2][0] + y * vR[2][1]),
-        };
-        const float dot = vqn[0] * w + vqn[1] * x + vqn[2] * y + vqn[3] * z;
-        const float inv = 1.f / std::max(shp.qnorm, 1e-12f);
-        for (int a = 0; a < 4; ++a) gq[4 * g + a] = (vqn[a] - dot * shp.qn[a]) * inv;
-    }
+    for (int64_t g = 0; g < N; ++g) one(in, set, io, g);
     return {v_means, v_quats, v_scales, v_opac, v_coeffs};
 }

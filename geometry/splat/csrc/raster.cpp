@@ -16,8 +16,11 @@
 // contribution), so a group may start at any column.
 // The kernels are compiled twice, for the baseline target and for AVX2 + FMA (chosen at run time), and
 // exp is a polynomial (within 2 ulp of expf) so both passes vectorise and agree bit for bit.
+// Each call first gathers every entry into one record with its footprint constants. The backward
+// writes per-intersection gradient sums, then adds them per entry in list order, in parallel over
+// entries: the gradients are deterministic and do not depend on the thread count.
 
-#include <torch/extension.h>
+#include "splat.h"
 
 #include <algorithm>
 #include <bit>
@@ -37,8 +40,6 @@ constexpr float kTransmittanceMin = 1e-4f;
 constexpr float kMedianLevel = 0.5f;
 constexpr int kLanes = 8;
 constexpr int64_t kMaxBackwardChannels = 32;
-
-#define LMVIC_INLINE inline __attribute__((always_inline))
 
 // The vector helpers are always inlined, so the vector ABI of the baseline build never matters.
 #pragma GCC diagnostic ignored "-Wpsabi"
@@ -81,12 +82,11 @@ LMVIC_INLINE void lane_sums(const VF *v, int count, float *out) {
     for (int j = 0; j < count; ++j) out[j] = total[j];
 }
 
-// exp(x) for x in [-32, 88] (clamped outside), Cephes' expf polynomial: relative error < 1.5e-7.
-// The low clamp keeps alpha and the products formed from it away from subnormal floats (which
+// exp(x) for x in [-32, 88] (clamped below; callers mask the lanes with x > 0), Cephes' expf
+// polynomial: relative error < 1.5e-7. The low clamp keeps alpha and the products formed from it away from subnormal floats (which
 // cost a micro-code assist per instruction); it changes nothing, since exp(-32) * opacity is far
 // below the 1/255 alpha threshold.
 LMVIC_INLINE VF exp_poly(VF x) {
-    x = select(x < 88.f, x, bcast(88.f));
     x = select(x > -32.f, x, bcast(-32.f));
     const VI n = __builtin_convertvector(x * 1.44269504088896341f + select(x < 0.f, bcast(-0.5f), bcast(0.5f)), VI);
     const VF fn = __builtin_convertvector(n, VF);
@@ -100,11 +100,40 @@ LMVIC_INLINE VF exp_poly(VF x) {
     return (p * r * r + r + 1.f) * (VF)((n + 127) << 23);
 }
 
+// One entry as the compositor reads it, gathered once per call (one record per entry instead of
+// scattered loads from five arrays per intersection), with the constants of its footprint.
 struct Splat {
     float x, y;     // 2-D mean (pixels)
     float a, b, c;  // conic: sigma = 0.5 * (a dx^2 + c dy^2) + b dx dy
     float opacity;
+    float z;        // camera depth (median depth)
+    // Footprint: the alpha >= 1/255 ellipse sigma <= smax, with smax the largest sigma at which alpha
+    // reaches the threshold plus a margin (about 0.1 % of the radius) for float rounding, so the rows
+    // and spans below are a superset of the pixels the exact test accepts.
+    float det;         // a c - b^2; 0 when degenerate: every pixel of the tile
+    float two_a_smax;  // 2 a smax
+    float inv_a;       // 1 / a
+    float half_h;      // largest |dy| on the ellipse; < 0 when alpha never reaches the threshold
+    float pad;
 };
+
+Splat make_splat(const float *means2d, const float *conics, const float *opacities, const float *z, int64_t g) {
+    Splat s{means2d[2 * g], means2d[2 * g + 1], conics[3 * g], conics[3 * g + 1], conics[3 * g + 2],
+            opacities[g], z ? z[g] : 0.f, 0.f, 0.f, 0.f, -1.f, 0.f};
+    if (!(s.opacity >= kAlphaThreshold)) return s;
+    const float l = std::log(s.opacity / kAlphaThreshold);
+    const float smax = l + 1e-2f + 1e-3f * l;
+    s.det = s.a * s.c - s.b * s.b;
+    s.half_h = 0.f;
+    if (!(s.det > 0.f) || !(s.a > 0.f)) {
+        s.det = 0.f;
+        return s;
+    }
+    s.two_a_smax = 2.f * s.a * smax;
+    s.inv_a = 1.f / s.a;
+    s.half_h = std::sqrt(s.two_a_smax / s.det);
+    return s;
+}
 
 // exp(-sigma) and alpha of a splat at offsets (dx, dy) = mean - pixel centre, and the mask of
 // pixels that take the contribution (sigma >= 0, alpha >= 1/255); the one definition used by
@@ -128,49 +157,34 @@ struct TileBox {
     int x0, y0, x1, y1;  // pixel block of the tile, [x0, x1) x [y0, y1)
 };
 
-// Where a splat's alpha >= 1/255 ellipse meets a tile: rows [r0, r1), and the column span of each
-// row from row_span. The sigma limit has a margin (about 0.1 % of the radius) for float rounding,
-// so the spans are a superset of the pixels the exact test accepts.
-struct Footprint {
-    float det;             // of the conic; 0 when degenerate: every pixel of the rows
-    float two_a_smax, inv_a;  // 2 a smax (smax: largest sigma at which alpha reaches the threshold), 1 / a
-    int r0, r1;
-};
-
-LMVIC_INLINE bool footprint(const Splat &s, const TileBox &t, Footprint &f) {
-    if (!(s.opacity >= kAlphaThreshold)) return false;
-    const float l = std::log(s.opacity / kAlphaThreshold);
-    const float smax = l + 1e-2f + 1e-3f * l;
-    f.det = s.a * s.c - s.b * s.b;
-    if (!(f.det > 0.f) || !(s.a > 0.f)) {
-        f.det = 0.f;
-        f.r0 = t.y0;
-        f.r1 = t.y1;
+// Rows [r0, r1) of the tile that the splat's footprint meets.
+LMVIC_INLINE bool footprint_rows(const Splat &s, const TileBox &t, int &r0, int &r1) {
+    if (s.half_h < 0.f) return false;
+    if (s.det == 0.f) {
+        r0 = t.y0;
+        r1 = t.y1;
         return true;
     }
-    f.two_a_smax = 2.f * s.a * smax;
-    f.inv_a = 1.f / s.a;
-    const float half_h = std::sqrt(f.two_a_smax / f.det);  // |dy| on the ellipse
-    f.r0 = std::max(t.y0, (int)std::ceil(s.y - half_h - 0.5f));  // pixel centres row + 0.5
-    f.r1 = std::min(t.y1, (int)std::floor(s.y + half_h - 0.5f) + 1);
-    return f.r0 < f.r1;
+    r0 = std::max(t.y0, (int)std::ceil(s.y - s.half_h - 0.5f));  // pixel centres row + 0.5
+    r1 = std::min(t.y1, (int)std::floor(s.y + s.half_h - 0.5f) + 1);
+    return r0 < r1;
 }
 
 // Columns [c0, c1) of tile row `row` inside the footprint.
-LMVIC_INLINE bool row_span(const Splat &s, const Footprint &f, const TileBox &t, int row, int &c0, int &c1) {
-    if (f.det == 0.f) {
+LMVIC_INLINE bool row_span(const Splat &s, const TileBox &t, int row, int &c0, int &c1) {
+    if (s.det == 0.f) {
         c0 = t.x0;
         c1 = t.x1;
         return true;
     }
     const float dy = s.y - ((float)row + 0.5f);
     // sigma(dx, dy) = smax: a dx^2 + 2 b dy dx + c dy^2 - 2 smax = 0, discriminant / 4 = 2 a smax - det dy^2
-    const float disc = f.two_a_smax - f.det * dy * dy;
+    const float disc = s.two_a_smax - s.det * dy * dy;
     if (disc < 0.f) return false;
     const float root = std::sqrt(disc), bdy = s.b * dy;
     // dx = x_mean - px in [(-bdy - root) / a, (-bdy + root) / a]
-    c0 = std::max(t.x0, (int)std::ceil(s.x + (bdy - root) * f.inv_a - 0.5f));
-    c1 = std::min(t.x1, (int)std::floor(s.x + (bdy + root) * f.inv_a - 0.5f) + 1);
+    c0 = std::max(t.x0, (int)std::ceil(s.x + (bdy - root) * s.inv_a - 0.5f));
+    c1 = std::min(t.x1, (int)std::floor(s.x + (bdy + root) * s.inv_a - 0.5f) + 1);
     return c0 < c1;
 }
 
@@ -202,62 +216,102 @@ struct Grid {
     int64_t pixel(int64_t image, int row, int col) const { return (image * height + row) * width + col; }
 };
 
+// Calls f(p0, dx, dy) for every lane group of the splat's footprint rows [r0, r1) in the tile: p0
+// the slot of the group's first pixel, dx its lanes' offsets mean - pixel centre, dy the row's.
+// Both passes visit the same groups. f must be always_inline (it runs in the caller's build).
+template <class F>
+LMVIC_INLINE void for_each_group(const Splat &s, const Grid &grid, const TileBox &box, int r0, int r1, F &&f) {
+    for (int row = r0; row < r1; ++row) {
+        int c0, c1;
+        if (!row_span(s, box, row, c0, c1)) continue;
+        const float dy = s.y - ((float)row + 0.5f);
+        for (int col0 = c0; col0 < c1; col0 += kLanes) f(grid.slot(box, row, col0), lane_dx(s, col0), dy);
+    }
+}
+
 // Read-only per-entry inputs of the compositor and the tile lists.
 struct Entries {
-    const float *means2d, *conics, *colors, *opacities, *backgrounds;  // backgrounds may be null
-    int64_t D;
+    const Splat *splats;                // [M]
+    const float *colors, *backgrounds;  // [M, D]; [I, D] or null
+    int64_t M, D;
     const int32_t *offsets, *ids;
+};
 
-    Entries(const torch::Tensor &means2d_, const torch::Tensor &conics_, const torch::Tensor &colors_,
-            const torch::Tensor &opacities_, const torch::Tensor &backgrounds_, const torch::Tensor &offsets_,
-            const torch::Tensor &ids_) {
-        check_cpu_float(means2d_, "means2d");
-        check_cpu_float(conics_, "conics");
-        check_cpu_float(colors_, "colors");
-        check_cpu_float(opacities_, "opacities");
-        means2d = means2d_.data_ptr<float>();
-        conics = conics_.data_ptr<float>();
-        colors = colors_.data_ptr<float>();
-        opacities = opacities_.data_ptr<float>();
-        D = colors_.size(-1);
-        backgrounds = nullptr;
-        if (backgrounds_.numel() > 0) {
-            check_cpu_float(backgrounds_, "backgrounds");
-            backgrounds = backgrounds_.data_ptr<float>();
-        }
-        offsets = offsets_.data_ptr<int32_t>();
-        ids = ids_.data_ptr<int32_t>();
+// Checks the inputs and gathers the entries' splat records, in parallel, into a buffer the calling
+// thread reuses on later calls. `depths` may be undefined (no median depth).
+Entries gather_entries(const torch::Tensor &means2d, const torch::Tensor &conics, const torch::Tensor &colors,
+                       const torch::Tensor &opacities, const torch::Tensor &depths, const torch::Tensor &backgrounds,
+                       const torch::Tensor &offsets, const torch::Tensor &ids) {
+    check_cpu_float(means2d, "means2d");
+    check_cpu_float(conics, "conics");
+    check_cpu_float(colors, "colors");
+    check_cpu_float(opacities, "opacities");
+    TORCH_CHECK(offsets.scalar_type() == torch::kInt32 && ids.scalar_type() == torch::kInt32,
+                "tile offsets and ids must be int32");
+    thread_local std::vector<Splat> splats;
+    const int64_t M = opacities.numel();
+    splats.resize(M);
+    const float *m = means2d.data_ptr<float>(), *cn = conics.data_ptr<float>(), *o = opacities.data_ptr<float>();
+    const float *z = nullptr;
+    if (depths.defined()) {
+        check_cpu_float(depths, "depths");
+        z = depths.data_ptr<float>();
     }
-    Splat splat(int64_t g) const {
-        return Splat{means2d[2 * g], means2d[2 * g + 1], conics[3 * g], conics[3 * g + 1], conics[3 * g + 2],
-                     opacities[g]};
+    Splat *out = splats.data();
+#pragma omp parallel for schedule(static)
+    for (int64_t g = 0; g < M; ++g) out[g] = make_splat(m, cn, o, z, g);
+    const float *bg = nullptr;
+    if (backgrounds.numel() > 0) {
+        check_cpu_float(backgrounds, "backgrounds");
+        bg = backgrounds.data_ptr<float>();
+    }
+    return Entries{out, colors.data_ptr<float>(), bg, M, colors.size(-1), offsets.data_ptr<int32_t>(),
+                   ids.data_ptr<int32_t>()};
+}
+
+// Per-thread per-pixel state of one tile (padded layout; `plane` holds D channel-major planes). Both
+// passes start a tile from T = 1, zero channel sums and no last entry (padding pixels keep -1).
+struct TileState {
+    std::vector<float> T, plane;
+    std::vector<int32_t> last;
+    TileState(int64_t n, int64_t D) : T(n), plane(n * D), last(n) {}
+};
+
+// Tile `it` as both passes see it: its pixel block and image, and its per-pixel state, reset.
+struct Tile {
+    TileBox box;
+    int64_t image, n;  // n: padded pixel count
+    float *__restrict__ T;
+    float *__restrict__ plane;
+    int32_t *__restrict__ last;
+
+    Tile(const Grid &grid, int64_t it, TileState &st)
+        : box(grid.box(it)), image(grid.image_of(it)), n(grid.padded_pixels()), T(st.T.data()),
+          plane(st.plane.data()), last(st.last.data()) {
+        std::fill(st.T.begin(), st.T.end(), 1.f);
+        std::fill(st.plane.begin(), st.plane.end(), 0.f);
+        std::fill(st.last.begin(), st.last.end(), -1);
     }
 };
 
-// Per-thread state of one tile in the forward pass (padded layout, channel-major colours).
-struct ForwardScratch {
-    std::vector<float> T, acc, med;
-    std::vector<int32_t> last, done;
-    ForwardScratch(int64_t n, int64_t D) : T(n), acc(n * D), med(n), last(n), done(n) {}
+// The forward pass adds the median depth and the pixels that stopped (-1; padding too).
+struct ForwardScratch : TileState {
+    std::vector<float> med;
+    std::vector<int32_t> done;
+    ForwardScratch(int64_t n, int64_t D) : TileState(n, D), med(n), done(n) {}
 };
 
 // Composites tile `it` front to back and writes its pixels of the outputs.
 template <int DT>
-LMVIC_INLINE void forward_tile_impl(const Entries &in, const float *z, const Grid &grid, int64_t it,
-                                    ForwardScratch &sc, float *oc, float *oa, float *omed, int32_t *olast) {
+LMVIC_INLINE void forward_tile_impl(const Entries &in, const Grid &grid, int64_t it, ForwardScratch &sc, float *oc,
+                                    float *oa, float *omed, int32_t *olast) {
     const int64_t D = DT > 0 ? DT : in.D;
-    const int64_t n = grid.padded_pixels();
-    const int64_t image = grid.image_of(it);
-    const TileBox box = grid.box(it);
-    float *__restrict__ T = sc.T.data();
-    float *__restrict__ acc = sc.acc.data();
-    float *__restrict__ med = sc.med.data();
-    int32_t *__restrict__ last = sc.last.data();
-    int32_t *__restrict__ done = sc.done.data();
-    std::fill(T, T + n, 1.f);
-    std::fill(acc, acc + n * D, 0.f);
+    const Tile tile(grid, it, sc);
+    const TileBox box = tile.box;
+    const int64_t n = tile.n, image = tile.image;
+    float *__restrict__ T = tile.T, *__restrict__ acc = tile.plane, *__restrict__ med = sc.med.data();
+    int32_t *__restrict__ last = tile.last, *__restrict__ done = sc.done.data();
     std::fill(med, med + n, 0.f);
-    std::fill(last, last + n, -1);
     for (int row = 0; row < (int)grid.tile_size; ++row)  // padding never takes a contribution
         for (int col = 0; col < grid.stride; ++col)
             done[row * grid.stride + col] = (box.y0 + row >= box.y1 || box.x0 + col >= box.x1) ? -1 : 0;
@@ -265,35 +319,29 @@ LMVIC_INLINE void forward_tile_impl(const Entries &in, const float *z, const Gri
     int n_done = 0;
     for (int32_t idx = in.offsets[it]; idx < in.offsets[it + 1] && n_done < n_pix; ++idx) {
         const int64_t g = in.ids[idx];
-        const Splat s = in.splat(g);
-        Footprint f;
-        if (!footprint(s, box, f)) continue;
+        const Splat s = in.splats[g];
+        int r0, r1;
+        if (!footprint_rows(s, box, r0, r1)) continue;
         const float *cg = in.colors + g * D;
-        const VF zg = bcast(z[g]);
+        const VF zg = bcast(s.z);
         const VI vidx = bcast(idx);
         VI stops = {};  // -1 per pixel that stops at this splat
-        for (int row = f.r0; row < f.r1; ++row) {
-            int c0, c1;
-            if (!row_span(s, f, box, row, c0, c1)) continue;
-            const float dy = s.y - ((float)row + 0.5f);
-            for (int col0 = c0; col0 < c1; col0 += kLanes) {
-                const int p0 = grid.slot(box, row, col0);
-                VF vis, alpha;
-                const VI done0 = load(done + p0);
-                const VI hit = evaluate(s, lane_dx(s, col0), dy, vis, alpha) & ~done0;
-                const VF t = load(T + p0);
-                const VF next_t = t * (1.f - alpha);
-                const VI stop = hit & (next_t <= kTransmittanceMin);
-                const VI use = hit & ~stop;
-                const VF w = select(use, alpha * t, VF{});
-                store(med + p0, select(use & (t >= kMedianLevel) & (next_t < kMedianLevel), zg, load(med + p0)));
-                store(last + p0, use ? vidx : load(last + p0));
-                store(T + p0, select(use, next_t, t));
-                store(done + p0, done0 | stop);
-                stops += stop;
-                for (int64_t ch = 0; ch < D; ++ch) store(acc + ch * n + p0, load(acc + ch * n + p0) + cg[ch] * w);
-            }
-        }
+        for_each_group(s, grid, box, r0, r1, [&](int p0, VF dx, float dy) __attribute__((always_inline)) {
+            VF vis, alpha;
+            const VI done0 = load(done + p0);
+            const VI hit = evaluate(s, dx, dy, vis, alpha) & ~done0;
+            const VF t = load(T + p0);
+            const VF next_t = t * (1.f - alpha);
+            const VI stop = hit & (next_t <= kTransmittanceMin);
+            const VI use = hit & ~stop;
+            const VF w = select(use, alpha * t, VF{});
+            store(med + p0, select(use & (t >= kMedianLevel) & (next_t < kMedianLevel), zg, load(med + p0)));
+            store(last + p0, use ? vidx : load(last + p0));
+            store(T + p0, select(use, next_t, t));
+            store(done + p0, done0 | stop);
+            stops += stop;
+            for (int64_t ch = 0; ch < D; ++ch) store(acc + ch * n + p0, load(acc + ch * n + p0) + cg[ch] * w);
+        });
         for (int l = 0; l < kLanes; ++l) n_done -= stops[l];
     }
     for (int row = box.y0; row < box.y1; ++row) {
@@ -309,11 +357,10 @@ LMVIC_INLINE void forward_tile_impl(const Entries &in, const float *z, const Gri
     }
 }
 
-// Per-thread state of one tile in the backward pass (padded layout, channel-major).
-struct BackwardScratch {
-    std::vector<float> T, T_final, buf, v_out, v_alpha_out;
-    std::vector<int32_t> last;
-    BackwardScratch(int64_t n, int64_t D) : T(n), T_final(n), buf(n * D), v_out(n * D), v_alpha_out(n), last(n) {}
+// The backward pass adds the final transmittance, the output gradients and the colour sums behind.
+struct BackwardScratch : TileState {
+    std::vector<float> v_out, v_alpha_final;
+    BackwardScratch(int64_t n, int64_t D) : TileState(n, D), v_out(n * D), v_alpha_final(n) {}
 };
 
 // Gradient sums per intersection: xy (2), conic (3), opacity, |xy| (2), then colour (D).
@@ -326,32 +373,26 @@ struct BackwardInputs {
 };
 
 // gsplat's back-to-front recursion over tile `it` (T recovered as T / (1 - alpha)); writes the
-// gradient sums of every intersection of the tile into its own slot of `part`.
-template <int DT>
+// gradient sums of every intersection of the tile into its own slot of `part` (zeros where none);
+// the |xy| sums only with ABS.
+template <int DT, bool ABS>
 LMVIC_INLINE void backward_tile_impl(const Entries &in, const Grid &grid, int64_t it, const BackwardInputs &bi,
                                      BackwardScratch &sc) {
     const int64_t D = DT > 0 ? DT : in.D;
-    const int64_t n = grid.padded_pixels();
-    const int64_t image = grid.image_of(it);
-    const TileBox box = grid.box(it);
-    float *__restrict__ T = sc.T.data();
-    float *__restrict__ T_final = sc.T_final.data();
-    float *__restrict__ buf = sc.buf.data();
-    float *__restrict__ v_out = sc.v_out.data();
-    float *__restrict__ v_alpha_out = sc.v_alpha_out.data();
-    int32_t *__restrict__ last = sc.last.data();
-    std::fill(last, last + n, -1);  // padding: never visited
-    std::fill(T, T + n, 1.f);
-    std::fill(T_final, T_final + n, 1.f);
-    std::fill(buf, buf + n * D, 0.f);
+    const Tile tile(grid, it, sc);
+    const TileBox box = tile.box;
+    const int64_t n = tile.n, image = tile.image;
+    float *__restrict__ T = tile.T, *__restrict__ buf = tile.plane, *__restrict__ v_out = sc.v_out.data();
+    float *__restrict__ v_alpha_final = sc.v_alpha_final.data();
+    int32_t *__restrict__ last = tile.last;
     std::fill(v_out, v_out + n * D, 0.f);
-    std::fill(v_alpha_out, v_alpha_out + n, 0.f);
+    std::fill(v_alpha_final, v_alpha_final + n, 0.f);
     int32_t max_last = -1;
     for (int row = box.y0; row < box.y1; ++row) {
         for (int col = box.x0; col < box.x1; ++col) {
             const int p = grid.slot(box, row, col);
             const int64_t pix = grid.pixel(image, row, col);
-            T_final[p] = T[p] = 1.f - bi.render_alphas[pix];
+            T[p] = 1.f - bi.render_alphas[pix];
             last[p] = bi.last_ids[pix];
             max_last = std::max(max_last, last[p]);
             float bg_dot = 0.f;
@@ -360,94 +401,81 @@ LMVIC_INLINE void backward_tile_impl(const Entries &in, const Grid &grid, int64_
                 if (in.backgrounds) bg_dot += in.backgrounds[image * D + ch] * bi.v_colors[pix * D + ch];
             }
             // d(out)/d(alpha_i) has the term T_final / (1 - alpha_i) * (v_alpha - bg . v_color)
-            v_alpha_out[p] = bi.v_alphas[pix] - bg_dot;
+            v_alpha_final[p] = T[p] * (bi.v_alphas[pix] - bg_dot);
         }
     }
     const int64_t stride = kPartFixed + D;
-    for (int32_t idx = max_last; idx >= in.offsets[it]; --idx) {
+    const int32_t begin = in.offsets[it], end = in.offsets[it + 1];
+    std::fill(bi.part + (int64_t)std::max(max_last + 1, begin) * stride, bi.part + (int64_t)end * stride, 0.f);
+    for (int32_t idx = max_last; idx >= begin; --idx) {
         const int64_t g = in.ids[idx];
-        const Splat s = in.splat(g);
-        Footprint f;
-        if (!footprint(s, box, f)) continue;
+        const Splat s = in.splats[g];
+        float *q = bi.part + idx * stride;
+        int r0, r1;
+        if (!footprint_rows(s, box, r0, r1)) {
+            std::fill(q, q + stride, 0.f);
+            continue;
+        }
         const float *cg = in.colors + g * D;
         const VI vidx = bcast(idx);
         // per-lane sums: gx, gy, conic a, b, c, opacity, |gx|, |gy|, then the colour channels
         VF sums[kPartFixed + (DT > 0 ? DT : kMaxBackwardChannels)] = {};
-        for (int row = f.r0; row < f.r1; ++row) {
-            int c0, c1;
-            if (!row_span(s, f, box, row, c0, c1)) continue;
-            const float dy = s.y - ((float)row + 0.5f);
-            for (int col0 = c0; col0 < c1; col0 += kLanes) {
-                const int p0 = grid.slot(box, row, col0);
-                const VF dx = lane_dx(s, col0);
-                VF vis, alpha;
-                const VI valid = evaluate(s, dx, dy, vis, alpha) & (vidx <= load(last + p0));
-                const VF rinv = 1.f / (1.f - alpha);
-                const VF t = select(valid, load(T + p0) * rinv, load(T + p0));  // in front of this splat
-                store(T + p0, t);
-                const VF w = select(valid, alpha * t, VF{});
-                VF v_alpha = load(T_final + p0) * rinv * load(v_alpha_out + p0);
-                for (int64_t ch = 0; ch < D; ++ch) {
-                    const VF b = load(buf + ch * n + p0), vo = load(v_out + ch * n + p0);
-                    v_alpha += (cg[ch] * t - b * rinv) * vo;
-                    sums[kPartFixed + ch] += w * vo;
-                    store(buf + ch * n + p0, b + cg[ch] * w);
-                }
-                const VI grad = valid & (s.opacity * vis <= kMaxAlpha);
-                const VF v_sigma = select(grad, -s.opacity * vis * v_alpha, VF{});
-                const VF gx = v_sigma * (s.a * dx + s.b * dy);
-                const VF gy = v_sigma * (s.b * dx + s.c * dy);
-                sums[0] += gx;
-                sums[1] += gy;
-                sums[2] += 0.5f * v_sigma * dx * dx;
-                sums[3] += v_sigma * dx * dy;
-                sums[4] += 0.5f * v_sigma * dy * dy;
-                sums[5] += select(grad, vis * v_alpha, VF{});
+        for_each_group(s, grid, box, r0, r1, [&](int p0, VF dx, float dy) __attribute__((always_inline)) {
+            VF vis, alpha;
+            const VI valid = evaluate(s, dx, dy, vis, alpha) & (vidx <= load(last + p0));
+            const VF rinv = 1.f / (1.f - alpha);
+            const VF t = select(valid, load(T + p0) * rinv, load(T + p0));  // in front of this splat
+            store(T + p0, t);
+            const VF w = select(valid, alpha * t, VF{});
+            VF v_alpha = load(v_alpha_final + p0) * rinv;
+            for (int64_t ch = 0; ch < D; ++ch) {
+                const VF b = load(buf + ch * n + p0), vo = load(v_out + ch * n + p0);
+                v_alpha += (cg[ch] * t - b * rinv) * vo;
+                sums[kPartFixed + ch] += w * vo;
+                store(buf + ch * n + p0, b + cg[ch] * w);
+            }
+            const VI grad = valid & (s.opacity * vis <= kMaxAlpha);
+            const VF v_sigma = select(grad, -s.opacity * vis * v_alpha, VF{});
+            const VF gx = v_sigma * (s.a * dx + s.b * dy);
+            const VF gy = v_sigma * (s.b * dx + s.c * dy);
+            sums[0] += gx;
+            sums[1] += gy;
+            sums[2] += 0.5f * v_sigma * dx * dx;
+            sums[3] += v_sigma * dx * dy;
+            sums[4] += 0.5f * v_sigma * dy * dy;
+            sums[5] += select(grad, vis * v_alpha, VF{});
+            if (ABS) {
                 sums[6] += vabs(gx);
                 sums[7] += vabs(gy);
             }
-        }
-        float *q = bi.part + idx * stride;
+        });
         for (int64_t j = 0; j < stride; j += kLanes) lane_sums(sums + j, (int)std::min<int64_t>(kLanes, stride - j), q + j);
     }
 }
 
-// The kernels for the baseline target and for AVX2 + FMA, chosen once per process (on other
-// architectures than x86 the second is the baseline build too and is never chosen).
-#if defined(__x86_64__) || defined(__i386__)
-#define LMVIC_AVX2 __attribute__((target("avx2,fma")))
-bool has_avx2() {
-    static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    return yes;
-}
-#else
-#define LMVIC_AVX2
-bool has_avx2() { return false; }
-#endif
-
+// The kernels for the baseline target and for AVX2 + FMA.
 template <int DT>
-void forward_tile_base(const Entries &in, const float *z, const Grid &grid, int64_t it, ForwardScratch &sc,
-                       float *oc, float *oa, float *omed, int32_t *olast) {
-    forward_tile_impl<DT>(in, z, grid, it, sc, oc, oa, omed, olast);
+void forward_tile_base(const Entries &in, const Grid &grid, int64_t it, ForwardScratch &sc, float *oc, float *oa,
+                       float *omed, int32_t *olast) {
+    forward_tile_impl<DT>(in, grid, it, sc, oc, oa, omed, olast);
 }
 
 template <int DT>
-LMVIC_AVX2 void forward_tile_avx2(const Entries &in, const float *z, const Grid &grid,
-                                                       int64_t it, ForwardScratch &sc, float *oc, float *oa,
-                                                       float *omed, int32_t *olast) {
-    forward_tile_impl<DT>(in, z, grid, it, sc, oc, oa, omed, olast);
+LMVIC_AVX2 void forward_tile_avx2(const Entries &in, const Grid &grid, int64_t it, ForwardScratch &sc, float *oc,
+                                  float *oa, float *omed, int32_t *olast) {
+    forward_tile_impl<DT>(in, grid, it, sc, oc, oa, omed, olast);
 }
 
-template <int DT>
+template <int DT, bool ABS>
 void backward_tile_base(const Entries &in, const Grid &grid, int64_t it, const BackwardInputs &bi,
                         BackwardScratch &sc) {
-    backward_tile_impl<DT>(in, grid, it, bi, sc);
+    backward_tile_impl<DT, ABS>(in, grid, it, bi, sc);
 }
 
-template <int DT>
-LMVIC_AVX2 void backward_tile_avx2(const Entries &in, const Grid &grid, int64_t it,
-                                                        const BackwardInputs &bi, BackwardScratch &sc) {
-    backward_tile_impl<DT>(in, grid, it, bi, sc);
+template <int DT, bool ABS>
+LMVIC_AVX2 void backward_tile_avx2(const Entries &in, const Grid &grid, int64_t it, const BackwardInputs &bi,
+                                   BackwardScratch &sc) {
+    backward_tile_impl<DT, ABS>(in, grid, it, bi, sc);
 }
 
 // Channel count as a compile-time constant for the common cases (1, 3, 4), else at run time.
@@ -458,6 +486,38 @@ void dispatch_channels(int64_t D, F &&f) {
         case 3: f(std::integral_constant<int, 3>{}); break;
         case 4: f(std::integral_constant<int, 4>{}); break;
         default: f(std::integral_constant<int, 0>{});
+    }
+}
+
+// Sums the per-intersection gradient parts of every entry (columns of `part` as in the backward's
+// outputs), in parallel over entries. Each entry adds its intersections in list order, as one
+// serial pass over the list would, so the sums do not depend on the thread count.
+void reduce_parts(const float *part, int64_t stride, const int32_t *ids, int64_t n_isects, int64_t M, int64_t D,
+                  float *vm, float *vcn, float *vcol, float *vop, float *vab) {
+    thread_local std::vector<int32_t> start, next, order;  // intersections of every entry (CSR)
+    start.assign(M + 1, 0);
+    for (int64_t i = 0; i < n_isects; ++i) start[ids[i] + 1]++;
+    for (int64_t g = 0; g < M; ++g) start[g + 1] += start[g];
+    next.assign(start.begin(), start.end() - 1);
+    order.resize(n_isects);
+    for (int64_t i = 0; i < n_isects; ++i) order[next[ids[i]]++] = (int32_t)i;
+    const int32_t *first = start.data(), *isect = order.data();  // this thread's buffers, for all threads
+#pragma omp parallel for schedule(static)
+    for (int64_t g = 0; g < M; ++g) {
+        float acc[kPartFixed + kMaxBackwardChannels] = {};
+        for (int32_t k = first[g]; k < first[g + 1]; ++k) {
+            const float *q = part + isect[k] * stride;
+            for (int64_t j = 0; j < stride; ++j) acc[j] += q[j];
+        }
+        vm[2 * g] = acc[0];
+        vm[2 * g + 1] = acc[1];
+        for (int k = 0; k < 3; ++k) vcn[3 * g + k] = acc[2 + k];
+        vop[g] = acc[5];
+        if (vab) {
+            vab[2 * g] = acc[6];
+            vab[2 * g + 1] = acc[7];
+        }
+        for (int64_t k = 0; k < D; ++k) vcol[g * D + k] = acc[kPartFixed + k];
     }
 }
 
@@ -564,9 +624,8 @@ std::vector<torch::Tensor> rasterize_forward(torch::Tensor means2d,      // [M, 
                                              int64_t n_images, int64_t width, int64_t height,
                                              int64_t tile_size, torch::Tensor tile_offsets,
                                              torch::Tensor flatten_ids) {
-    const Entries in(means2d, conics, colors, opacities, backgrounds, tile_offsets, flatten_ids);
-    check_cpu_float(depths, "depths");
-    const float *z = depths.data_ptr<float>();
+    const Entries in = gather_entries(means2d, conics, colors, opacities, depths, backgrounds, tile_offsets,
+                                      flatten_ids);
     const Grid grid(n_images, width, height, tile_size);
 
     auto out_colors = torch::empty({n_images, height, width, in.D}, torch::dtype(torch::kFloat32));
@@ -585,14 +644,14 @@ std::vector<torch::Tensor> rasterize_forward(torch::Tensor means2d,      // [M, 
         {
             ForwardScratch sc(grid.padded_pixels(), in.D);
 #pragma omp for schedule(dynamic, 1)
-            for (int64_t it = 0; it < grid.n_tiles(); ++it) tile(in, z, grid, it, sc, oc, oa, omed, olast);
+            for (int64_t it = 0; it < grid.n_tiles(); ++it) tile(in, grid, it, sc, oc, oa, omed, olast);
         }
     });
     return {out_colors, out_alphas, out_median, out_last};
 }
 
-// Backward. Gradients are written per intersection, then summed per entry in a serial,
-// deterministic pass. Returns (v_means2d [M,2], v_conics [M,3],
+// Backward. Gradients are written per intersection, then summed per entry in a deterministic
+// pass (parallel over entries). Returns (v_means2d [M,2], v_conics [M,3],
 // v_colors [M,D], v_opacities [M], v_means2d_abs [M,2] (empty unless absgrad)).
 std::vector<torch::Tensor> rasterize_backward(torch::Tensor means2d, torch::Tensor conics, torch::Tensor colors,
                                               torch::Tensor opacities, torch::Tensor backgrounds,
@@ -603,7 +662,8 @@ std::vector<torch::Tensor> rasterize_backward(torch::Tensor means2d, torch::Tens
                                               torch::Tensor v_render_colors,  // [I,H,W,D]
                                               torch::Tensor v_render_alphas,  // [I,H,W,1]
                                               bool absgrad) {
-    const Entries in(means2d, conics, colors, opacities, backgrounds, tile_offsets, flatten_ids);
+    const Entries in = gather_entries(means2d, conics, colors, opacities, torch::Tensor(), backgrounds,
+                                      tile_offsets, flatten_ids);
     check_cpu_float(render_alphas, "render_alphas");
     check_cpu_float(v_render_colors, "v_render_colors");
     check_cpu_float(v_render_alphas, "v_render_alphas");
@@ -615,13 +675,15 @@ std::vector<torch::Tensor> rasterize_backward(torch::Tensor means2d, torch::Tens
     const int64_t D = in.D;
     const int64_t n_isects = flatten_ids.numel();
     const int64_t stride = kPartFixed + D;
-    std::vector<float> part(n_isects * stride, 0.f);
+    thread_local std::vector<float> part;  // reused by later calls: every slot is written
+    part.resize(n_isects * stride);
     const BackwardInputs bi{render_alphas.data_ptr<float>(), v_render_colors.data_ptr<float>(),
                             v_render_alphas.data_ptr<float>(), last_ids.data_ptr<int32_t>(), part.data()};
 
     dispatch_channels(D, [&](auto dt) {
         constexpr int DT = decltype(dt)::value;
-        auto *tile = has_avx2() ? &backward_tile_avx2<DT> : &backward_tile_base<DT>;
+        auto *tile = absgrad ? (has_avx2() ? &backward_tile_avx2<DT, true> : &backward_tile_base<DT, true>)
+                             : (has_avx2() ? &backward_tile_avx2<DT, false> : &backward_tile_base<DT, false>);
 #pragma omp parallel
         {
             BackwardScratch sc(grid.padded_pixels(), D);
@@ -630,28 +692,14 @@ std::vector<torch::Tensor> rasterize_backward(torch::Tensor means2d, torch::Tens
         }
     });
 
-    auto v_means2d = torch::zeros({M, 2}, torch::dtype(torch::kFloat32));
-    auto v_conics = torch::zeros({M, 3}, torch::dtype(torch::kFloat32));
-    auto v_colors = torch::zeros({M, D}, torch::dtype(torch::kFloat32));
-    auto v_opacities = torch::zeros({M}, torch::dtype(torch::kFloat32));
-    auto v_abs = torch::zeros({absgrad ? M : 0, 2}, torch::dtype(torch::kFloat32));
-    float *vm = v_means2d.data_ptr<float>();
-    float *vcn = v_conics.data_ptr<float>();
-    float *vcol = v_colors.data_ptr<float>();
-    float *vop = v_opacities.data_ptr<float>();
-    float *vab = absgrad ? v_abs.data_ptr<float>() : nullptr;
-    for (int64_t idx = 0; idx < n_isects; ++idx) {
-        const float *q = part.data() + idx * stride;
-        const int64_t g = in.ids[idx];
-        vm[2 * g] += q[0];
-        vm[2 * g + 1] += q[1];
-        for (int k = 0; k < 3; ++k) vcn[3 * g + k] += q[2 + k];
-        vop[g] += q[5];
-        if (vab) {
-            vab[2 * g] += q[6];
-            vab[2 * g + 1] += q[7];
-        }
-        for (int64_t k = 0; k < D; ++k) vcol[g * D + k] += q[kPartFixed + k];
-    }
+    auto f32 = torch::dtype(torch::kFloat32);
+    auto v_means2d = torch::empty({M, 2}, f32);
+    auto v_conics = torch::empty({M, 3}, f32);
+    auto v_colors = torch::empty({M, D}, f32);
+    auto v_opacities = torch::empty({M}, f32);
+    auto v_abs = torch::empty({absgrad ? M : 0, 2}, f32);
+    reduce_parts(part.data(), stride, in.ids, n_isects, M, D, v_means2d.data_ptr<float>(), v_conics.data_ptr<float>(),
+                 v_colors.data_ptr<float>(), v_opacities.data_ptr<float>(),
+                 absgrad ? v_abs.data_ptr<float>() : nullptr);
     return {v_means2d, v_conics, v_colors, v_opacities, v_abs};
 }
