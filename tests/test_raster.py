@@ -240,7 +240,7 @@ def test_tile_lists_match_reference(threads):
     m, width, height, tile = 12000, 180, 130, 16
     means2d = torch.rand(m, 2, generator=gen) * torch.tensor([width + 20.0, height + 20.0]) - 10.0
     radii = torch.randint(0, 20, (m, 2), generator=gen, dtype=torch.int32)
-    depths = torch.randint(0, 50, (m,), generator=gen).float() / 10.0  # many ties: entry order decides
+    depths = torch.randint(-20, 30, (m,), generator=gen).float() / 10.0  # many ties (entry order decides), some < 0
     image_ids = torch.randint(0, 2, (m,), generator=gen, dtype=torch.int32)
     tiles_x, tiles_y = tile_grid(width, height, tile)
     lo = torch.floor(means2d / tile - radii / tile).long()

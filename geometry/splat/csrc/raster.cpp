@@ -601,13 +601,19 @@ std::vector<torch::Tensor> intersect_tiles(torch::Tensor means2d,   // [M, 2]
     }
 #pragma omp parallel
     {
-        std::vector<std::pair<float, int32_t>> keys;
+        std::vector<uint64_t> keys;  // (depth, entry) as one integer: depth bits made order-preserving
 #pragma omp for schedule(dynamic, 8)
         for (int64_t t = 0; t < n_tiles; ++t) {
             keys.clear();
-            for (int32_t i = off[t]; i < off[t + 1]; ++i) keys.emplace_back(z[out[i]], out[i]);
+            for (int32_t i = off[t]; i < off[t + 1]; ++i) {
+                uint32_t bits;
+                const float depth = z[out[i]] + 0.f;  // -0 -> +0
+                std::memcpy(&bits, &depth, sizeof bits);
+                bits ^= (uint32_t)((int32_t)bits >> 31) | 0x80000000u;  // negatives reversed, below positives
+                keys.push_back((uint64_t)bits << 32 | (uint32_t)out[i]);
+            }
             std::sort(keys.begin(), keys.end());  // by depth, then entry
-            for (int32_t i = off[t]; i < off[t + 1]; ++i) out[i] = keys[i - off[t]].second;
+            for (int32_t i = off[t]; i < off[t + 1]; ++i) out[i] = (int32_t)(keys[i - off[t]] & 0xffffffffu);
         }
     }
     return {offsets, ids};
