@@ -49,7 +49,7 @@ from lmvic.models.distributed import DistributedCodec, load_distributed, save_di
 from lmvic.models.single_view import bits_per_pixel
 from lmvic.opam import apply_opam, photometric_alignment_loss, shift_attention_loss
 from lmvic.training.data import HELD_OUT_SCENES, IMAGE_SUFFIXES, ImageCache, build_cache
-from lmvic.training.loop import _append_csv, _save_atomic, budget_progress, log_row, psnr_from_mse
+from lmvic.training.loop import _append_csv, _save_atomic, budget_progress, log_row, optimisation_step, psnr_from_mse
 from lmvic.training.schedule import Schedule
 from lmvic.zoo import load_single_view
 
@@ -220,15 +220,6 @@ def set_lr_scales(opt: torch.optim.Optimizer, cfg: DistributedTrainConfig) -> No
     """The groups' learning-rate scales from ``cfg`` (also after loading a resumed optimiser's state)."""
     for group, scale in zip(opt.param_groups, (cfg.opam_lr_scale, 1.0, cfg.synthesis_lr_scale)):
         group["scale"] = scale
-
-
-def decoder_step(loss: Tensor, opt: torch.optim.Optimizer, clip: float) -> None:
-    """One step of the decoder's optimiser, gradient norm clipped to ``clip`` (no aux loss: the
-    encoder's entropy models are frozen, so ``lmvic.training.loop.optimisation_step`` does not apply)."""
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], clip)
-    opt.step()
 
 
 @torch.no_grad()
@@ -406,7 +397,7 @@ def train_distributed(cfg: DistributedTrainConfig, resume: bool = False, log=pri
                 align = alignment_loss(codec, shifted, offset, shifted_y, neighbours, neighbours_y, cfg)
                 loss = loss + cfg.align_weight * align
                 acc[f"align_{name}"] = acc.get(f"align_{name}", 0.0) + align.item()
-            decoder_step(loss, opts[name], cfg.clip)
+            optimisation_step(loss, opts[name], [p for g in opts[name].param_groups for p in g["params"]], cfg.clip)
         step += 1
         cpu_spent += time.process_time() - c0
         if step % cfg.log_every == 0:

@@ -189,7 +189,7 @@ def train_joint(cfg: JointTrainConfig, resume: bool = False, log=print) -> Joint
         quality = torch.randint(1, codec.num_qualities + 1, (cfg.batch,), generator=gen).float()
         loss, stats = clip_loss(net, codec, sampler.batch(cfg.batch), quality, cfg.depth_weight,
                                 with_image=cfg.parts != "depth")
-        applied = optimisation_step(loss, codec.aux_loss(), opt, aux_opt, main, cfg.clip)
+        applied = optimisation_step(loss, opt, main, cfg.clip, codec.aux_loss(), aux_opt)
         step += 1
         for k, v in {"loss": loss.item(), **stats, "skipped": float(not applied)}.items():
             acc[k] = acc.get(k, 0.0) + v

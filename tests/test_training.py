@@ -120,7 +120,12 @@ def test_a_non_finite_step_is_skipped_and_leaves_the_weights_alone():
     q = torch.nn.Parameter(torch.zeros(1))
     opt, aux_opt = torch.optim.Adam([w], lr=0.1), torch.optim.Adam([q], lr=0.1)
     bad = (w * torch.tensor([1.0, float("nan"), 1.0])).sum()
-    assert optimisation_step(bad, q.sum(), opt, aux_opt, [w], clip=1.0) is False
+    assert optimisation_step(bad, opt, [w], 1.0, q.sum(), aux_opt) is False
     assert torch.equal(w.detach(), torch.ones(3)) and w.grad is None
-    assert optimisation_step((w**2).sum(), q.sum(), opt, aux_opt, [w], clip=1.0) is True
+    assert optimisation_step((w**2).sum(), opt, [w], 1.0, q.sum(), aux_opt) is True
     assert bool((w.detach() < 1).all())
+    # without an aux loss (frozen entropy models): the same skip, one optimiser
+    assert optimisation_step((w * float("inf")).sum(), opt, [w], 1.0) is False and w.grad is None
+    before = w.detach().clone()
+    assert optimisation_step((w**2).sum(), opt, [w], 1.0) is True
+    assert bool((w.detach() < before).all())

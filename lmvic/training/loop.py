@@ -64,25 +64,29 @@ class TrainConfig:
         return TrainConfig(**d)
 
 
-def optimisation_step(loss: torch.Tensor, aux_loss: torch.Tensor, opt: torch.optim.Optimizer,
-                      aux_opt: torch.optim.Optimizer, params, clip: float) -> bool:
-    """One step of both optimisers: the RD loss (its gradient norm clipped to ``clip`` over
-    ``params`` when ``clip > 0``) and CompressAI's auxiliary quantile loss.
+def optimisation_step(loss: torch.Tensor, opt: torch.optim.Optimizer, params, clip: float,
+                      aux_loss: torch.Tensor | None = None, aux_opt: torch.optim.Optimizer | None = None) -> bool:
+    """One step of the RD optimiser (gradient norm clipped to ``clip`` over ``params`` when
+    ``clip > 0``) and, when given, of CompressAI's auxiliary quantile loss and its optimiser (a model
+    whose entropy models are frozen has none).
 
     A step whose loss or gradient is not finite is skipped (returns False), so one bad batch
     cannot turn the weights into NaN.
     """
-    opt.zero_grad(set_to_none=True)
-    aux_opt.zero_grad(set_to_none=True)
-    (loss + aux_loss).backward()
+    optimisers = [opt] + ([aux_opt] if aux_opt is not None else [])
+    total = loss if aux_loss is None else loss + aux_loss
+    for o in optimisers:
+        o.zero_grad(set_to_none=True)
+    total.backward()
     norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf)
-    if not (torch.isfinite(loss) and torch.isfinite(aux_loss) and torch.isfinite(norm)):
-        opt.zero_grad(set_to_none=True)
-        aux_opt.zero_grad(set_to_none=True)
+    if not (torch.isfinite(total) and torch.isfinite(norm)):
+        for o in optimisers:
+            o.zero_grad(set_to_none=True)
         return False
-    opt.step()
-    aux_opt.step()
+    for o in optimisers:
+        o.step()
     return True
+
 
 def rd_loss(net: torch.nn.Module, model: SingleViewCodec, x: Tensor,
             quality: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -259,7 +263,7 @@ def train(cfg: TrainConfig, resume: bool = False, val_crops: Tensor | None = Non
             quality = torch.randint(1, model.num_qualities + 1, (cfg.batch,), generator=gen).float()
         loss, bpp, mse = rd_loss(net, model, x, quality)
         aux = model.aux_loss()
-        optimisation_step(loss, aux, opt, aux_opt, main_params, cfg.clip)
+        optimisation_step(loss, opt, main_params, cfg.clip, aux, aux_opt)
         if ema is not None:
             ema.update(model, step)
         step += 1
