@@ -12,7 +12,6 @@ and cropped back; only views of the same padded size are fused.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Collection, Sequence
 
@@ -24,7 +23,7 @@ from lmvic.eval_codec import ContainerEvalCodec
 from lmvic.models.distributed import DistributedCodec, load_distributed
 from lmvic.scene_codec import DecodedScene, pad
 from lmvic.separate_codec import STREAM, read_stream
-from lmvic.zoo import WEIGHTS_DIR, WeightsError, check_quality
+from lmvic.zoo import WeightsError, check_quality, weights_sha256
 from pipelines.errors import LmvicError
 
 #: Shipped models: OPAM + PMIFM fusion, and the average-pooling comparison point.
@@ -157,7 +156,7 @@ class DistributedSceneCodec(ContainerEvalCodec):
         self.model_id, self.side_views = model_id, side_views
         self.shared_streams = {} if shared_streams is None else shared_streams
         self.name = name or {"distributed-cpu": "lmvic-distributed", "distributed-average-cpu": "lmvic-average"}[model_id]
-        sha = json.loads((WEIGHTS_DIR / f"{model_id}.json").read_text())["sha256"][:12]
+        sha = weights_sha256(model_id)[:12]
         sides = (f"its {side_views} nearest views in coding order" if isinstance(side_views, int)
                  else f"side views {[list(s) for s in side_views]}")
         self.description = f"lmvic distributed mode ({model_id} {sha}), views coded alone, each fused at the decoder with {sides}"
