@@ -38,6 +38,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from lmvic.clips import Clip, ClipSampler, load_sequence
 from lmvic.models.single_view import bits_per_pixel
+from lmvic.precision import mixed_precision
 from lmvic.scene_codec import DEPTH_QUALITY, JointCodec, JointPart, build_joint, load_joint_file
 from lmvic.training.loop import (_save_atomic, budget_progress, check_replicas_equal, dist_info, log_row,
                                 optimisation_step, psnr_from_mse)
@@ -89,6 +90,7 @@ class JointTrainConfig:
     init_joint: str = ""  # a run's checkpoint.pt or a joint weight file: start from what it adds to the base
     init_parts: tuple[str, ...] = ("image", "depth")  # name prefixes of the JointPart tensors init_joint sets
     freeze_backbone: bool = False
+    precision: str = "fp32"  # "bf16": transforms under bf16 autocast (entropy models, geometry stay fp32)
     parts: str = "all"  # "all", "depth" (the depth codec alone), "image" (depth codec frozen), "context" (no ICT)
     steps: int = 1000
     batch: int = 2
@@ -187,8 +189,9 @@ def train_joint(cfg: JointTrainConfig, resume: bool = False, log=print) -> Joint
         for g in opt.param_groups:
             g["lr"] = lr
         quality = torch.randint(1, codec.num_qualities + 1, (cfg.batch,), generator=gen).float()
-        loss, stats = clip_loss(net, codec, sampler.batch(cfg.batch), quality, cfg.depth_weight,
-                                with_image=cfg.parts != "depth")
+        with mixed_precision(cfg.precision):
+            loss, stats = clip_loss(net, codec, sampler.batch(cfg.batch), quality, cfg.depth_weight,
+                                    with_image=cfg.parts != "depth")
         applied = optimisation_step(loss, opt, main, cfg.clip, codec.aux_loss(), aux_opt)
         step += 1
         for k, v in {"loss": loss.item(), **stats, "skipped": float(not applied)}.items():

@@ -47,6 +47,7 @@ from lmvic.bitstream import (BitstreamError, LatentStream, SceneHeader, SceneRea
                              write_scene)
 from lmvic.models.depth_codec import DepthCodec, DepthRange, build_depth_codec, cross_view_prediction
 from lmvic.models.joint import JointImageCodec, Side, build_joint_image
+from lmvic.precision import float32
 from lmvic.models.single_view import DEFAULT_LAMBDAS, EXACT_THREADS, SIZES, SingleViewCodec, fixed_threads
 from lmvic.zoo import WEIGHTS_DIR, WeightsError, base_reference, load_base, read_weights, write_weights
 from pipelines.errors import LmvicError
@@ -117,14 +118,14 @@ class JointCodec(CompressionModel):
         """CVDP side information of the depth codec for its coded map of ``size`` (None without reference)."""
         if ref is None:
             return None
-        prediction, hit = cross_view_prediction(ref.depth, ref.K, ref.T, coarse_intrinsics(K), T, size, depth_range)
+        prediction, hit = float32(cross_view_prediction)(ref.depth, ref.K, ref.T, coarse_intrinsics(K), T, size, depth_range)
         return self.depth.prediction_side(prediction, hit)
 
     def image_side(self, ref: DecodedView | None, depth_hat: Tensor, K: Tensor, T: Tensor) -> Side | None:
         """ICT side information from the decoded depths of both views (None without reference)."""
         if ref is None:
             return None
-        rel = relate(depth_hat, K, T, ref.depth, ref.K, ref.T)
+        rel = float32(relate)(depth_hat, K, T, ref.depth, ref.K, ref.T)  # pixel coordinates: never bf16
         return self.image.reference_side(ref.image, ref.features,
                                          multiscale(rel.disparity, rel.mask, _RELATION_FACTORS))
 

@@ -397,3 +397,27 @@ def test_joint_training_ddp_two_gloo_processes(tmp_path) -> None:
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["step"] == 2
+
+
+def test_bf16_clip_loss_is_close_to_float32(tmp_path) -> None:
+    """Mixed precision: transforms in bf16, entropy models and geometry in float32 → the same RD loss
+    within bf16's rounding, finite float32 gradients."""
+    from lmvic.clips import ClipSampler, load_sequence
+    from lmvic.joint_training import clip_loss
+    from lmvic.precision import mixed_precision
+    from lmvic.scene_codec import load_joint
+    from scenes.synthetic import generate
+
+    scene = generate(tmp_path / "scene", ArcCameras(n_views=5, width=128, height=128, arc_degrees=20.0), seed=2)
+    clip = ClipSampler([load_sequence(scene)], 4, 128, seed=0).batch(1)
+    codec = load_joint("joint-cpu").train()
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        torch.manual_seed(0)  # the same quantisation noise
+        with mixed_precision(precision):
+            losses[precision], _ = clip_loss(codec, codec, clip, torch.tensor([3.0]), 0.5)
+    assert losses["bf16"].dtype == torch.float32
+    assert abs(losses["bf16"].item() / losses["fp32"].item() - 1) < 0.03
+    losses["bf16"].backward()
+    grads = [p.grad for p in codec.parameters() if p.grad is not None]
+    assert grads and all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)

@@ -129,3 +129,59 @@ def test_a_non_finite_step_is_skipped_and_leaves_the_weights_alone():
     before = w.detach().clone()
     assert optimisation_step((w**2).sum(), opt, [w], 1.0) is True
     assert bool((w.detach() < before).all())
+
+
+def test_entropy_models_stay_float32_under_bf16_autocast():
+    from lmvic.entropy_models import EntropyBottleneck, GaussianConditional
+
+    torch.manual_seed(0)
+    eb, gc = EntropyBottleneck(4).eval(), GaussianConditional(None).eval()
+    z, y, s = torch.randn(2, 4, 3, 3) * 3, torch.randn(2, 4, 3, 3) * 5, torch.rand(2, 4, 3, 3) + 0.5
+    ref_z, ref_y = eb(z)[1], gc(y, s)[1]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lik_z, lik_y = eb(z.bfloat16())[1], gc(y, s.bfloat16())[1]
+        assert torch.matmul(z, z).dtype == torch.bfloat16  # autocast is really on around the calls
+    assert lik_z.dtype == lik_y.dtype == torch.float32
+    # only the inputs' bf16 rounding differs: a float32 forward on the same rounded values is identical
+    assert torch.equal(lik_z, eb(z.bfloat16().float())[1]) and torch.equal(lik_y, gc(y, s.bfloat16().float())[1])
+    assert torch.allclose(lik_z.log2(), ref_z.log2(), atol=0.2) and torch.allclose(lik_y.log2(), ref_y.log2(), atol=0.2)
+
+
+def test_bf16_rd_loss_is_close_to_float32_and_trains(scenes, tmp_path):
+    from lmvic.precision import mixed_precision
+    from lmvic.training.loop import rd_loss
+    from lmvic.zoo import load_single_view
+
+    model = load_single_view().train()
+    x = CropSampler(ImageCache(build_cache(scene_images(scenes), tmp_path / "cache", max_side=256, scales=(1.0,))),
+                    128, seed=3).batch(2)
+    q = torch.tensor([2.0, 5.0])
+    torch.manual_seed(1)
+    ref, ref_bpp, ref_mse = rd_loss(model, model, x, q)
+    torch.manual_seed(1)  # the same quantisation noise
+    with mixed_precision("bf16"):
+        loss, bpp, mse = rd_loss(model, model, x, q)
+    assert loss.dtype == torch.float32
+    assert torch.allclose(bpp, ref_bpp, rtol=0.03) and torch.allclose(mse, ref_mse, rtol=0.1)
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
+    assert grads and all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+    with pytest.raises(ValueError, match="precision"):
+        mixed_precision("fp16")
+
+
+def test_a_fresh_run_starts_from_given_weights(scenes, tmp_path):
+    from lmvic.training.loop import initial_state
+    from lmvic.zoo import load_single_view
+
+    cfg = TrainConfig(out_dir=str(tmp_path / "run"), cache_dir="", init="single_view_cpu")
+    state, shipped = initial_state(cfg.init, cfg), load_single_view().state_dict()
+    assert all(torch.equal(state[k], shipped[k].float()) for k in shipped)
+    cache = build_cache(scene_images(scenes), tmp_path / "cache", max_side=256, scales=(1.0,))
+    run = TrainConfig(out_dir=str(tmp_path / "run"), cache_dir=str(cache), crop=64, batch=2, max_steps=1,
+                      schedule=Schedule("constant", 1e-12, 1e-12, 0), aux_lr=1e-12, init="single_view_cpu",
+                      log_every=1)
+    trained = train(run, log=lambda s: None).state_dict()  # one step at lr 1e-12: still the shipped weights
+    assert max((trained[k] - shipped[k].float()).abs().max().item() for k in shipped if shipped[k].is_floating_point()) < 1e-6
+    with pytest.raises(ValueError, match="λs"):
+        initial_state("single_view_cpu", TrainConfig(out_dir="", cache_dir="", lambdas=(0.001, 0.01)))

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 import lmvic  # noqa: F401  (torchvision shim before compressai)
-from compressai.entropy_models import EntropyBottleneck, GaussianConditional
+from lmvic.entropy_models import EntropyBottleneck, GaussianConditional
 from compressai.models import CompressionModel
 from lmvic.layers import (
     AnalysisStage,

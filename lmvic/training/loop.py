@@ -25,6 +25,7 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
 from lmvic.models.single_view import DEFAULT_LAMBDAS, SingleViewCodec, bits_per_pixel, build_single_view
+from lmvic.precision import mixed_precision
 from lmvic.training.data import CropSampler, ImageCache
 from lmvic.training.schedule import Schedule
 
@@ -49,11 +50,13 @@ class TrainConfig:
     aux_lr: float = 1e-3
     ema_decay: float = 0.0  # 0 disables the weight average
     threads: int = 1
+    precision: str = "fp32"  # "bf16": transforms under bf16 autocast (entropy models stay fp32)
     seed: int = 0
     log_every: int = 50
     val_every_cpu_minutes: float = 5.0
     ckpt_every_cpu_minutes: float = 3.0
     val_images: tuple[str, ...] = ()
+    init: str = ""  # start from these weights (shipped name, exported .pt or training checkpoint); "" = fresh
 
     @staticmethod
     def from_dict(d: dict) -> "TrainConfig":
@@ -192,6 +195,9 @@ def train(cfg: TrainConfig, resume: bool = False, val_crops: Tensor | None = Non
         out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = build_single_view(cfg.size, cfg.lambdas)
+    if cfg.init and not resume:
+        model.load_state_dict(initial_state(cfg.init, cfg))
+        log(f"initialised from {cfg.init}")
     main_params = [p for n, p in model.named_parameters() if not n.endswith(".quantiles")]
     aux_params = [p for n, p in model.named_parameters() if n.endswith(".quantiles")]
     opt = torch.optim.Adam(main_params, lr=cfg.schedule.peak_lr)
@@ -261,7 +267,8 @@ def train(cfg: TrainConfig, resume: bool = False, val_crops: Tensor | None = Non
             quality = torch.full((cfg.batch,), float(cfg.quality))
         else:
             quality = torch.randint(1, model.num_qualities + 1, (cfg.batch,), generator=gen).float()
-        loss, bpp, mse = rd_loss(net, model, x, quality)
+        with mixed_precision(cfg.precision):
+            loss, bpp, mse = rd_loss(net, model, x, quality)
         aux = model.aux_loss()
         optimisation_step(loss, opt, main_params, cfg.clip, aux, aux_opt)
         if ema is not None:
@@ -295,6 +302,23 @@ def train(cfg: TrainConfig, resume: bool = False, val_crops: Tensor | None = Non
     if world > 1:
         check_replicas_equal(model)
     return model
+
+
+def initial_state(source: str, cfg: TrainConfig) -> dict[str, Tensor]:
+    """Weights a fresh run starts from (new optimiser and schedule): a shipped name, an exported weight
+    file, or a training checkpoint/snapshot (its EMA weights when kept); its λs and size must be the run's."""
+    from lmvic.zoo import checkpoint_model, load_single_view
+
+    path = Path(source)
+    if path.suffix != ".pt":
+        model = load_single_view(source)
+    elif path.with_suffix(".json").exists():
+        model = load_single_view(path.stem, path.parent)
+    else:
+        model = checkpoint_model(path)[0]
+    if model.lambdas.shape != (len(cfg.lambdas),) or not torch.allclose(model.lambdas, torch.tensor(cfg.lambdas), rtol=1e-3):
+        raise ValueError(f"{source} was trained for other λs than the run's {cfg.lambdas}")
+    return {k: v.float() for k, v in model.state_dict().items()}
 
 
 def budget_progress(fraction: float, started: float, deadline: float, world: int) -> float:

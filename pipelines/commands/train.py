@@ -28,6 +28,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--until", default="", help="UTC wall-clock end HH:MM (schedule finishes by then)")
     p.add_argument("--ema", type=float, default=0.0, help="EMA decay of the weights (0: off)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--precision", choices=["fp32", "bf16"], default=None,
+                   help="bf16: transforms under bf16 autocast, ~2x faster on CPUs with AMX/AVX-512-BF16 "
+                        "(entropy models stay fp32; default fp32, or the resumed run's)")
+    p.add_argument("--init", default="", help="start a fresh run (new optimiser and schedule) from these "
+                   "weights: a shipped name (single_view_cpu), an exported .pt or a run's checkpoint.pt")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--val-every", type=float, default=5.0, help="validation period, CPU-minutes")
     p.add_argument("--ckpt-every", type=float, default=3.0, help="checkpoint period, CPU-minutes")
@@ -55,6 +60,8 @@ def run(args: argparse.Namespace) -> None:
         saved = torch.load(ckpt, map_location="cpu", weights_only=False)["config"]
         cfg = TrainConfig.from_dict(saved)
         cfg.threads = args.threads
+        if args.precision:
+            cfg.precision = args.precision
         if args.until:  # move the schedule's end (e.g. the machine got busier than planned)
             cfg.deadline = utc_deadline(args.until)
         if args.minutes is not None:
@@ -79,8 +86,8 @@ def run(args: argparse.Namespace) -> None:
             schedule=Schedule(args.schedule, args.lr, args.final_lr, args.warmup),
             budget_cpu_minutes=60.0 if args.minutes is None else args.minutes, max_steps=args.steps, deadline=utc_deadline(args.until),
             ema_decay=args.ema,
-            threads=args.threads, seed=args.seed, val_every_cpu_minutes=args.val_every,
-            ckpt_every_cpu_minutes=args.ckpt_every, val_images=tuple(str(p) for p in val))
+            threads=args.threads, precision=args.precision or "fp32", seed=args.seed, val_every_cpu_minutes=args.val_every,
+            ckpt_every_cpu_minutes=args.ckpt_every, val_images=tuple(str(p) for p in val), init=args.init)
     crops = validation_crops([Path(p) for p in cfg.val_images]) if cfg.val_images else None
     train(cfg, resume=args.resume, val_crops=crops if rank == 0 else None)
     if rank == 0:

@@ -37,6 +37,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "rate point) weighs its distortion by DEPTH_WEIGHT·λ_1: below 1 is cheaper, coarser depth")
     p.add_argument("--resume", action="store_true", help="continue RUN_DIR/checkpoint.pt")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="bf16: transforms under bf16 autocast, ~2x faster on CPUs with AMX/AVX-512-BF16 "
+                        "(entropy models and geometry stay fp32)")
     p.add_argument("--until", default="", help="UTC wall-clock end HH:MM: the schedule finishes by then")
     p.add_argument("--export", default="", help="write the trained codec as shippable weights (e.g. "
                    "lmvic/weights/joint-cpu.pt); with --steps 0 this ships the untrained initialisation")
@@ -59,6 +62,7 @@ def run(args: argparse.Namespace) -> None:
                               init_joint=args.init_joint, init_parts=tuple(args.init_parts.split(",")),
                               freeze_backbone=args.freeze_backbone,
                               parts=args.parts, depth_weight=args.depth_weight, threads=args.threads,
+                              precision=args.precision,
                               deadline=utc_deadline(args.until),
                               schedule=Schedule(peak_lr=args.lr, warmup_steps=20))
     model = train_joint(config, resume=args.resume)
