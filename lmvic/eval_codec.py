@@ -56,25 +56,25 @@ class ContainerEvalCodec:
 class JointEvalCodec(ContainerEvalCodec):
     """The joint mode (3D-LMVIC): each view coded with its predecessor as reference, depth first.
 
-    ``depths``: the views' median depth (H, W) in camera z, cropped like the images.
+    ``depths``: the views' median depth (H, W) in camera z, cropped like the images. ``model_id``
+    ``joint-concat-cpu`` (named ``lmvic-concat``) is the Concatenation ablation.
     """
 
-    name = "lmvic-joint"
-
     def __init__(self, names: Sequence[str], K: np.ndarray, T: np.ndarray, depths: Sequence[np.ndarray],
-                 model_id: str = "joint-cpu"):
+                 model_id: str = "joint-cpu", name: str = "lmvic-joint"):
         from lmvic.scene_codec import load_joint
         from lmvic.zoo import WeightsError, weights_sha256
         from pipelines.errors import LmvicError
 
         super().__init__(names, K, T)
-        self.depths = list(depths)
+        self.depths, self.name = list(depths), name
         try:
             self.codec = load_joint(model_id)
         except WeightsError as exc:
             raise LmvicError(f"joint mode is not available: {exc}") from exc
+        alignment = "ICT" if self.codec.aligned else "ICT without alignment: the Concatenation ablation"
         self.description = (f"lmvic joint mode ({model_id} {weights_sha256(model_id)[:12]}): depth codec "
-                            "(CVDP + DCI) and image codec (ICT, QPEM) over 3DGS depth")
+                            f"(CVDP + DCI) and image codec ({alignment}, QPEM) over 3DGS depth")
         self.qualities = tuple(range(1, self.codec.num_qualities + 1))
 
     def encode_file(self, path, views, images, quality):

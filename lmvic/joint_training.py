@@ -90,6 +90,7 @@ class JointTrainConfig:
     init_joint: str = ""  # a run's checkpoint.pt or a joint weight file: start from what it adds to the base
     init_parts: tuple[str, ...] = ("image", "depth")  # name prefixes of the JointPart tensors init_joint sets
     freeze_backbone: bool = False
+    aligned: bool = True  # False: the Concatenation ablation (reference features unwarped)
     precision: str = "fp32"  # "bf16": transforms under bf16 autocast (entropy models, geometry stay fp32)
     parts: str = "all"  # "all", "depth" (the depth codec alone), "image" (depth codec frozen), "context" (no ICT)
     steps: int = 1000
@@ -114,7 +115,7 @@ def _build(cfg: JointTrainConfig, log=print) -> JointCodec:
         path = Path(cfg.init_single_view)
         backbone = (load_single_view(path.stem, path.parent) if path.suffix == ".pt"
                     else load_single_view(cfg.init_single_view))
-    codec = build_joint(cfg.size, backbone=backbone)
+    codec = build_joint(cfg.size, backbone=backbone, aligned=cfg.aligned)
     if cfg.init_joint:
         part = JointPart(codec)
         own = part.state_dict()

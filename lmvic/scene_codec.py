@@ -56,7 +56,7 @@ PAD = 64
 WEIGHT_FORMAT = 2  # 2: depth coded at 1/DEPTH_FACTOR, aligned-latent QPEM context
 DEPTH_FACTOR = 8
 DEPTH_QUALITY = 1
-MODEL_IDS = tuple(f"joint-{size}" for size in SIZES)
+MODEL_IDS = tuple(f"joint{variant}-{size}" for variant in ("", "-concat") for size in SIZES)
 RANGE_STREAM = "scene.depth_range"
 _RANGE = struct.Struct("<2d")
 _RELATION_FACTORS = (1, 2, 4, 8, 16)
@@ -82,18 +82,20 @@ class JointCodec(CompressionModel):
     """The joint-mode pair: ``depth`` (DepthCodec) and ``image`` (JointImageCodec), one model id.
 
     A ``CompressionModel`` so that ``update``, ``aux_loss`` and ``load_state_dict`` (CDF buffers
-    of any size) cover both codecs.
+    of any size) cover both codecs. ``aligned=False`` is the paper's *Concatenation* ablation: the
+    ICT modules (and the QPEM's reference latent) take the reference unwarped (zero disparity; the
+    trust mask and the depth codec's CVDP are kept), model id ``joint-concat-<size>``.
     """
 
-    def __init__(self, image: JointImageCodec, depth: DepthCodec, size: str):
+    def __init__(self, image: JointImageCodec, depth: DepthCodec, size: str, aligned: bool = True):
         super().__init__()
         if image.num_qualities != depth.num_qualities:
             raise ValueError("image and depth codecs must have the same quality levels")
-        self.image, self.depth, self.size = image, depth, size
+        self.image, self.depth, self.size, self.aligned = image, depth, size, aligned
 
     @property
     def model_id(self) -> str:
-        return f"joint-{self.size}"
+        return f"joint-{self.size}" if self.aligned else f"joint-concat-{self.size}"
 
     @property
     def num_qualities(self) -> int:
@@ -126,8 +128,9 @@ class JointCodec(CompressionModel):
         if ref is None:
             return None
         rel = float32(relate)(depth_hat, K, T, ref.depth, ref.K, ref.T)  # pixel coordinates: never bf16
+        disparity = rel.disparity if self.aligned else torch.zeros_like(rel.disparity)
         return self.image.reference_side(ref.image, ref.features,
-                                         multiscale(rel.disparity, rel.mask, _RELATION_FACTORS))
+                                         multiscale(disparity, rel.mask, _RELATION_FACTORS))
 
     # ---- training path ----------------------------------------------------------------------
     def forward_view(self, image: Tensor, depth: Tensor, K: Tensor, T: Tensor, quality: float | Tensor,
@@ -387,12 +390,13 @@ def decode_scene_file(source: str | Path, codec: JointCodec | None = None,
 
 # ---- models and weights -------------------------------------------------------------------------
 def build_joint(size: str = "cpu", lambdas: tuple[float, ...] = DEFAULT_LAMBDAS,
-                backbone: SingleViewCodec | None = None) -> JointCodec:
+                backbone: SingleViewCodec | None = None, aligned: bool = True) -> JointCodec:
     """A joint codec of ``size``; its image backbone is ``backbone`` (e.g. shipped single-view
-    weights, making the fresh joint codec exactly as good as the single-view one) or fresh."""
+    weights, making the fresh joint codec exactly as good as the single-view one) or fresh.
+    ``aligned=False``: the Concatenation ablation (see :class:`JointCodec`)."""
     if backbone is not None:
         lambdas = tuple(backbone.lambdas.tolist())
-    return JointCodec(build_joint_image(size, lambdas, backbone), build_depth_codec(size, lambdas), size)
+    return JointCodec(build_joint_image(size, lambdas, backbone), build_depth_codec(size, lambdas), size, aligned)
 
 
 class JointPart(CompressionModel):
@@ -412,7 +416,8 @@ def save_joint(codec: JointCodec, path: Path, base: str | None = None, half: boo
     ``base``: the shipped single-view weights its image backbone is (trained frozen); the file then
     holds only the :class:`JointPart` and the base's name and SHA-256, checked on loading.
     """
-    payload = {"format": WEIGHT_FORMAT, "size": codec.size, "lambdas": codec.image.backbone.lambdas.tolist()}
+    payload = {"format": WEIGHT_FORMAT, "size": codec.size, "lambdas": codec.image.backbone.lambdas.tolist(),
+               "aligned": codec.aligned}
     if base is not None:
         payload.update(base_reference(base))
     return write_weights(codec if base is None else JointPart(codec), path, payload,
@@ -422,11 +427,12 @@ def save_joint(codec: JointCodec, path: Path, base: str | None = None, half: boo
 def load_joint_file(path: Path) -> JointCodec:
     """A codec written by ``save_joint`` (eval mode, CDFs ready); ``WeightsError`` if missing or corrupt."""
     ck = read_weights(path, WEIGHT_FORMAT, "joint weights")
+    aligned = ck.get("aligned", True)
     if "base" not in ck:
-        codec = build_joint(ck["size"], tuple(ck["lambdas"]))
+        codec = build_joint(ck["size"], tuple(ck["lambdas"]), aligned=aligned)
         codec.load_state_dict(ck["state_dict"])
         return codec.eval()
-    codec = build_joint(ck["size"], backbone=load_base(ck, f"joint weights {path.name}", path.parent))
+    codec = build_joint(ck["size"], backbone=load_base(ck, f"joint weights {path.name}", path.parent), aligned=aligned)
     try:
         JointPart(codec).load_state_dict(ck["state_dict"])
     except RuntimeError as exc:
@@ -438,4 +444,7 @@ def load_joint(model_id: str, directory: Path = WEIGHTS_DIR) -> JointCodec:
     """The shipped joint codec ``model_id`` (e.g. ``joint-cpu``)."""
     if model_id not in MODEL_IDS:
         raise WeightsError(f"unknown joint model {model_id!r} (known: {', '.join(MODEL_IDS)})")
-    return load_joint_file(directory / f"{model_id}.pt")
+    codec = load_joint_file(directory / f"{model_id}.pt")
+    if codec.model_id != model_id:
+        raise WeightsError(f"{model_id}.pt holds a {codec.model_id!r} codec")
+    return codec

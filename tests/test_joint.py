@@ -421,3 +421,37 @@ def test_bf16_clip_loss_is_close_to_float32(tmp_path) -> None:
     losses["bf16"].backward()
     grads = [p.grad for p in codec.parameters() if p.grad is not None]
     assert grads and all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+
+
+def test_concatenation_ablation_feeds_the_reference_unwarped(tmp_path) -> None:
+    """``aligned=False`` (the paper's Concatenation): the image side equals the aligned codec's side
+    computed with zero disparity and the same trust mask; the flag survives saving, and the model id
+    keeps its files apart from the joint codec's."""
+    from geometry.warp import relate
+    from lmvic.scene_codec import DecodedView
+
+    torch.manual_seed(0)
+    aligned, concat = build_joint("cpu"), build_joint("cpu", aligned=False)
+    concat.load_state_dict(aligned.state_dict())
+    activate(aligned)
+    activate(concat)
+    assert (aligned.model_id, concat.model_id) == ("joint-cpu", "joint-concat-cpu")
+    scene = render(2, 128, 64, arc=20.0)
+    (x0, d0, K0, T0), (_, d1, K1, T1) = as_tensors(scene, 0), as_tensors(scene, 1)
+    out = aligned.image(x0, 3.0)
+    ref = DecodedView(out["x_hat"], out["features"], d0, K0, T0)
+    rel = relate(d1, K1, T1, d0, K0, T0)
+    assert rel.mask.float().mean() > 0.3 and rel.disparity[rel.mask[:, None].expand_as(rel.disparity)].abs().max() > 2
+    unwarped = aligned.image.reference_side(ref.image, ref.features,
+                                            multiscale(torch.zeros_like(rel.disparity), rel.mask, (1, 2, 4, 8, 16)))
+    got, warped = concat.image_side(ref, d1, K1, T1), aligned.image_side(ref, d1, K1, T1)
+    assert torch.equal(got.context, unwarped.context) and torch.equal(got.latent, unwarped.latent)
+    assert not torch.allclose(warped.latent, got.latent)
+    loaded = load_joint_file(save_joint(concat, tmp_path / "joint-concat-cpu.pt"))
+    assert loaded.model_id == "joint-concat-cpu" and not loaded.aligned
+    from lmvic.scene_codec import load_joint
+
+    (tmp_path / "joint-cpu.pt").write_bytes((tmp_path / "joint-concat-cpu.pt").read_bytes())
+    (tmp_path / "joint-cpu.json").write_bytes((tmp_path / "joint-concat-cpu.json").read_bytes())
+    with pytest.raises(WeightsError, match="holds a 'joint-concat-cpu' codec"):
+        load_joint("joint-cpu", tmp_path)

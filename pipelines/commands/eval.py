@@ -59,23 +59,27 @@ def _distributed(model_id: str) -> Callable[[EvalInputs], Codec]:
     return make
 
 
-def _joint(inputs: EvalInputs) -> Codec:
-    from lmvic.eval_codec import JointEvalCodec
-    from pipelines.geometry_stage import load_depth
+def _joint(model_id: str, name: str) -> Callable[[EvalInputs], Codec]:
+    def make(inputs: EvalInputs) -> Codec:
+        from lmvic.eval_codec import JointEvalCodec
+        from pipelines.geometry_stage import load_depth
 
-    if read_meta(inputs.work_dir / "depth") is None:
-        raise LmvicError("lmvic-joint needs the depth stage: run `lmvic run SCENE --stages geometry` first")
-    h, w = inputs.views[0].shape[:2]
-    depths = [load_depth(inputs.work_dir / "depth", "median", n)[:h, :w] for n in inputs.names]
-    index = [inputs.cameras.names.index(n) for n in inputs.names]
-    return JointEvalCodec(inputs.names, inputs.cameras.K[index], inputs.cameras.T[index], depths)
+        if read_meta(inputs.work_dir / "depth") is None:
+            raise LmvicError(f"{name} needs the depth stage: run `lmvic run SCENE --stages geometry` first")
+        h, w = inputs.views[0].shape[:2]
+        depths = [load_depth(inputs.work_dir / "depth", "median", n)[:h, :w] for n in inputs.names]
+        index = [inputs.cameras.names.index(n) for n in inputs.names]
+        return JointEvalCodec(inputs.names, inputs.cameras.K[index], inputs.cameras.T[index], depths, model_id, name)
+
+    return make
 
 
 #: Codec name → factory. The anchors need nothing from the scene.
 CODECS: dict[str, Callable[[EvalInputs], Codec]] = {
     **{name: (lambda inputs, make=make: make()) for name, make in ANCHORS.items()},
     "lmvic-single": _separate,
-    "lmvic-joint": _joint,
+    "lmvic-joint": _joint("joint-cpu", "lmvic-joint"),
+    "lmvic-concat": _joint("joint-concat-cpu", "lmvic-concat"),
     "lmvic-distributed": _distributed("distributed-cpu"),
     "lmvic-average": _distributed("distributed-average-cpu"),
 }

@@ -26,6 +26,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--init-single-view", default="", help="single-view weights for the image backbone "
                    "(a shipped name such as single_view_cpu, or a .pt path); default: a fresh backbone")
     p.add_argument("--freeze-backbone", action="store_true", help="train only what the joint codec adds")
+    p.add_argument("--no-alignment", action="store_true", help="the Concatenation ablation: ICT takes the "
+                   "reference unwarped (model joint-concat-SIZE)")
     p.add_argument("--init-joint", default="", help="start from what a previous run's checkpoint.pt or a joint "
                    "weight file (e.g. lmvic/weights/joint-cpu.pt) adds to the single-view base")
     p.add_argument("--init-parts", default="image,depth", help="what --init-joint initialises: comma-separated "
@@ -60,7 +62,7 @@ def run(args: argparse.Namespace) -> None:
     config = JointTrainConfig(str(args.run_dir), tuple(str(s) for s in args.scenes), steps=args.steps,
                               batch=args.batch, crop=args.crop, init_single_view=args.init_single_view,
                               init_joint=args.init_joint, init_parts=tuple(args.init_parts.split(",")),
-                              freeze_backbone=args.freeze_backbone,
+                              freeze_backbone=args.freeze_backbone, aligned=not args.no_alignment,
                               parts=args.parts, depth_weight=args.depth_weight, threads=args.threads,
                               precision=args.precision,
                               deadline=utc_deadline(args.until),
