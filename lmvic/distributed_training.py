@@ -47,6 +47,7 @@ from torch import Tensor
 
 from lmvic.models.distributed import DistributedCodec, load_distributed, save_distributed
 from lmvic.models.single_view import bits_per_pixel
+from lmvic.precision import mixed_precision
 from lmvic.opam import apply_opam, photometric_alignment_loss, shift_attention_loss
 from lmvic.training.data import HELD_OUT_SCENES, IMAGE_SUFFIXES, ImageCache, build_cache
 from lmvic.training.loop import _append_csv, _save_atomic, budget_progress, log_row, optimisation_step, psnr_from_mse
@@ -174,6 +175,7 @@ class DistributedTrainConfig:
     val_clips: int = 1  # per scene, 3 views each
     val_qualities: tuple[int, ...] = (2, 5)
     threads: int = 1
+    precision: str = "fp32"  # "bf16": fusions and synthesis under bf16 autocast (lmvic.precision)
     seed: int = 0
     log_every: int = 10
     val_every: int = 150
@@ -388,15 +390,16 @@ def train_distributed(cfg: DistributedTrainConfig, resume: bool = False, log=pri
             for group in opts[name].param_groups:
                 group["lr"] = lr * group["scale"]
             loss = torch.zeros(())
-            if rd:
-                rd_loss, mse = clip_rd(codec.synthesise_views(y_hat), x, bpp, lam)
-                loss = loss + rd_loss
-                acc[f"loss_{name}"] = acc.get(f"loss_{name}", 0.0) + rd_loss.item()
-                acc[f"psnr_{name}"] = acc.get(f"psnr_{name}", 0.0) + float(psnr_from_mse(mse.mean()))
-            if cfg.align_weight > 0:
-                align = alignment_loss(codec, shifted, offset, shifted_y, neighbours, neighbours_y, cfg)
-                loss = loss + cfg.align_weight * align
-                acc[f"align_{name}"] = acc.get(f"align_{name}", 0.0) + align.item()
+            with mixed_precision(cfg.precision):
+                if rd:
+                    rd_loss, mse = clip_rd(codec.synthesise_views(y_hat), x, bpp, lam)
+                    loss = loss + rd_loss
+                    acc[f"loss_{name}"] = acc.get(f"loss_{name}", 0.0) + rd_loss.item()
+                    acc[f"psnr_{name}"] = acc.get(f"psnr_{name}", 0.0) + float(psnr_from_mse(mse.mean()))
+                if cfg.align_weight > 0:
+                    align = alignment_loss(codec, shifted, offset, shifted_y, neighbours, neighbours_y, cfg)
+                    loss = loss + cfg.align_weight * align
+                    acc[f"align_{name}"] = acc.get(f"align_{name}", 0.0) + align.item()
             optimisation_step(loss, opts[name], [p for g in opts[name].param_groups for p in g["params"]], cfg.clip)
         step += 1
         cpu_spent += time.process_time() - c0
