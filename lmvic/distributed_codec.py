@@ -23,7 +23,7 @@ from lmvic.eval_codec import ContainerEvalCodec
 from lmvic.models.distributed import DistributedCodec, load_distributed
 from lmvic.scene_codec import DecodedScene, pad
 from lmvic.separate_codec import STREAM, read_stream
-from lmvic.zoo import WeightsError, check_quality, weights_sha256
+from lmvic.zoo import WeightsError, check_quality, load_named, weights_sha256
 from pipelines.errors import LmvicError
 
 #: Shipped models: OPAM + PMIFM fusion, and the average-pooling comparison point.
@@ -33,12 +33,7 @@ SIDE_VIEWS = 3
 
 
 def load_model(model_id: str) -> DistributedCodec:
-    if model_id not in MODEL_IDS:
-        raise BitstreamError(f"unknown distributed model {model_id!r} (known: {', '.join(MODEL_IDS)})")
-    try:
-        return load_distributed(model_id)
-    except WeightsError as exc:
-        raise LmvicError(str(exc)) from exc
+    return load_named(model_id, MODEL_IDS, load_distributed, "distributed")
 
 
 def _padded(image: np.ndarray) -> torch.Tensor:

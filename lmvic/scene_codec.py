@@ -49,7 +49,7 @@ from lmvic.models.depth_codec import DepthCodec, DepthRange, build_depth_codec, 
 from lmvic.models.joint import JointImageCodec, Side, build_joint_image
 from lmvic.precision import float32
 from lmvic.models.single_view import DEFAULT_LAMBDAS, EXACT_THREADS, SIZES, SingleViewCodec, fixed_threads
-from lmvic.zoo import WEIGHTS_DIR, WeightsError, base_reference, load_base, read_weights, write_weights
+from lmvic.zoo import WEIGHTS_DIR, WeightsError, base_reference, load_base, load_named, read_weights, write_weights
 from pipelines.errors import LmvicError
 
 PAD = 64
@@ -360,10 +360,7 @@ def decode_scene_file(source: str | Path, codec: JointCodec | None = None,
         if header.references != references_of(header.order):
             raise BitstreamError("joint-mode references must be the previous view in the coding order")
         if codec is None:
-            try:
-                codec = load_joint(header.model_id)
-            except WeightsError as exc:
-                raise LmvicError(str(exc)) from exc
+            codec = load_named(header.model_id, MODEL_IDS, load_joint, "joint")
         if codec.model_id != header.model_id:
             raise BitstreamError(f"file was coded with model {header.model_id!r}, decoder has {codec.model_id!r}")
         if not 1 <= header.quality <= codec.num_qualities:

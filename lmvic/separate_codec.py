@@ -16,7 +16,7 @@ from lmvic.bitstream import BitstreamError, LatentStream, SceneHeader, SceneRead
 from lmvic.eval_codec import ContainerEvalCodec
 from lmvic.models.single_view import SingleViewCodec
 from lmvic.scene_codec import DecodedScene, pad
-from lmvic.zoo import WeightsError, check_quality, load_single_view, weights_sha256
+from lmvic.zoo import WeightsError, check_quality, load_named, load_single_view, weights_sha256
 from pipelines.errors import LmvicError
 
 MODEL_IDS = ("single_view_cpu",)
@@ -28,12 +28,7 @@ def _to_uint8(x: torch.Tensor, height: int, width: int) -> np.ndarray:
 
 
 def load_model(model_id: str) -> SingleViewCodec:
-    if model_id not in MODEL_IDS:
-        raise BitstreamError(f"unknown single-view model {model_id!r} (known: {', '.join(MODEL_IDS)})")
-    try:
-        return load_single_view(model_id)
-    except WeightsError as exc:
-        raise LmvicError(str(exc)) from exc
+    return load_named(model_id, MODEL_IDS, load_single_view, "single-view")
 
 
 @torch.no_grad()

@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 from pathlib import Path
+from typing import Callable, Sequence, TypeVar
 
 import torch
 
@@ -19,6 +20,7 @@ from lmvic.models.single_view import SingleViewCodec, build_single_view
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 FORMAT = 1
+Model = TypeVar("Model")
 
 
 class WeightsError(RuntimeError):
@@ -90,6 +92,20 @@ def load_single_view(name: str = "single_view_cpu", directory: Path = WEIGHTS_DI
     model = build_single_view(ck["size"], tuple(ck["lambdas"]))
     model.load_state_dict(ck["state_dict"])
     return model.eval()
+
+
+def load_named(model_id: str, known: Sequence[str], load: Callable[[str], Model], what: str) -> Model:
+    """``load(model_id)`` for the model a file names: an id outside ``known`` is a ``BitstreamError``
+    (a foreign or corrupt file), missing or corrupt weights a one-line ``LmvicError``."""
+    from lmvic.bitstream import BitstreamError
+    from pipelines.errors import LmvicError
+
+    if model_id not in known:
+        raise BitstreamError(f"unknown {what} model {model_id!r} (known: {', '.join(known)})")
+    try:
+        return load(model_id)
+    except WeightsError as exc:
+        raise LmvicError(str(exc)) from exc
 
 
 def weights_sha256(name: str, directory: Path = WEIGHTS_DIR) -> str:

@@ -84,7 +84,7 @@ CODECS: dict[str, Callable[[EvalInputs], Codec]] = {
     "lmvic-average": _distributed("distributed-average-cpu"),
 }
 #: ``--mode`` shortcuts for ``--codecs``.
-MODE_CODECS = {"joint": "lmvic-joint,lmvic-single,x265-ldp,x265-intra,avif",
+MODE_CODECS = {"joint": "lmvic-joint,lmvic-concat,lmvic-single,x265-ldp,x265-intra,avif",
                "distributed": "lmvic-distributed,lmvic-average,lmvic-single,x265-ldp"}
 
 
