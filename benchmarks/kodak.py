@@ -24,20 +24,25 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results"
 
 
-def snapshot_curve(snap_dir: Path, kodak: Path, every: int, done: list[dict]) -> list[dict]:
-    """Estimated Kodak BD-rates (every ``every``-th image) for each snapshot not yet in ``done``."""
+def snapshot_curve(snap_dir: Path, kodak: Path, every: int, done: list[dict], ranks: int = 1,
+                   base_cpu_hours: float = 0.0) -> list[dict]:
+    """Estimated Kodak BD-rates (every ``every``-th image) for each snapshot not yet in ``done``.
+
+    Training CPU-hours = ``base_cpu_hours`` (what the run's ``--init`` weights cost) + the run's CPU
+    time × ``ranks`` (a DDP run counts each rank's CPU time once per rank).
+    """
     images = landscape_batch(sorted(kodak.glob("*.png"))[::every])
     rows = list(done)
     seen = {r["snapshot"] for r in done}
     for snap in sorted(snap_dir.glob("step*.pt")):
-        if snap.name in seen:
+        if str(snap) in seen:
             continue
         model, _ = checkpoint_model(snap)
         est = validate(model, images, batch=1)
         res = {"bpp": [r["bpp"] for r in est], "psnr-rgb": [r["psnr"] for r in est]}
         bd = bd_rates(res, kodak / "compressai-results")
         ck = torch.load(snap, map_location="cpu", weights_only=False)
-        rows.append({"snapshot": snap.name, "step": ck["step"], "cpu_hours": ck["cpu_seconds"] / 3600,
+        rows.append({"snapshot": str(snap), "step": ck["step"], "cpu_hours": base_cpu_hours + ranks * ck["cpu_seconds"] / 3600,
                      "images": len(images),
                      **{f"bd_{k}": (v if isinstance(v, float) else float("nan")) for k, v in bd.items()
                         if not k.endswith("range")}})
@@ -51,18 +56,22 @@ def main() -> None:
     ap.add_argument("--weights", default="single_view_cpu")
     ap.add_argument("--snapshots", type=Path, default=None, help="a run's snapshots folder")
     ap.add_argument("--every", type=int, default=1, help="snapshots: probe every k-th Kodak image")
+    ap.add_argument("--ranks", type=int, default=1, help="snapshots: DDP processes of the run (CPU time × ranks)")
+    ap.add_argument("--base-cpu-hours", type=float, default=0.0,
+                    help="snapshots: CPU-hours already spent on the run's --init weights")
+    ap.add_argument("--table", default="kodak_bd_vs_cpu_hours", help="snapshots: output name (csv and png)")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     OUT.mkdir(parents=True, exist_ok=True)
     anchors = args.kodak / "compressai-results"
     if args.snapshots is not None:
-        table = OUT / "kodak_bd_vs_cpu_hours.csv"
+        table = OUT / f"{args.table}.csv"
         done = []
         if table.exists():
             with open(table) as f:
                 done = list(csv.DictReader(f))
-        rows = snapshot_curve(args.snapshots, args.kodak, args.every, done)
+        rows = snapshot_curve(args.snapshots, args.kodak, args.every, done, args.ranks, args.base_cpu_hours)
         rows = [{k: (v if k == "snapshot" else float(v)) for k, v in r.items()} for r in rows]
         with open(table, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -81,7 +90,7 @@ def main() -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        fig.savefig(OUT / "kodak_bd_vs_cpu_hours.png", dpi=110)
+        fig.savefig(OUT / f"{args.table}.png", dpi=110)
         return
     model = load_single_view(args.weights)
     results = evaluate(model, sorted(args.kodak.glob("*.png")), list(range(1, model.num_qualities + 1)))
