@@ -40,7 +40,7 @@ from lmvic.clips import Clip, ClipSampler, load_sequence
 from lmvic.models.single_view import bits_per_pixel
 from lmvic.precision import mixed_precision
 from lmvic.scene_codec import DEPTH_QUALITY, JointCodec, JointPart, build_joint, load_joint_file
-from lmvic.training.loop import (_save_atomic, budget_progress, check_replicas_equal, dist_info, log_row,
+from lmvic.training.loop import (_save_atomic, budget_progress, check_replicas_equal, dist_info, distortion, log_row,
                                 optimisation_step, psnr_from_mse)
 from lmvic.training.schedule import Schedule
 from lmvic.zoo import load_single_view
@@ -50,16 +50,18 @@ PARTS = ("all", "depth", "image", "context")
 
 
 def clip_loss(net: torch.nn.Module, codec: JointCodec, clip: Clip, quality: Tensor, depth_weight: float = 1.0,
-              weights: tuple[float, ...] = VIEW_WEIGHTS, with_image: bool = True) -> tuple[Tensor, dict[str, float]]:
+              weights: tuple[float, ...] = VIEW_WEIGHTS, with_image: bool = True,
+              metric: str = "mse") -> tuple[Tensor, dict[str, float]]:
     """Weighted RD loss of a clip batch; stats are per-view means of bpp and PSNR (image, depth).
 
     ``net`` runs the forward (``codec`` itself or its DDP wrapper, which averages the gradients).
-    ``with_image=False``: the depth codec alone (image terms 0).
+    ``with_image=False``: the depth codec alone (image terms 0). ``metric``: the image distortion
+    (``lmvic.training.loop.distortion``); the depth's is always MSE.
     """
     B, L, _, H, W = clip.images.shape
     if len(weights) != L:
         raise ValueError(f"{len(weights)} view weights for clips of {L} views")
-    lam = codec.image.backbone.lambda_of(quality, B) * 255**2
+    lam = codec.image.backbone.lambda_of(quality, B)
     lam_depth = codec.depth.backbone.lambda_of(DEPTH_QUALITY, B) * 255**2
     depth_range = clip.depth_range
     outs = net(clip.images, clip.depths, clip.K, clip.T, quality, depth_range, with_image=with_image)
@@ -71,10 +73,11 @@ def clip_loss(net: torch.nn.Module, codec: JointCodec, clip: Clip, quality: Tens
         bpp_depth = bits_per_pixel(out["depth"]["likelihoods"], H * W)
         if with_image:
             mse = F.mse_loss(out["image"]["x_hat"], x, reduction="none").flatten(1).mean(1)
+            d_img = distortion(out["image"]["x_hat"], x, metric)
             bpp_img = bits_per_pixel(out["image"]["likelihoods"], H * W)
         else:  # depth-only stage: no image terms
-            mse, bpp_img = torch.zeros_like(d_mse), torch.zeros_like(bpp_depth)
-        loss = loss + w * (lam * mse + depth_weight * lam_depth * d_mse + bpp_img + bpp_depth).mean()
+            mse = d_img = bpp_img = torch.zeros_like(bpp_depth)
+        loss = loss + w * (lam * d_img + depth_weight * lam_depth * d_mse + bpp_img + bpp_depth).mean()
         for key, value in (("bpp_img", bpp_img.mean()), ("bpp_depth", bpp_depth.mean()),
                            ("psnr", psnr_from_mse(mse.mean())), ("psnr_depth", psnr_from_mse(d_mse.mean()))):
             stats[key] += float(value.detach()) / L
@@ -92,6 +95,7 @@ class JointTrainConfig:
     freeze_backbone: bool = False
     aligned: bool = True  # False: the Concatenation ablation (reference features unwarped)
     precision: str = "fp32"  # "bf16": transforms under bf16 autocast (entropy models, geometry stay fp32)
+    metric: str = "mse"  # image distortion of the RD loss: "mse" or "ms-ssim" (crops over 160 px)
     parts: str = "all"  # "all", "depth" (the depth codec alone), "image" (depth codec frozen), "context" (no ICT)
     steps: int = 1000
     batch: int = 2
@@ -192,7 +196,7 @@ def train_joint(cfg: JointTrainConfig, resume: bool = False, log=print) -> Joint
         quality = torch.randint(1, codec.num_qualities + 1, (cfg.batch,), generator=gen).float()
         with mixed_precision(cfg.precision):
             loss, stats = clip_loss(net, codec, sampler.batch(cfg.batch), quality, cfg.depth_weight,
-                                    with_image=cfg.parts != "depth")
+                                    with_image=cfg.parts != "depth", metric=cfg.metric)
         applied = optimisation_step(loss, opt, main, cfg.clip, codec.aux_loss(), aux_opt)
         step += 1
         for k, v in {"loss": loss.item(), **stats, "skipped": float(not applied)}.items():

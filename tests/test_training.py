@@ -185,3 +185,25 @@ def test_a_fresh_run_starts_from_given_weights(scenes, tmp_path):
     assert max((trained[k] - shipped[k].float()).abs().max().item() for k in shipped if shipped[k].is_floating_point()) < 1e-6
     with pytest.raises(ValueError, match="λs"):
         initial_state("single_view_cpu", TrainConfig(out_dir="", cache_dir="", lambdas=(0.001, 0.01)))
+
+
+def test_ms_ssim_distortion_matches_pytorch_msssim_and_trains():
+    from pytorch_msssim import ms_ssim
+
+    from lmvic.precision import mixed_precision
+    from lmvic.training.loop import MS_SSIM_SCALE, distortion
+
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 192, 192)
+    x_hat = (x + 0.1 * torch.randn_like(x)).clamp(0, 1).requires_grad_()
+    reference = MS_SSIM_SCALE * (1 - ms_ssim(x_hat.detach(), x, data_range=1.0, size_average=False))
+    with mixed_precision("bf16"):  # the metric itself stays float32
+        d = distortion(x_hat, x, "ms-ssim")
+    assert d.dtype == torch.float32 and torch.allclose(d, reference, rtol=1e-4)
+    d.sum().backward()
+    assert torch.isfinite(x_hat.grad).all() and x_hat.grad.abs().sum() > 0
+    assert torch.allclose(distortion(x_hat, x), 255**2 * (x_hat - x).square().flatten(1).mean(1))
+    with pytest.raises(ValueError, match="over 160 px"):
+        distortion(x[..., :128, :128], x[..., :128, :128], "ms-ssim")
+    with pytest.raises(ValueError, match="metric"):
+        distortion(x, x, "l1")

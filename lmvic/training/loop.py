@@ -25,9 +25,10 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
 from lmvic.models.single_view import DEFAULT_LAMBDAS, SingleViewCodec, bits_per_pixel, build_single_view
-from lmvic.precision import mixed_precision
+from lmvic.precision import float32, mixed_precision
 from lmvic.training.data import CropSampler, ImageCache
 from lmvic.training.schedule import Schedule
+from pipelines.metrics import ms_ssim_weighted
 
 
 @dataclass
@@ -51,6 +52,7 @@ class TrainConfig:
     ema_decay: float = 0.0  # 0 disables the weight average
     threads: int = 1
     precision: str = "fp32"  # "bf16": transforms under bf16 autocast (entropy models stay fp32)
+    metric: str = "mse"  # distortion of the RD loss: "mse" or "ms-ssim"
     seed: int = 0
     log_every: int = 50
     val_every_cpu_minutes: float = 5.0
@@ -91,17 +93,40 @@ def optimisation_step(loss: torch.Tensor, opt: torch.optim.Optimizer, params, cl
     return True
 
 
+#: Distortion metrics of the RD loss. λ is calibrated for MSE (λ·255²·MSE); MS-SSIM uses CompressAI's
+#: ratio between its MS-SSIM and MSE λs at the same quality level (2.4 / 0.0018 ≈ 1333).
+METRICS = ("mse", "ms-ssim")
+MS_SSIM_SCALE = 2.4 / 0.0018
+
+
+def check_metric(metric: str, side: int) -> None:
+    """``ValueError`` unless ``metric`` is one of ``METRICS`` and works on crops whose short side is ``side``."""
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    if metric == "ms-ssim" and side <= 160:
+        raise ValueError(f"MS-SSIM needs crops over 160 px (five scales of an 11-px window), got {side}")
+
+
+def distortion(x_hat: Tensor, x: Tensor, metric: str = "mse") -> Tensor:
+    """Per-image distortion (B,) of (B, 3, H, W) images in [0, 1], on λ's scale: 255²·MSE, or
+    ``MS_SSIM_SCALE``·(1 − MS-SSIM) (float32 even under autocast; sides over 160 px)."""
+    check_metric(metric, min(x.shape[-2:]))
+    if metric == "mse":
+        return 255**2 * F.mse_loss(x_hat, x, reduction="none").flatten(1).mean(1)
+    return MS_SSIM_SCALE * (1 - float32(ms_ssim_weighted)(x_hat, x))
+
+
 def rd_loss(net: torch.nn.Module, model: SingleViewCodec, x: Tensor,
-            quality: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Mean over the batch of λ_q·255²·MSE + bpp → (loss, bpp (B,), mse (B,)).
+            quality: Tensor, metric: str = "mse") -> tuple[Tensor, Tensor, Tensor]:
+    """Mean over the batch of λ_q·D + bpp (D: :func:`distortion`) → (loss, bpp (B,), mse (B,)).
 
     ``net`` runs the forward (``model`` itself or its DDP wrapper, which syncs the gradients).
     """
     out = net(x, quality)
     mse = F.mse_loss(out["x_hat"], x, reduction="none").flatten(1).mean(1)
     bpp = bits_per_pixel(out["likelihoods"], x.shape[-2] * x.shape[-1])
-    lam = model.lambda_of(quality, x.shape[0])
-    return (lam * 255**2 * mse + bpp).mean(), bpp.detach(), mse.detach()
+    d = distortion(out["x_hat"], x, metric)
+    return (model.lambda_of(quality, x.shape[0]) * d + bpp).mean(), bpp.detach(), mse.detach()
 
 
 def psnr_from_mse(mse: Tensor) -> Tensor:
@@ -268,7 +293,7 @@ def train(cfg: TrainConfig, resume: bool = False, val_crops: Tensor | None = Non
         else:
             quality = torch.randint(1, model.num_qualities + 1, (cfg.batch,), generator=gen).float()
         with mixed_precision(cfg.precision):
-            loss, bpp, mse = rd_loss(net, model, x, quality)
+            loss, bpp, mse = rd_loss(net, model, x, quality, cfg.metric)
         aux = model.aux_loss()
         optimisation_step(loss, opt, main_params, cfg.clip, aux, aux_opt)
         if ema is not None:

@@ -28,6 +28,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--until", default="", help="UTC wall-clock end HH:MM (schedule finishes by then)")
     p.add_argument("--ema", type=float, default=0.0, help="EMA decay of the weights (0: off)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--metric", choices=["mse", "ms-ssim"], default="mse",
+                   help="distortion of the RD loss (ms-ssim: λ·1333·(1 − MS-SSIM) as CompressAI; crops over 160 px)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default=None,
                    help="bf16: transforms under bf16 autocast, ~2x faster on CPUs with AMX/AVX-512-BF16 "
                         "(entropy models stay fp32; default fp32, or the resumed run's)")
@@ -46,11 +48,15 @@ def run(args: argparse.Namespace) -> None:
 
     from lmvic.training.curves import plot_run
     from lmvic.training.data import HELD_OUT_SCENES, build_cache, scene_images, validation_crops
-    from lmvic.training.loop import TrainConfig, dist_info, train
+    from lmvic.training.loop import TrainConfig, check_metric, dist_info, train
     from lmvic.training.schedule import Schedule
 
     if args.crop % 64:
         raise LmvicError(f"--crop {args.crop} must be a multiple of 64")
+    try:
+        check_metric(args.metric, args.crop)
+    except ValueError as exc:
+        raise LmvicError(f"--metric: {exc}") from exc
     torch.set_num_threads(args.threads)
     rank, world = dist_info()
     ckpt = args.run_dir / "checkpoint.pt"
@@ -86,7 +92,8 @@ def run(args: argparse.Namespace) -> None:
             schedule=Schedule(args.schedule, args.lr, args.final_lr, args.warmup),
             budget_cpu_minutes=60.0 if args.minutes is None else args.minutes, max_steps=args.steps, deadline=utc_deadline(args.until),
             ema_decay=args.ema,
-            threads=args.threads, precision=args.precision or "fp32", seed=args.seed, val_every_cpu_minutes=args.val_every,
+            threads=args.threads, precision=args.precision or "fp32", seed=args.seed,
+            metric=args.metric, val_every_cpu_minutes=args.val_every,
             ckpt_every_cpu_minutes=args.ckpt_every, val_images=tuple(str(p) for p in val), init=args.init)
     crops = validation_crops([Path(p) for p in cfg.val_images]) if cfg.val_images else None
     train(cfg, resume=args.resume, val_crops=crops if rank == 0 else None)

@@ -39,6 +39,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "rate point) weighs its distortion by DEPTH_WEIGHT·λ_1: below 1 is cheaper, coarser depth")
     p.add_argument("--resume", action="store_true", help="continue RUN_DIR/checkpoint.pt")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--metric", choices=["mse", "ms-ssim"], default="mse",
+                   help="distortion of the RD loss (ms-ssim: λ·1333·(1 − MS-SSIM) as CompressAI; crops over 160 px)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                    help="bf16: transforms under bf16 autocast, ~2x faster on CPUs with AMX/AVX-512-BF16 "
                         "(entropy models and geometry stay fp32)")
@@ -51,12 +53,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> None:
     from lmvic.joint_training import JointTrainConfig, train_joint
     from lmvic.scene_codec import save_joint
-    from lmvic.training.loop import dist_info
+    from lmvic.training.loop import check_metric, dist_info
     from lmvic.training.schedule import Schedule
 
     missing = [str(s) for s in args.scenes if not s.is_dir()]
     if missing:
         raise LmvicError(f"not a folder: {', '.join(missing)}")
+    try:
+        check_metric(args.metric, args.crop)
+    except ValueError as exc:
+        raise LmvicError(f"--metric: {exc}") from exc
     if args.resume and not (args.run_dir / "checkpoint.pt").exists():
         raise LmvicError(f"--resume: no checkpoint at {args.run_dir / 'checkpoint.pt'}")
     config = JointTrainConfig(str(args.run_dir), tuple(str(s) for s in args.scenes), steps=args.steps,
@@ -64,7 +70,7 @@ def run(args: argparse.Namespace) -> None:
                               init_joint=args.init_joint, init_parts=tuple(args.init_parts.split(",")),
                               freeze_backbone=args.freeze_backbone, aligned=not args.no_alignment,
                               parts=args.parts, depth_weight=args.depth_weight, threads=args.threads,
-                              precision=args.precision,
+                              precision=args.precision, metric=args.metric,
                               deadline=utc_deadline(args.until),
                               schedule=Schedule(peak_lr=args.lr, warmup_steps=20))
     model = train_joint(config, resume=args.resume)
