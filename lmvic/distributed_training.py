@@ -47,8 +47,8 @@ from torch import Tensor
 
 from lmvic.models.distributed import DistributedCodec, load_distributed, save_distributed
 from lmvic.models.single_view import bits_per_pixel
-from lmvic.precision import mixed_precision
 from lmvic.opam import apply_opam, photometric_alignment_loss, shift_attention_loss
+from lmvic.precision import mixed_precision
 from lmvic.training.data import HELD_OUT_SCENES, IMAGE_SUFFIXES, ImageCache, build_cache
 from lmvic.training.loop import _append_csv, _save_atomic, budget_progress, log_row, optimisation_step, psnr_from_mse
 from lmvic.training.schedule import Schedule

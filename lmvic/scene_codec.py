@@ -47,8 +47,8 @@ from lmvic.bitstream import (BitstreamError, LatentStream, SceneHeader, SceneRea
                              write_scene)
 from lmvic.models.depth_codec import DepthCodec, DepthRange, build_depth_codec, cross_view_prediction
 from lmvic.models.joint import JointImageCodec, Side, build_joint_image
-from lmvic.precision import float32
 from lmvic.models.single_view import DEFAULT_LAMBDAS, EXACT_THREADS, SIZES, SingleViewCodec, fixed_threads
+from lmvic.precision import float32
 from lmvic.zoo import WEIGHTS_DIR, WeightsError, base_reference, load_base, load_named, read_weights, write_weights
 from pipelines.errors import LmvicError
 
