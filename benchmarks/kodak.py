@@ -24,9 +24,10 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results"
 
 
-def snapshot_curve(snap_dir: Path, kodak: Path, every: int, done: list[dict], ranks: int = 1,
+def snapshot_curve(snap_dir: Path, kodak: Path, every: int, done: list[dict], table: Path, ranks: int = 1,
                    base_cpu_hours: float = 0.0) -> list[dict]:
-    """Estimated Kodak BD-rates (every ``every``-th image) for each snapshot not yet in ``done``.
+    """Estimated Kodak BD-rates (every ``every``-th image) for each snapshot not yet in ``done``;
+    ``table`` (CSV) is rewritten after each snapshot, so an interrupted run keeps what it measured.
 
     Training CPU-hours = ``base_cpu_hours`` (what the run's ``--init`` weights cost) + the run's CPU
     time × ``ranks`` (a DDP run counts each rank's CPU time once per rank).
@@ -47,7 +48,15 @@ def snapshot_curve(snap_dir: Path, kodak: Path, every: int, done: list[dict], ra
                      **{f"bd_{k}": (v if isinstance(v, float) else float("nan")) for k, v in bd.items()
                         if not k.endswith("range")}})
         print(rows[-1], flush=True)
+        write_table(table, rows)
     return rows
+
+
+def write_table(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
 
 
 def main() -> None:
@@ -71,12 +80,8 @@ def main() -> None:
         if table.exists():
             with open(table) as f:
                 done = list(csv.DictReader(f))
-        rows = snapshot_curve(args.snapshots, args.kodak, args.every, done, args.ranks, args.base_cpu_hours)
+        rows = snapshot_curve(args.snapshots, args.kodak, args.every, done, table, args.ranks, args.base_cpu_hours)
         rows = [{k: (v if k == "snapshot" else float(v)) for k, v in r.items()} for r in rows]
-        with open(table, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
         import matplotlib
 
         matplotlib.use("Agg")
