@@ -238,11 +238,12 @@ def test_missing_or_corrupt_weights(tmp_path) -> None:
         load_joint_file(path)
 
 
-def test_the_shipped_joint_weights_decode_bit_exactly_in_another_process(tmp_path) -> None:
+@pytest.mark.parametrize("model_id", ["joint-cpu", "joint-concat-cpu"])
+def test_the_shipped_joint_weights_decode_bit_exactly_in_another_process(model_id, tmp_path) -> None:
     from lmvic.scene_codec import load_joint
     from lmvic.zoo import WEIGHTS_DIR
 
-    codec = load_joint("joint-cpu")
+    codec = load_joint(model_id)
     scene = render(3, 112, 80)
     path = tmp_path / "scene.lmv"
     _, output = encode_scene_file(path, codec, scene, [0, 1, 2], 2)
@@ -257,7 +258,7 @@ def test_the_shipped_joint_weights_decode_bit_exactly_in_another_process(tmp_pat
     assert result.returncode == 0, result.stderr[-2000:]
     decoded = np.load(tmp_path / "out.npz")
     assert all(np.array_equal(decoded[n], output.images[n]) for n in scene.names)
-    assert (WEIGHTS_DIR / "joint-cpu.pt").stat().st_size < 10_000_000  # the base is referenced, not stored
+    assert (WEIGHTS_DIR / f"{model_id}.pt").stat().st_size < 10_000_000  # the base is referenced, not stored
 
 
 def test_weights_on_a_frozen_base_store_only_what_the_joint_codec_adds(tmp_path) -> None:
@@ -455,3 +456,29 @@ def test_concatenation_ablation_feeds_the_reference_unwarped(tmp_path) -> None:
     (tmp_path / "joint-cpu.json").write_bytes((tmp_path / "joint-concat-cpu.json").read_bytes())
     with pytest.raises(WeightsError, match="holds a 'joint-concat-cpu' codec"):
         load_joint("joint-cpu", tmp_path)
+
+
+def test_ms_ssim_option_changes_only_the_image_distortion(tmp_path) -> None:
+    from lmvic.clips import ClipSampler, load_sequence
+    from lmvic.joint_training import VIEW_WEIGHTS, clip_loss
+    from lmvic.scene_codec import load_joint
+    from lmvic.training.loop import MS_SSIM_SCALE
+    from pipelines.metrics import ms_ssim_weighted
+    from scenes.synthetic import generate
+
+    scene = generate(tmp_path / "scene", ArcCameras(n_views=5, width=192, height=192, arc_degrees=20.0), seed=3)
+    clip = ClipSampler([load_sequence(scene)], 4, 192, seed=0).batch(1)
+    codec = load_joint("joint-cpu").eval()  # eval mode: rounding, no noise, so both losses see one coding
+    q = torch.tensor([3.0])
+    with torch.no_grad():
+        mse_loss, stats = clip_loss(codec, codec, clip, q, 0.5)
+        ssim_loss, _ = clip_loss(codec, codec, clip, q, 0.5, metric="ms-ssim")
+        outs = codec(clip.images, clip.depths, clip.K, clip.T, q, clip.depth_range)
+        lam = codec.image.backbone.lambda_of(q, 1)
+        expected = mse_loss
+        for t, (w, out) in enumerate(zip(VIEW_WEIGHTS, outs)):  # swap each view's λ·255²·MSE for λ·1333·(1 − MS-SSIM)
+            x, x_hat = clip.images[:, t], out["image"]["x_hat"]
+            expected = expected + w * lam * (MS_SSIM_SCALE * (1 - ms_ssim_weighted(x_hat, x))
+                                             - 255**2 * (x_hat - x).square().flatten(1).mean(1)).mean()
+    assert torch.isfinite(ssim_loss) and abs(ssim_loss.item() - mse_loss.item()) > 1e-3
+    assert abs(ssim_loss.item() - expected.item()) < 1e-3 * abs(expected.item())
