@@ -43,7 +43,7 @@ from lmvic.scene_codec import DEPTH_QUALITY, JointCodec, JointPart, build_joint,
 from lmvic.training.loop import (_save_atomic, budget_progress, check_replicas_equal, dist_info, distortion, log_row,
                                 optimisation_step, psnr_from_mse)
 from lmvic.training.schedule import Schedule
-from lmvic.zoo import load_single_view
+from lmvic.zoo import single_view_from
 
 VIEW_WEIGHTS = (0.5, 1.2, 0.5, 0.9)
 PARTS = ("all", "depth", "image", "context")
@@ -115,10 +115,8 @@ class JointTrainConfig:
 def _build(cfg: JointTrainConfig, log=print) -> JointCodec:
     torch.manual_seed(cfg.seed)
     backbone = None
-    if cfg.init_single_view:  # a shipped name, or a path to a weight file exported by lmvic.zoo
-        path = Path(cfg.init_single_view)
-        backbone = (load_single_view(path.stem, path.parent) if path.suffix == ".pt"
-                    else load_single_view(cfg.init_single_view))
+    if cfg.init_single_view:  # a shipped name, an exported weight file or a single-view checkpoint
+        backbone = single_view_from(cfg.init_single_view)
     codec = build_joint(cfg.size, backbone=backbone, aligned=cfg.aligned)
     if cfg.init_joint:
         part = JointPart(codec)

@@ -108,6 +108,17 @@ def load_named(model_id: str, known: Sequence[str], load: Callable[[str], Model]
         raise LmvicError(str(exc)) from exc
 
 
+def single_view_from(source: str) -> SingleViewCodec:
+    """Single-view weights named by ``source``: a shipped name (``single_view_cpu``), an exported
+    ``.pt`` with its sidecar, or a training checkpoint/snapshot (its EMA weights when kept)."""
+    path = Path(source)
+    if path.suffix != ".pt":
+        return load_single_view(source)
+    if path.with_suffix(".json").exists():
+        return load_single_view(path.stem, path.parent)
+    return checkpoint_model(path)[0]
+
+
 def weights_sha256(name: str, directory: Path = WEIGHTS_DIR) -> str:
     """SHA-256 recorded in the sidecar of the shipped weights ``name`` (identifies results measured with them)."""
     meta = directory / f"{name}.json"

@@ -332,15 +332,9 @@ def train(cfg: TrainConfig, resume: bool = False, val_crops: Tensor | None = Non
 def initial_state(source: str, cfg: TrainConfig) -> dict[str, Tensor]:
     """Weights a fresh run starts from (new optimiser and schedule): a shipped name, an exported weight
     file, or a training checkpoint/snapshot (its EMA weights when kept); its λs and size must be the run's."""
-    from lmvic.zoo import checkpoint_model, load_single_view
+    from lmvic.zoo import single_view_from
 
-    path = Path(source)
-    if path.suffix != ".pt":
-        model = load_single_view(source)
-    elif path.with_suffix(".json").exists():
-        model = load_single_view(path.stem, path.parent)
-    else:
-        model = checkpoint_model(path)[0]
+    model = single_view_from(source)
     if model.lambdas.shape != (len(cfg.lambdas),) or not torch.allclose(model.lambdas, torch.tensor(cfg.lambdas), rtol=1e-3):
         raise ValueError(f"{source} was trained for other λs than the run's {cfg.lambdas}")
     return {k: v.float() for k, v in model.state_dict().items()}
