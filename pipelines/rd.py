@@ -281,6 +281,21 @@ def load_matching(path: Path, codec: Codec, names: Sequence[str], digest: str) -
     return curve if same else None
 
 
+def earlier_curves(out_dir: Path, names: Sequence[str], digest: str, skip: set[str]) -> list[RDCurve]:
+    """The curves in ``out_dir/*.json`` measured on these views (names in this order, pixels with
+    this :func:`views_digest`) by codecs not named in ``skip``, sorted by codec name; unreadable or
+    foreign JSON files are ignored."""
+    curves = []
+    for path in sorted(out_dir.glob("*.json")):
+        try:
+            curve = from_compressai_json(json.loads(path.read_text()))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if curve.name not in skip and curve.views == list(names) and curve.views_digest == digest:
+            curves.append(curve)
+    return curves
+
+
 def write_json(curve: RDCurve, path: Path, bd_rates: dict | None = None) -> Path:
     path.write_text(json.dumps(to_compressai_json(curve, bd_rates), indent=1, allow_nan=False) + "\n")
     return path
@@ -359,7 +374,9 @@ def run_evaluation(codecs: Sequence[Codec], views: Sequence[np.ndarray], names: 
     ``bd_rate.csv`` and ``rd.png``; log the table and the BD-rates. Returns (curves, BD-rates).
 
     With ``reuse``, a codec whose ``<codec>.json`` already holds the same views (names, order and
-    pixels), description and qualities is read back instead of re-run (see :func:`load_matching`)."""
+    pixels), description and qualities is read back instead of re-run (see :func:`load_matching`).
+    The table, BD-rates and plot also keep the other codecs of ``out_dir`` measured earlier on the
+    same views (:func:`earlier_curves`), so evaluating one more codec never drops the others."""
     out_dir.mkdir(parents=True, exist_ok=True)
     curves = []
     digest = views_digest(views)
@@ -372,6 +389,10 @@ def run_evaluation(codecs: Sequence[Codec], views: Sequence[np.ndarray], names: 
             continue
         curves.append(measure(codec, views, names, log))
         write_json(curves[-1], path)  # kept even if a later codec fails
+    earlier = earlier_curves(out_dir, names, digest, {c.name for c in codecs})
+    if earlier:
+        log(f"also in the table, measured earlier on the same views: {', '.join(c.name for c in earlier)}")
+    curves += earlier
     anchor = next((c for c in curves if c.name == reference), None)
     bd = {c.name: curve_bd_rates(anchor, c) for c in curves if c is not anchor} if anchor else {}
     for curve in curves:

@@ -193,6 +193,10 @@ def test_eval_command_orders(tmp_path, capsys):
     assert "jpeg: reusing" in capsys.readouterr().out  # same views, order and settings
     assert main(["eval", str(scene), "--work-dir", str(work), "--codecs", "jpeg", "--rerun"]) == 0
     assert "reusing" not in capsys.readouterr().out
+    assert main(["eval", str(scene), "--work-dir", str(work), "--codecs", "webp"]) == 0
+    assert "measured earlier on the same views: jpeg" in capsys.readouterr().out
+    table = {row[0] for row in csv.reader((work / "eval" / "table.csv").open())}
+    assert table == {"codec", "jpeg", "webp"}  # one more codec keeps the earlier one in the table
     assert main(["eval", str(scene), "--work-dir", str(work), "--codecs", "jpeg", "--order", "greedy"]) == 0
     out = capsys.readouterr().out
     assert "greedy order from the SfM cameras" in out and "reusing" not in out  # another order: re-measured
