@@ -74,7 +74,8 @@ class JointEvalCodec(ContainerEvalCodec):
             raise LmvicError(f"joint mode is not available: {exc}") from exc
         alignment = "ICT" if self.codec.aligned else "ICT without alignment: the Concatenation ablation"
         self.description = (f"lmvic joint mode ({model_id} {weights_sha256(model_id)[:12]}): depth codec "
-                            f"(CVDP + DCI) and image codec ({alignment}, QPEM) over 3DGS depth")
+                            f"(CVDP + DCI) and image codec ({alignment}, QPEM) over 3DGS depth, "
+                            "intra/inter RD decision per view")
         self.qualities = tuple(range(1, self.codec.num_qualities + 1))
 
     def encode_file(self, path, views, images, quality):

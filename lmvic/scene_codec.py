@@ -14,6 +14,11 @@ For view i with reference r (the previous view in the coding order; none for the
 2. image: disparity and trust mask from the *decoded* depths D̂_i and D̂_r
    (``geometry.warp.relate`` then ``multiscale`` at 1/2…1/16); the image codec codes x_i with the
    decoded reference image, its decoder features and that relation (``lmvic.models.joint``).
+   The encoder also codes x_i as the single-view backbone alone would (its own hyperprior
+   entropy model, no reference, no QPEM) and keeps, per view, the mode of lower RD cost
+   bpp + λ_q·255²·MSE (``rd_cost``), as a video encoder decides between intra and inter; the
+   record says which by the name of its image stream (``image`` or ``image.intra``), so a view
+   the reference path would make worse is never coded worse than the single-view codec codes it.
 
 The encoder builds every reference exactly as the decoder does (same functions, ``EXACT_THREADS``
 threads, float64 entropy parameters), so decoding in another process is bit-exact. Views are
@@ -22,7 +27,8 @@ not move — and cropped back after decoding.
 
 Streams per view (``lmvic.bitstream.LatentStream``): ``depth`` and ``image``, each with five
 chunks — the range-coded QPEM steps y0…y3 and the hyper-latent z — and the shape of z ((H/64, W/64)
-for the image; for the depth that of its padded 1/8-resolution map); the first coded view also holds ``scene.depth_range`` (two
+for the image; for the depth that of its padded 1/8-resolution map), or ``image.intra`` instead of
+``image``: two chunks, the backbone's y and z; the first coded view also holds ``scene.depth_range`` (two
 float64: near, far). Two streams per view keep the container's per-stream overhead small.
 
 Model ids are ``joint-<size>``; weights are ``lmvic/weights/<model id>.pt`` with a SHA-256 sidecar.
@@ -58,6 +64,7 @@ DEPTH_FACTOR = 8
 DEPTH_QUALITY = 1
 MODEL_IDS = tuple(f"joint{variant}-{size}" for variant in ("", "-concat") for size in SIZES)
 RANGE_STREAM = "scene.depth_range"
+INTRA_STREAM = "image.intra"  # the view's image coded by the single-view backbone alone
 _RANGE = struct.Struct("<2d")
 _RELATION_FACTORS = (1, 2, 4, 8, 16)
 
@@ -167,8 +174,13 @@ class JointCodec(CompressionModel):
 
     # ---- coding -----------------------------------------------------------------------------
     def encode_view(self, image: Tensor, depth: Tensor, K: Tensor, T: Tensor, quality: int,
-                    depth_range: DepthRange, ref: DecodedView | None) -> tuple[dict[str, LatentStream], DecodedView]:
-        """Code one padded view (1, 3, H, W) + depth (1, H, W) → (streams, the decoder's DecodedView)."""
+                    depth_range: DepthRange, ref: DecodedView | None, inter_only: bool = False
+                    ) -> tuple[dict[str, LatentStream], DecodedView]:
+        """Code one padded view (1, 3, H, W) + depth (1, H, W) → (streams, the decoder's DecodedView).
+
+        The image is coded in the mode of lower ``rd_cost``: the joint image codec (stream ``image``)
+        or the backbone alone (``image.intra``); ``inter_only`` always takes the joint image codec
+        (to measure the reference path by itself)."""
         size = tuple(image.shape[-2:])
         coarse = self.coarse_depth(depth_range.normalise(depth))
         d_side = _exact(self.depth_side, ref, K, T, tuple(coarse.shape[-2:]), depth_range)
@@ -177,8 +189,22 @@ class JointCodec(CompressionModel):
         depth_hat = self._decoded_depth(y_hat, d_side, size, depth_range)
         i_side = _exact(self.image_side, ref, depth_hat, K, T)
         strings, shape, y_hat = self.image.encode(image, quality, i_side)
-        streams["image"] = _stream(strings, shape)
-        return streams, self._decoded(y_hat, quality, i_side, depth_hat, K, T)
+        inter = (_stream(strings, shape), self._decoded(y_hat, quality, i_side, depth_hat, K, T))
+        if inter_only:
+            return {**streams, "image": inter[0]}, inter[1]
+        with torch.no_grad():
+            strings, shape, y_hat = self.image.backbone.encode_latent(image, quality)
+        intra = (_stream(strings, shape), self._decoded(y_hat, quality, None, depth_hat, K, T))
+        name, (stream, view) = min((("image", inter), (INTRA_STREAM, intra)),
+                                   key=lambda mode: self.rd_cost(mode[1][0], mode[1][1].image, image, quality))
+        return {**streams, name: stream}, view
+
+    def rd_cost(self, stream: LatentStream, decoded: Tensor, image: Tensor, quality: int) -> float:
+        """The training loss's RD cost of coding ``image`` (1, 3, H, W) as ``stream`` decoding to
+        ``decoded``: bits per pixel + λ_quality·255²·MSE."""
+        bpp = 8 * sum(len(c) for c in stream.chunks) / (image.shape[-2] * image.shape[-1])
+        lam = float(self.image.backbone.lambdas[quality - 1])
+        return bpp + lam * 255**2 * float(F.mse_loss(decoded, image))
 
     def decode_view(self, streams: ViewRecord, K: Tensor, T: Tensor, size: tuple[int, int], quality: int,
                     depth_range: DepthRange, ref: DecodedView | None) -> DecodedView:
@@ -187,6 +213,11 @@ class JointCodec(CompressionModel):
         d_side = _exact(self.depth_side, ref, K, T, coarse, depth_range)
         y_hat = self.depth.decode_latent(*_strings(streams, "depth", coarse), DEPTH_QUALITY, d_side)
         depth_hat = self._decoded_depth(y_hat, d_side, size, depth_range)
+        if ("image" in streams) == (INTRA_STREAM in streams):
+            raise BitstreamError(f"a view record must hold exactly one of the streams 'image' and {INTRA_STREAM!r}")
+        if INTRA_STREAM in streams:
+            y_hat = self.image.backbone.decode_latent(*_strings(streams, INTRA_STREAM, size, 2), quality)
+            return self._decoded(y_hat, quality, None, depth_hat, K, T)
         i_side = _exact(self.image_side, ref, depth_hat, K, T)
         y_hat = self.image.decode_latent(*_strings(streams, "image", size), quality, i_side)
         return self._decoded(y_hat, quality, i_side, depth_hat, K, T)
@@ -211,7 +242,7 @@ def _exact(fn: Callable, *args: object) -> object:
 
 
 def _stream(strings: list[list[bytes]], z_shape: tuple[int, int]) -> LatentStream:
-    """One codec's five strings (batch 1) → a stream of five chunks with the z shape."""
+    """One codec's strings (batch 1) → a stream of as many chunks, with the z shape."""
     return LatentStream(tuple(bytes(s[0]) for s in strings), tuple(z_shape))
 
 
@@ -226,15 +257,17 @@ def coarse_size(size: tuple[int, int]) -> tuple[int, int]:
     return tuple(-(-(s // DEPTH_FACTOR) // PAD) * PAD for s in size)
 
 
-def _strings(streams: ViewRecord, name: str, size: tuple[int, int]) -> tuple[list[list[bytes]], tuple[int, int]]:
-    """Check and unpack one codec's stream coding a map of ``size`` → (strings, z shape) for ``decode_latent``."""
+def _strings(streams: ViewRecord, name: str, size: tuple[int, int], chunks: int = 5
+             ) -> tuple[list[list[bytes]], tuple[int, int]]:
+    """Check and unpack one codec's stream of ``chunks`` strings coding a map of ``size`` → (strings,
+    z shape) for ``decode_latent``."""
     z_shape = (size[0] // PAD, size[1] // PAD)
     stream = streams.get(name)
     if stream is None:
         raise BitstreamError(f"stream {name!r} missing from a view record")
-    if tuple(stream.shape) != z_shape or len(stream.chunks) != 5:
+    if tuple(stream.shape) != z_shape or len(stream.chunks) != chunks:
         raise BitstreamError(f"stream {name!r} has shape {tuple(stream.shape)} and {len(stream.chunks)} chunks, "
-                             f"expected {z_shape} and 5 for this image size")
+                             f"expected {z_shape} and {chunks} for this image size")
     return [[bytes(c)] for c in stream.chunks], z_shape
 
 
@@ -288,9 +321,10 @@ def references_of(order: Sequence[int]) -> tuple[tuple[int, ...], ...]:
     return tuple(refs)
 
 
-def encode_scene(codec: JointCodec, scene: SceneInput, order: Sequence[int], quality: int
-                 ) -> tuple[SceneHeader, list[dict[str, LatentStream]], DecodedScene]:
-    """Code every view in ``order`` → (header, records in view-index order, the decoder's output)."""
+def encode_scene(codec: JointCodec, scene: SceneInput, order: Sequence[int], quality: int,
+                 inter_only: bool = False) -> tuple[SceneHeader, list[dict[str, LatentStream]], DecodedScene]:
+    """Code every view in ``order`` → (header, records in view-index order, the decoder's output);
+    ``inter_only``: see ``JointCodec.encode_view``."""
     if not 1 <= quality <= codec.num_qualities:
         raise LmvicError(f"quality {quality} not available: the model has levels 1..{codec.num_qualities}")
     count = len(scene.names)
@@ -315,7 +349,7 @@ def encode_scene(codec: JointCodec, scene: SceneInput, order: Sequence[int], qua
         depth = pad(torch.as_tensor(scene.depths[i], dtype=torch.float32)[None])
         K, T = _camera(views[i])
         ref = decoded.get(order[rank - 1]) if rank else None
-        records[i], decoded[i] = codec.encode_view(image, depth, K, T, quality, depth_range, ref)
+        records[i], decoded[i] = codec.encode_view(image, depth, K, T, quality, depth_range, ref, inter_only)
     records[order[0]][RANGE_STREAM] = LatentStream((_RANGE.pack(depth_range.near, depth_range.far),), (2,))
     return header, records, _output(header, decoded)
 

@@ -137,7 +137,9 @@ def load_base(ck: dict, what: str, directory: Path = WEIGHTS_DIR) -> SingleViewC
     """The single-view codec named by ``ck``'s :func:`base_reference`; ``WeightsError`` if the shipped
     file is not the one ``what`` was trained on."""
     meta = directory / f"{ck['base']}.json"
-    if not meta.exists() or json.loads(meta.read_text()).get("sha256") != ck["base_sha256"]:
+    if not meta.exists():
+        raise WeightsError(f"{what} is built on the single-view weights {ck['base']!r}, not found in {directory}")
+    if json.loads(meta.read_text()).get("sha256") != ck["base_sha256"]:
         raise WeightsError(f"{what} was trained on other {ck['base']!r} weights than the ones shipped")
     return load_single_view(ck["base"], directory)
 

@@ -20,8 +20,8 @@ from geometry.warp import multiscale
 from lmvic.bitstream import BitstreamError, SceneHeader, read_scene, write_scene
 from lmvic.models.joint import JointImageCodec
 from lmvic.models.single_view import build_single_view, fixed_threads
-from lmvic.scene_codec import (SceneInput, build_joint, decode_scene_file, encode_scene, encode_scene_file,
-                               load_joint_file, save_joint)
+from lmvic.scene_codec import (INTRA_STREAM, SceneInput, build_joint, decode_scene_file, encode_scene,
+                               encode_scene_file, load_joint_file, save_joint)
 from lmvic.zoo import WeightsError
 from scenes.synthetic import ArcCameras, SceneSpec, SolidNoise, render_view
 
@@ -172,10 +172,11 @@ def test_scene_decodes_bit_exactly_in_another_process(coded_scene, tmp_path) -> 
 
 def test_reference_changes_the_coding(coded_scene) -> None:
     codec, _, scene, _, _, _ = coded_scene
-    _, records, _ = encode_scene(codec, scene, [1, 0, 2], QUALITY)
+    _, records, _ = encode_scene(codec, scene, [1, 0, 2], QUALITY, inter_only=True)
     _, alone, _ = encode_scene(codec, replace(scene, names=["a"], images=scene.images[:1], depths=scene.depths[:1],
                                               intrinsics=scene.intrinsics[:1],
-                                              world_to_camera=scene.world_to_camera[:1]), [0], QUALITY)
+                                              world_to_camera=scene.world_to_camera[:1]), [0], QUALITY,
+                               inter_only=True)
     # view 0 is coded second (reference view 1): its streams differ from coding it alone
     assert records[0]["image"].chunks[0] != alone[0]["image"].chunks[0]
 
@@ -198,13 +199,17 @@ def test_corrupt_containers_are_refused(coded_scene, tmp_path) -> None:
         with pytest.raises(BitstreamError):
             decode_scene_file(bad, codec)
     header, records = read_scene(path)
+    image = {r_i: ("image" if "image" in r else INTRA_STREAM) for r_i, r in enumerate(records)}
     for label, (hdr, recs) in {
         "unknown model": (replace(header, model_id="joint-huge"), records),
         "other model": (replace(header, model_id="joint-paper"), records),
-        "missing stream": (header, [{k: v for k, v in r.items() if k != "image"} for r in records]),
+        "missing stream": (header, [{k: v for k, v in r.items() if k != image[i]} for i, r in enumerate(records)]),
+        "both image modes": (header, [{**r, "image": r[image[i]], INTRA_STREAM: r[image[i]]}
+                                      for i, r in enumerate(records)]),
         "missing chunk": (header, [{**r, "depth": replace(r["depth"], chunks=r["depth"].chunks[:4])}
                                    for r in records]),
-        "wrong latent shape": (header, [{**r, "image": replace(r["image"], shape=(1, 1))} for r in records]),
+        "wrong latent shape": (header, [{**r, image[i]: replace(r[image[i]], shape=(1, 1))}
+                                        for i, r in enumerate(records)]),
         "no depth range": (header, [{k: v for k, v in r.items() if k != "scene.depth_range"} for r in records]),
         "quality out of range": (replace(header, quality=99), records),
         "distributed mode": (replace(header, mode="distributed"), records),
@@ -214,6 +219,34 @@ def test_corrupt_containers_are_refused(coded_scene, tmp_path) -> None:
         with pytest.raises(BitstreamError):
             decode_scene_file(bad, codec)
     assert isinstance(header, SceneHeader)
+
+
+def test_views_the_reference_path_would_worsen_are_coded_by_the_backbone_alone(tmp_path) -> None:
+    """A reference path with large random weights ruins the joint codec's pixels: the encoder's
+    RD decision then codes every view intra, each exactly as the single-view codec codes it alone
+    (its own compress/decompress), and the file still decodes to the encoder's pixels."""
+    from lmvic.zoo import load_single_view
+
+    codec = build_joint("cpu", backbone=load_single_view("single_view_cpu"))
+    activate(codec, std=0.5)
+    codec.eval().update(force=True)
+    scene = render(3, 112, 80)
+    path = tmp_path / "scene.lmv"
+    _, output = encode_scene_file(path, codec, scene, [1, 0, 2], QUALITY)
+    _, _, inter = encode_scene(codec, scene, [1, 0, 2], QUALITY, inter_only=True)
+    _, records = read_scene(path)
+    assert all(set(r) & {"image", INTRA_STREAM} == {INTRA_STREAM} for r in records)
+    backbone = codec.image.backbone
+    for name, image in zip(scene.names, scene.images):
+        x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
+        padded = torch.nn.functional.pad(x, (0, -x.shape[-1] % 64, 0, -x.shape[-2] % 64), mode="replicate")
+        coded = backbone.compress(padded, QUALITY)
+        alone = backbone.decompress(coded["strings"], coded["shape"], QUALITY)["x_hat"][0, :, :80, :112]
+        assert np.array_equal(output.images[name], (alone.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+        assert np.mean((inter.images[name].astype(float) - image) ** 2) > np.mean(
+            (output.images[name].astype(float) - image) ** 2)  # the joint path really was worse
+    decoded = decode_scene_file(path, codec)
+    assert all(np.array_equal(decoded.images[n], output.images[n]) for n in scene.names)
 
 
 def test_bad_scene_input_is_a_clear_error(coded_scene) -> None:
