@@ -87,3 +87,23 @@ def decode(path: Path, views: Collection[str] | None):
 
         return decode_scene_file(path, views=views)
     raise LmvicError(f"{path} is a {mode}-mode file, which this version cannot decode")
+
+
+def view_summary(path: Path) -> str:
+    """One line per view of a coded file, in coding order: name, reference(s), record bytes, bpp and
+    the bytes of each stream (in joint mode ``image`` = coded with the reference, ``image.intra`` =
+    the encoder found coding it alone cheaper)."""
+    from lmvic.bitstream import SceneReader
+
+    with SceneReader(path) as reader:
+        header, sizes = reader.header, reader.record_sizes
+        width = max(len(v.name) for v in header.views)
+        lines = [f"{'view':<{width}}  {'reference':<{width}}  {'bytes':>8}  {'bpp':>7}  streams"]
+        for i in header.order:
+            view = header.views[i]
+            refs = ",".join(header.views[r].name for r in header.references[i]) or "-"
+            streams = "  ".join(f"{k} {sum(len(c) for c in s.chunks)}" for k, s in reader.read_view(i).items())
+            lines.append(f"{view.name:<{width}}  {refs:<{width}}  {sizes[i]:>8}  "
+                         f"{8 * sizes[i] / (view.height * view.width):7.4f}  {streams}")
+    return "\n".join(lines)
+

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.codec_io import encode
+from pipelines.codec_io import encode, view_summary
 from conftest import run_lmvic
 
 
@@ -34,6 +34,19 @@ def test_decode_in_another_process_is_bit_exact(coded, tmp_path, small_scene_wor
         assert 10 * np.log10(255 ** 2 / mse) > 22.0  # a real reconstruction, not noise
     pixels = sum(im.shape[0] * im.shape[1] for im in originals)
     assert 0.02 < 8 * size / pixels < 2.0
+
+
+def test_view_summary_lists_every_view_in_coding_order(coded):
+    from lmvic.bitstream import SceneReader
+
+    path, size, decoded = coded
+    lines = view_summary(path).splitlines()
+    with SceneReader(path) as reader:
+        order = [decoded.header.views[i].name for i in reader.header.order]
+        sizes = [reader.record_sizes[i] for i in reader.header.order]
+    assert [line.split()[0] for line in lines[1:]] == order
+    assert [int(line.split()[2]) for line in lines[1:]] == sizes
+    assert min(sizes) > 0 and sum(sizes) < size  # the rest is the header (cameras, order) and the index
 
 
 def test_any_subset_decodes(coded, tmp_path):

@@ -9,7 +9,7 @@ import argparse
 import time
 from pathlib import Path
 
-from pipelines.codec_io import MODES, encode
+from pipelines.codec_io import MODES, encode, view_summary
 from pipelines.commands.run import add_scene_args, default_device
 from pipelines.options import configs_from_args, add_stage_options
 from pipelines.scene import load_scene
@@ -35,6 +35,8 @@ def handle(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     size, decoded = encode(args.mode, work_dir, args.output, args.quality)
     pixels = sum(v.height * v.width for v in decoded.header.views)
+    if not args.quiet:
+        print(view_summary(args.output))
     print(f"{args.output}: {len(decoded.header.views)} views, {size} bytes, {8 * size / pixels:.4f} bpp "
           f"({args.mode} mode, quality {args.quality}, {time.perf_counter() - start:.1f}s)")
     return 0
