@@ -19,9 +19,15 @@ Alignment signal (the RD loss alone left OPAM's attention uniform): each step al
 neighbouring views (real parallax, correspondence unknown). Every fusion's OPAM, on the decoded
 features at its scale, pays ``lmvic.opam.photometric_alignment_loss`` (consistency-weighted error
 of the aligned side image, with a cost ``invalid_cost`` per unaligned position so the consistency
-cannot collapse) on all pairs, plus ``shift_ce_weight`` × ``lmvic.opam.shift_attention_loss``
-(cross-entropy of the attention against the known shift) on the shifted pairs; this is added to the
-RD loss with weight ``align_weight``. The first ``align_warmup_steps`` steps train OPAM on the
+cannot collapse) on all pairs, plus ``shift_sharpness_weight`` ×
+``lmvic.opam.known_shift_sharpness_loss`` (mean correspondence on the match, full consistency) and
+``shift_ce_weight`` × ``lmvic.opam.shift_attention_loss`` (cross-entropy of the attention against
+the known shift, off by default) on the shifted pairs; this is added to the RD loss with weight
+``align_weight``. The cross-entropy is lowered by a softer attention wherever the training matches
+are ambiguous (its gradient on the log-temperature was +0.9, the photometric terms' −0.003): with it,
+the learned temperature fell from 9 to 4.4 (or, fixed, the projections lost contrast) and the
+held-out alignment regressed while the loss fell. ``opam_temperature`` fixes the temperature
+instead of learning it. The first ``align_warmup_steps`` steps train OPAM on the
 alignment loss alone (cheap: no synthesis backward).
 
 Outputs in ``out_dir``: ``train.csv`` (per-model loss, PSNR and alignment loss), ``val.csv`` (fixed
@@ -47,7 +53,8 @@ from torch import Tensor
 
 from lmvic.models.distributed import DistributedCodec, load_distributed, save_distributed
 from lmvic.models.single_view import bits_per_pixel
-from lmvic.opam import apply_opam, photometric_alignment_loss, shift_attention_loss
+from lmvic.opam import (correspondence_error, known_shift_sharpness_loss, photometric_alignment_loss,
+                        shift_attention_loss)
 from lmvic.precision import mixed_precision
 from lmvic.training.data import HELD_OUT_SCENES, IMAGE_SUFFIXES, ImageCache, build_cache
 from lmvic.training.loop import _append_csv, _save_atomic, budget_progress, log_row, optimisation_step, psnr_from_mse
@@ -165,12 +172,14 @@ class DistributedTrainConfig:
                                                                             warmup_steps=50))
     synthesis_lr_scale: float = 0.0  # >0 also fine-tunes the synthesis (overfitted the 3 scenes: see the note)
     opam_lr_scale: float = 1.0  # learning rate of the OPAM projections relative to the rest of the fusions
+    opam_temperature: float = 0.0  # >0: every OPAM's attention temperature is set to this and not trained
     align_weight: float = 1.0  # weight of the alignment loss (0: RD loss only)
     align_warmup_steps: int = 0  # first steps: the alignment loss alone
     align_pairs: int = 2  # per step: this many shifted pairs and as many pairs of neighbouring views
     max_shift: tuple[int, int] = (32, 80)  # (vertical, horizontal) px of the shifted pairs
     invalid_cost: float = 0.08  # photometric cost of an unaligned position (mean absolute error in [0, 1])
-    shift_ce_weight: float = 0.1  # weight of the attention cross-entropy on the shifted pairs
+    shift_ce_weight: float = 0.0  # weight of the attention cross-entropy on the shifted pairs (softens OPAM)
+    shift_sharpness_weight: float = 1.0  # weight of lmvic.opam.known_shift_sharpness_loss on the shifted pairs
     clip: float = 1.0  # gradient-norm clipping
     val_clips: int = 1  # per scene, 3 views each
     val_qualities: tuple[int, ...] = (2, 5)
@@ -200,16 +209,33 @@ def build_models(cfg: DistributedTrainConfig) -> dict[str, DistributedCodec]:
             codec.fusions.load_state_dict(start.fusions.state_dict())
         codec.requires_grad_(False)
         codec.fusions.requires_grad_(True)
+        if cfg.opam_temperature > 0:
+            fix_temperature(codec, cfg.opam_temperature)
         codec.backbone.synthesis.requires_grad_(cfg.synthesis_lr_scale > 0)
         models[name] = codec
     return models
 
 
+def fix_temperature(codec: DistributedCodec, temperature: float) -> None:
+    """Set every fusion's OPAM temperature to ``temperature`` and stop training it.
+
+    Learned under the attention cross-entropy it fell (9 → 4.4 in 974 alignment steps on the
+    session-4 base): a softer attention lowers the cross-entropy on ambiguous training matches, while
+    its mean correspondence drifts toward the window centre and its consistency drops on held-out views.
+    """
+    for fusion in codec.fusions:
+        with torch.no_grad():
+            fusion.opam.log_temperature.fill_(math.log(temperature))
+        fusion.opam.log_temperature.requires_grad_(False)
+
+
 def optimiser(codec: DistributedCodec, cfg: DistributedTrainConfig) -> torch.optim.Optimizer:
     """Adam over the OPAM projections, the rest of the fusions and (if fine-tuned) the synthesis; each
-    group's ``scale`` (``lr_scales``) multiplies the scheduled learning rate."""
-    opam = [p for n, p in codec.fusions.named_parameters() if ".opam." in f".{n}"]
-    rest = [p for n, p in codec.fusions.named_parameters() if ".opam." not in f".{n}"]
+    group's ``scale`` (``lr_scales``) multiplies the scheduled learning rate. Frozen parameters (a
+    fixed temperature) are left out."""
+    trained = [(n, p) for n, p in codec.fusions.named_parameters() if p.requires_grad]
+    opam = [p for n, p in trained if ".opam." in f".{n}"]
+    rest = [p for n, p in trained if ".opam." not in f".{n}"]
     groups = [{"params": opam}, {"params": rest}]
     if cfg.synthesis_lr_scale > 0:
         groups.append({"params": list(codec.backbone.synthesis.parameters())})
@@ -269,7 +295,8 @@ def alignment_loss(codec: DistributedCodec, shifted: Tensor, offset: Tensor, shi
         stride = shifted.shape[-1] // known.consistency.shape[-1]
         photometric = (photometric_alignment_loss(known, shifted[:, 0], shifted[:, 1], cfg.invalid_cost)
                        + photometric_alignment_loss(other, neighbours[:, 0], neighbours[:, 1], cfg.invalid_cost)) / 2
-        total = total + photometric + cfg.shift_ce_weight * shift_attention_loss(known, offset, stride)
+        total = (total + photometric + cfg.shift_ce_weight * shift_attention_loss(known, offset, stride)
+                 + cfg.shift_sharpness_weight * known_shift_sharpness_loss(known, offset, stride))
     return total / len(codec.fusions)
 
 
@@ -280,14 +307,9 @@ def shift_recovery(codec: DistributedCodec, pairs: Tensor, offset: Tensor, y_hat
     position its attention takes on average (``apply_opam`` of the coordinates) and the true match,
     over the positions whose match lies inside the side view."""
     result = list(opam_passes(codec, y_hat))[-1]
-    batch, _, height, width = result.consistency.shape
-    stride = pairs.shape[-1] // width
-    grid = torch.stack(torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")).float()
-    grid = grid[None].expand(batch, -1, -1, -1)
-    truth = grid + offset[:, :, None, None] / stride
-    limit = torch.tensor([height - 1, width - 1], dtype=torch.float32)[None, :, None, None]
-    inside = ((truth >= 0) & (truth <= limit)).all(dim=1)
-    error = (apply_opam(result, grid) - truth).norm(dim=1) * stride
+    stride = pairs.shape[-1] // result.consistency.shape[-1]
+    distance, inside = correspondence_error(result, offset, stride)
+    error = distance * stride
     return float(result.consistency[:, 0][inside].mean()), float(error[inside].mean())
 
 

@@ -233,6 +233,45 @@ def shift_attention_loss(result: OpamResult, offset: Tensor, stride: int) -> Ten
     return _masked_mean(ce_h, mask_h) + _masked_mean(ce_v, mask_v)
 
 
+def correspondence_error(result: OpamResult, offset: Tensor, stride: int) -> tuple[Tensor, Tensor]:
+    """Distance between the attention's mean correspondence and the true match of a known shift.
+
+    Each main position's mean correspondence is ``apply_opam`` of the side positions' coordinates
+    (the attention-weighted mean side position): a soft or split attention pulls it off the match.
+
+    Args:
+        result: OPAM pass on ``[B, C, H, W]`` features.
+        offset: ``[B, 2]`` pixel shift ``(o_y, o_x)`` as in ``shift_attention_loss``.
+        stride: pixels per feature position.
+    Returns:
+        the distance in positions ``[B, H, W]`` and where the match lies inside the side view
+        ``[B, H, W]`` (bool).
+    """
+    batch, _, height, width = result.consistency.shape
+    grid = torch.stack(torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")).float()
+    grid = grid[None].expand(batch, -1, -1, -1)
+    truth = grid + offset[:, :, None, None].float() / stride
+    limit = torch.tensor([height - 1, width - 1], dtype=torch.float32)[None, :, None, None]
+    inside = ((truth >= 0) & (truth <= limit)).all(dim=1)
+    distance = (apply_opam(result, grid).float() - truth).square().sum(dim=1).add(1e-6).sqrt()
+    return distance, inside
+
+
+def known_shift_sharpness_loss(result: OpamResult, offset: Tensor, stride: int) -> Tensor:
+    """What a known shift asks beyond the cross-entropy: where the match lies inside the side view,
+    the mean correspondence on it (``correspondence_error``, in positions) and full consistency
+    (``−log C``). Both are lowest for one sharp, mutual peak on the match, whereas the cross-entropy
+    alone is lowered by spreading the attention over ambiguous matches (repeated texture, flat blocks),
+    which moves the mean correspondence off the match and the consistency toward 0 on unseen views.
+
+    Args as ``correspondence_error``. Returns: scalar, the sum of both masked means.
+    """
+    distance, inside = correspondence_error(result, offset, stride)
+    mask = inside.float()
+    surprise = -result.consistency[:, 0].float().clamp_min(1e-4).log()
+    return _masked_mean(distance, mask) + _masked_mean(surprise, mask)
+
+
 def photometric_alignment_loss(result: OpamResult, main_image: Tensor, side_image: Tensor,
                                invalid_cost: float) -> Tensor:
     """Consistency-weighted photometric error of the attention-aligned side image.

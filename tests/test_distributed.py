@@ -202,3 +202,26 @@ def test_distributed_training_warm_up_rd_resume_and_export(tmp_path: Path) -> No
     shipped = load_distributed(path.stem, tmp_path / "weights")
     for k, v in shipped.fusions.state_dict().items():
         torch.testing.assert_close(v, trained[k], atol=1e-2, rtol=1e-2)  # float16 storage
+
+
+def test_fixed_opam_temperature_is_set_and_not_trained(tmp_path: Path) -> None:
+    """``opam_temperature > 0``: every OPAM takes that temperature, and an optimiser step moves its
+    projections but not the temperature (it is not in the optimiser's groups)."""
+    import math
+
+    from lmvic.distributed_training import DistributedTrainConfig, build_models, optimiser
+
+    cfg = DistributedTrainConfig(str(tmp_path), (), fusions=("pmifm",), opam_temperature=16.0)
+    codec = build_models(cfg)["pmifm"]
+    opt = optimiser(codec, cfg)
+    in_groups = {id(p) for g in opt.param_groups for p in g["params"]}
+    for fusion in codec.fusions:
+        torch.testing.assert_close(fusion.opam.log_temperature, torch.full((2,), math.log(16.0)))
+        assert id(fusion.opam.log_temperature) not in in_groups
+    opam = codec.fusions[-1].opam
+    before = {n: p.clone() for n, p in opam.named_parameters()}
+    feats = torch.randn(2, 1, opam.project_hor.branches[0][0].in_channels, 8, 8)
+    opam(feats[0], feats[1]).aligned.square().mean().backward()
+    opt.step()
+    moved = {n for n, p in opam.named_parameters() if not torch.equal(p, before[n])}
+    assert moved and "log_temperature" not in moved

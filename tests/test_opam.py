@@ -10,8 +10,9 @@ from torch.profiler import ProfilerActivity, profile
 import lmvic  # noqa: F401  (torchvision shim before anything imports compressai)
 from lmvic.fusion import AverageFusion, ParallaxFusion
 from lmvic.models.single_view import fixed_threads
-from lmvic.opam import (OPAM, align_image, apply_opam, column_attention, normalised, omni_parallax_attention,
-                        photometric_alignment_loss, row_attention, shift_attention_loss, shift_targets)
+from lmvic.opam import (OPAM, align_image, apply_opam, column_attention, correspondence_error,
+                        known_shift_sharpness_loss, normalised, omni_parallax_attention, photometric_alignment_loss,
+                        row_attention, shift_attention_loss, shift_targets)
 
 IDENTITY = nn.Identity()
 
@@ -215,6 +216,31 @@ def test_shift_attention_loss_vanishes_only_at_the_true_shift(dy: int, dx: int) 
     # the same shift seen on images 4× larger (4 px per feature position)
     torch.testing.assert_close(shift_attention_loss(out, torch.tensor([[4.0 * dy, 4.0 * dx]]), 4),
                                torch.tensor(loss[(dy, dx)]))
+
+
+def test_known_shift_sharpness_loss_closed_form() -> None:
+    """A sharp attention on the true shift: mean correspondence on the match, C ≈ 1, loss ≈ 0 (at any
+    pixel stride); uniform attention (zero features): every mean correspondence is the window centre
+    and C = 1/(H·W), so the loss is the mean distance of the centre to the matches plus log(H·W)."""
+    h, w, dy, dx, s = 8, 10, 2, -3, 4
+    offset = torch.tensor([[float(s * dy), float(s * dx)]])
+    rows, cols = interior(h, w, dy, dx)
+    expected_inside = torch.zeros(1, h, w, dtype=torch.bool)
+    expected_inside[0, rows, cols] = True
+    main_f, side_f = shifted_code_pair(h, w, dy, dx, seed=5)
+    sharp = omni_parallax_attention(2 * main_f, 2 * side_f, IDENTITY, IDENTITY)
+    distance, inside = correspondence_error(sharp, offset, s)
+    assert torch.equal(inside, expected_inside)
+    assert float(distance[inside].max()) < 1e-2
+    assert float(known_shift_sharpness_loss(sharp, offset, s)) < 2e-2
+
+    uniform = omni_parallax_attention(torch.zeros(1, 4, h, w), torch.zeros(1, 4, h, w), IDENTITY, IDENTITY)
+    g, i = torch.meshgrid(torch.arange(h).float(), torch.arange(w).float(), indexing="ij")
+    centre = torch.hypot((h - 1) / 2 - (g + dy), (w - 1) / 2 - (i + dx))[expected_inside[0]]
+    distance, _ = correspondence_error(uniform, offset, s)
+    torch.testing.assert_close(distance[expected_inside], centre, atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close(known_shift_sharpness_loss(uniform, offset, s),
+                               centre.mean() + torch.tensor(float(np.log(h * w))), atol=1e-3, rtol=1e-4)
 
 
 def test_photometric_alignment_loss_closed_form() -> None:

@@ -35,12 +35,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--crop", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (cosine schedule, 50 warm-up steps)")
     p.add_argument("--opam-lr-scale", type=float, default=1.0, help="learning rate of OPAM relative to --lr")
+    p.add_argument("--opam-temperature", type=float, default=0.0,
+                   help="> 0: fix every OPAM's attention temperature to this value instead of training it")
     p.add_argument("--synthesis-lr-scale", type=float, default=0.0,
                    help="> 0 also fine-tunes the synthesis at this fraction of the learning rate")
     p.add_argument("--align-weight", type=float, default=1.0, help="weight of the alignment loss (0: RD only)")
     p.add_argument("--align-warmup-steps", type=int, default=0, help="first steps: the alignment loss alone")
     p.add_argument("--align-pairs", type=int, default=2,
                    help="shifted pairs and pairs of neighbouring views per step (each)")
+    p.add_argument("--shift-ce-weight", type=float, default=0.0,
+                   help="weight of the attention cross-entropy on the shifted pairs (it softens the attention)")
+    p.add_argument("--shift-sharpness-weight", type=float, default=1.0,
+                   help="weight of the mean-correspondence and consistency loss on the shifted pairs")
     p.add_argument("--val-every", type=int, default=150, help="steps between validations (val.csv, curves.png)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
@@ -98,9 +104,11 @@ def run(args: argparse.Namespace) -> None:
             deadline=utc_deadline(args.until),
             batch=args.batch, crop=args.crop, threads=args.threads, precision=args.precision,
             schedule=Schedule(peak_lr=args.lr, final_lr=args.lr / 10, warmup_steps=50),
-            opam_lr_scale=args.opam_lr_scale, synthesis_lr_scale=args.synthesis_lr_scale,
+            opam_lr_scale=args.opam_lr_scale, opam_temperature=args.opam_temperature,
+            synthesis_lr_scale=args.synthesis_lr_scale,
             align_weight=args.align_weight, align_warmup_steps=args.align_warmup_steps,
-            align_pairs=args.align_pairs, val_every=args.val_every)
+            align_pairs=args.align_pairs, shift_ce_weight=args.shift_ce_weight,
+            shift_sharpness_weight=args.shift_sharpness_weight, val_every=args.val_every)
     train_distributed(config, resume=args.resume)
     if args.export is not None:
         for path in export_checkpoint(args.run_dir, args.export):
