@@ -62,7 +62,7 @@ class JointEvalCodec(ContainerEvalCodec):
 
     def __init__(self, names: Sequence[str], K: np.ndarray, T: np.ndarray, depths: Sequence[np.ndarray],
                  model_id: str = "joint-cpu", name: str = "lmvic-joint"):
-        from lmvic.scene_codec import load_joint
+        from lmvic.scene_codec import DEPTH_FACTOR, load_joint
         from lmvic.zoo import WeightsError, weights_sha256
         from pipelines.errors import LmvicError
 
@@ -74,7 +74,7 @@ class JointEvalCodec(ContainerEvalCodec):
             raise LmvicError(f"joint mode is not available: {exc}") from exc
         alignment = "ICT" if self.codec.aligned else "ICT without alignment: the Concatenation ablation"
         self.description = (f"lmvic joint mode ({model_id} {weights_sha256(model_id)[:12]}): depth codec "
-                            f"(CVDP + DCI) and image codec ({alignment}, QPEM) over 3DGS depth, "
+                            f"(CVDP + DCI, depth at 1/{DEPTH_FACTOR}) and image codec ({alignment}, QPEM) over 3DGS depth, "
                             "intra/inter RD decision per view")
         self.qualities = tuple(range(1, self.codec.num_qualities + 1))
 

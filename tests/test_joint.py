@@ -116,19 +116,23 @@ def test_aligned_latent_of_a_perfectly_aligned_reference_is_the_target_latent() 
 
 def test_cvdp_at_the_depth_codec_resolution_moves_a_plane_by_its_coarse_disparity() -> None:
     """Plane at z = 2 seen by a camera moved 0.5 along x: at full resolution (f = 128) the disparity is
-    32 px, so on the 1/8 map every column moves by 4 and the last 4 columns get no prediction."""
+    32 px, so on the 1/DEPTH_FACTOR map every column moves by 32/DEPTH_FACTOR and those last columns,
+    like the padding, get no prediction."""
     from lmvic.models.depth_codec import DepthRange, cross_view_prediction
     from lmvic.scene_codec import DEPTH_FACTOR, coarse_intrinsics, coarse_size
 
     K = torch.tensor([[[128.0, 0, 256], [0, 128.0, 256], [0, 0, 1]]])
     T_ref, T_tgt = torch.eye(4)[None], torch.eye(4)[None].clone()
     T_tgt[0, 0, 3] = -0.5  # camera centre at x = +0.5
+    n, shift = 512 // DEPTH_FACTOR, 32 // DEPTH_FACTOR
     size = coarse_size((512, 512))
-    assert DEPTH_FACTOR == 8 and size == (64, 64)
+    assert size == (-(-n // 64) * 64,) * 2  # the coarse map, padded to a multiple of 64
     prediction, hit = cross_view_prediction(torch.full((1, 512, 512), 2.0), K, T_ref, coarse_intrinsics(K), T_tgt,
                                             size, DepthRange(1.0, 4.0))
-    assert bool((hit[..., :60] == 1).all()) and bool((hit[..., 60:] == 0).all())
-    torch.testing.assert_close(prediction[..., :60], DepthRange(1.0, 4.0).normalise(torch.full((1, 64, 60), 2.0)))
+    assert bool((hit[..., :n, : n - shift] == 1).all())
+    assert bool((hit[..., n - shift:] == 0).all()) and bool((hit[..., n:, :] == 0).all())
+    torch.testing.assert_close(prediction[..., :n, : n - shift],
+                               DepthRange(1.0, 4.0).normalise(torch.full((1, n, n - shift), 2.0)))
 
 
 @pytest.fixture(scope="module")
@@ -211,6 +215,9 @@ def test_corrupt_containers_are_refused(coded_scene, tmp_path) -> None:
         "wrong latent shape": (header, [{**r, image[i]: replace(r[image[i]], shape=(1, 1))}
                                         for i, r in enumerate(records)]),
         "no depth range": (header, [{k: v for k, v in r.items() if k != "scene.depth_range"} for r in records]),
+        "another depth factor": (header, [{**r, "scene.depth_range": replace(
+            r["scene.depth_range"], chunks=(r["scene.depth_range"].chunks[0][:16] + b"\x08\x00",))}
+            if "scene.depth_range" in r else r for r in records]),
         "quality out of range": (replace(header, quality=99), records),
         "distributed mode": (replace(header, mode="distributed"), records),
     }.items():
