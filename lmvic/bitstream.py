@@ -101,6 +101,11 @@ class LatentStream:
     chunks: tuple[bytes, ...]
     shape: tuple[int, ...]
 
+    @property
+    def nbytes(self) -> int:
+        """Coded bytes of all chunks (what the stream costs, without the container's length fields)."""
+        return sum(len(c) for c in self.chunks)
+
 
 #: One view's coded data: named streams such as ``"image.y"``, ``"image.z"``, ``"depth.y"``.
 ViewRecord = Mapping[str, LatentStream]

@@ -29,7 +29,7 @@ Streams per view (``lmvic.bitstream.LatentStream``): ``depth`` and ``image``, ea
 chunks — the range-coded QPEM steps y0…y3 and the hyper-latent z — and the shape of z ((H/64, W/64)
 for the image; for the depth that of its padded 1/16-resolution map), or ``image.intra`` instead of
 ``image``: two chunks, the backbone's y and z; the first coded view also holds ``scene.depth_range`` (two
-float64: near, far). Two streams per view keep the container's per-stream overhead small.
+float64 and a u16: near, far, ``DEPTH_FACTOR``). Two streams per view keep the container's per-stream overhead small.
 
 Model ids are ``joint-<size>``; weights are ``lmvic/weights/<model id>.pt`` with a SHA-256 sidecar.
 """
@@ -189,20 +189,20 @@ class JointCodec(CompressionModel):
         depth_hat = self._decoded_depth(y_hat, d_side, size, depth_range)
         i_side = _exact(self.image_side, ref, depth_hat, K, T)
         strings, shape, y_hat = self.image.encode(image, quality, i_side)
-        inter = (_stream(strings, shape), self._decoded(y_hat, quality, i_side, depth_hat, K, T))
-        if inter_only:
-            return {**streams, "image": inter[0]}, inter[1]
-        with torch.no_grad():
-            strings, shape, y_hat = self.image.backbone.encode_latent(image, quality)
-        intra = (_stream(strings, shape), self._decoded(y_hat, quality, None, depth_hat, K, T))
-        name, (stream, view) = min((("image", inter), (INTRA_STREAM, intra)),
-                                   key=lambda mode: self.rd_cost(mode[1][0], mode[1][1].image, image, quality))
-        return {**streams, name: stream}, view
+        inter, inter_view = _stream(strings, shape), self._decoded(y_hat, quality, i_side, depth_hat, K, T)
+        if not inter_only:
+            with torch.no_grad():
+                strings, shape, y_hat = self.image.backbone.encode_latent(image, quality)
+            intra, intra_view = _stream(strings, shape), self._decoded(y_hat, quality, None, depth_hat, K, T)
+            if (self.rd_cost(intra, intra_view.image, image, quality)
+                    < self.rd_cost(inter, inter_view.image, image, quality)):
+                return {**streams, INTRA_STREAM: intra}, intra_view
+        return {**streams, "image": inter}, inter_view
 
     def rd_cost(self, stream: LatentStream, decoded: Tensor, image: Tensor, quality: int) -> float:
         """The training loss's RD cost of coding ``image`` (1, 3, H, W) as ``stream`` decoding to
         ``decoded``: bits per pixel + λ_quality·255²·MSE."""
-        bpp = 8 * sum(len(c) for c in stream.chunks) / (image.shape[-2] * image.shape[-1])
+        bpp = 8 * stream.nbytes / (image.shape[-2] * image.shape[-1])
         lam = float(self.image.backbone.lambdas[quality - 1])
         return bpp + lam * 255**2 * float(F.mse_loss(decoded, image))
 
@@ -350,7 +350,8 @@ def encode_scene(codec: JointCodec, scene: SceneInput, order: Sequence[int], qua
         K, T = _camera(views[i])
         ref = decoded.get(order[rank - 1]) if rank else None
         records[i], decoded[i] = codec.encode_view(image, depth, K, T, quality, depth_range, ref, inter_only)
-    records[order[0]][RANGE_STREAM] = LatentStream((_RANGE.pack(depth_range.near, depth_range.far, DEPTH_FACTOR),), (3,))
+    range_bytes = _RANGE.pack(depth_range.near, depth_range.far, DEPTH_FACTOR)
+    records[order[0]][RANGE_STREAM] = LatentStream((range_bytes,), (3,))
     return header, records, _output(header, decoded)
 
 
@@ -376,7 +377,8 @@ def _depth_range(stream: LatentStream | None) -> DepthRange:
                              "(files of lmvic before session 5 coded depth at 1/8 and cannot be read)")
     near, far, factor = _RANGE.unpack(stream.chunks[0])
     if factor != DEPTH_FACTOR:
-        raise BitstreamError(f"the file codes depth at 1/{factor} of the image size; this decoder codes 1/{DEPTH_FACTOR}")
+        raise BitstreamError(f"the file codes depth at 1/{factor} of the image size; "
+                             f"this decoder codes 1/{DEPTH_FACTOR}")
     try:
         return DepthRange(near, far)
     except ValueError as exc:

@@ -102,8 +102,7 @@ def view_summary(path: Path) -> str:
         for i in header.order:
             view = header.views[i]
             refs = ",".join(header.views[r].name for r in header.references[i]) or "-"
-            streams = "  ".join(f"{k} {sum(len(c) for c in s.chunks)}" for k, s in reader.read_view(i).items())
+            streams = "  ".join(f"{k} {s.nbytes}" for k, s in reader.read_view(i).items())
             lines.append(f"{view.name:<{width}}  {refs:<{width}}  {sizes[i]:>8}  "
                          f"{8 * sizes[i] / (view.height * view.width):7.4f}  {streams}")
     return "\n".join(lines)
-
