@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 
 from lmvic.bitstream import SceneReader, ViewInfo
-from lmvic.scene_codec import DecodedScene
+from lmvic.scene_codec import DecodedScene, JointCodec
 
 
 class ContainerEvalCodec:
@@ -57,11 +57,13 @@ class JointEvalCodec(ContainerEvalCodec):
     """The joint mode (3D-LMVIC): each view coded with its predecessor as reference, depth first.
 
     ``depths``: the views' median depth (H, W) in camera z, cropped like the images. ``model_id``
-    ``joint-concat-cpu`` (named ``lmvic-concat``) is the Concatenation ablation.
+    ``joint-concat-cpu`` (named ``lmvic-concat``) is the Concatenation ablation. ``codec``, if given,
+    is used instead of the shipped ``model_id`` (e.g. a training snapshot), and ``model_id`` only
+    labels it.
     """
 
     def __init__(self, names: Sequence[str], K: np.ndarray, T: np.ndarray, depths: Sequence[np.ndarray],
-                 model_id: str = "joint-cpu", name: str = "lmvic-joint"):
+                 model_id: str = "joint-cpu", name: str = "lmvic-joint", codec: JointCodec | None = None):
         from lmvic.scene_codec import DEPTH_FACTOR, load_joint
         from lmvic.zoo import WeightsError, weights_sha256
         from pipelines.errors import LmvicError
@@ -69,11 +71,12 @@ class JointEvalCodec(ContainerEvalCodec):
         super().__init__(names, K, T)
         self.depths, self.name = list(depths), name
         try:
-            self.codec = load_joint(model_id)
+            self.codec = codec or load_joint(model_id)
         except WeightsError as exc:
             raise LmvicError(f"joint mode is not available: {exc}") from exc
         alignment = "ICT" if self.codec.aligned else "ICT without alignment: the Concatenation ablation"
-        self.description = (f"lmvic joint mode ({model_id} {weights_sha256(model_id)[:12]}): depth codec "
+        label = model_id if codec else f"{model_id} {weights_sha256(model_id)[:12]}"
+        self.description = (f"lmvic joint mode ({label}): depth codec "
                             f"(CVDP + DCI, depth at 1/{DEPTH_FACTOR}) and image codec ({alignment}, QPEM) over 3DGS depth, "
                             "intra/inter RD decision per view")
         self.qualities = tuple(range(1, self.codec.num_qualities + 1))

@@ -43,7 +43,7 @@ from lmvic.scene_codec import DEPTH_QUALITY, JointCodec, JointPart, build_joint,
 from lmvic.training.loop import (_save_atomic, budget_progress, check_replicas_equal, dist_info, distortion, log_row,
                                 optimisation_step, psnr_from_mse)
 from lmvic.training.schedule import Schedule
-from lmvic.zoo import single_view_from
+from lmvic.zoo import ship_ready, single_view_from
 
 VIEW_WEIGHTS = (0.5, 1.2, 0.5, 0.9)
 PARTS = ("all", "depth", "image", "context")
@@ -127,6 +127,27 @@ def _build(cfg: JointTrainConfig, log=print) -> JointCodec:
         part.load_state_dict({**own, **kept})
         log(f"initialised {len(kept)} of {len(own)} tensors from {cfg.init_joint}")
     return codec
+
+
+def shipped_base(cfg: JointTrainConfig) -> str | None:
+    """The shipped single-view weights (a name such as ``single_view_cpu``) a run's codec is built on
+    unchanged, so its export references them instead of storing its backbone; None otherwise."""
+    untouched = cfg.freeze_backbone or cfg.parts == "depth"
+    named = cfg.init_single_view and not cfg.init_single_view.endswith(".pt")
+    return cfg.init_single_view if untouched and named else None
+
+
+def checkpoint_codec(path: Path) -> JointCodec:
+    """The codec of a run's ``checkpoint.pt`` (or a copy of it, e.g. a snapshot taken while it trains)
+    as ``lmvic train-joint --export`` would ship it: on its shipped base, float16-rounded, eval mode."""
+    ck = torch.load(path, map_location="cpu", weights_only=False)
+    cfg = JointTrainConfig(**{**ck["config"], "schedule": Schedule(**ck["config"]["schedule"])})
+    base = shipped_base(cfg)
+    codec = build_joint(cfg.size, backbone=single_view_from(base) if base else None, aligned=cfg.aligned)
+    shipped = JointPart(codec) if base else codec
+    shipped.load_state_dict(_joint_part_state(path) if base else ck["model"])
+    ship_ready(shipped)
+    return codec.eval()
 
 
 def _joint_part_state(path: Path) -> dict[str, Tensor]:

@@ -31,18 +31,24 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def write_weights(model: torch.nn.Module, path: Path, payload: dict, meta: dict, half: bool = True) -> Path:
-    """Ship ``model``: quantiles and CDFs refreshed, parameters stored as float16 if ``half``,
-    written to ``path`` with ``{**payload, "state_dict"}`` and a ``.json`` sidecar (SHA-256 + ``meta``).
+def ship_ready(model: torch.nn.Module, half: bool = True) -> None:
+    """Make ``model`` what a decoder loads from its shipped file: parameters rounded to float16 if
+    ``half`` (first, so the CDFs are built from the rounded weights), quantiles and CDFs refreshed."""
+    def rounded() -> None:
+        if half:
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.copy_(p.half().float())
 
-    With ``half`` the parameters are rounded first, so the CDFs are built from the weights the
-    decoder will load.
-    """
-    if half:
-        with torch.no_grad():
-            for p in model.parameters():
-                p.copy_(p.half().float())
+    rounded()
     model.update(force=True, update_quantiles=True)
+    rounded()  # the quantiles update() set are stored as float16 too
+
+
+def write_weights(model: torch.nn.Module, path: Path, payload: dict, meta: dict, half: bool = True) -> Path:
+    """Ship ``model`` (made :func:`ship_ready`, parameters stored as float16 if ``half``) to ``path``
+    with ``{**payload, "state_dict"}`` and a ``.json`` sidecar (SHA-256 + ``meta``)."""
+    ship_ready(model, half)
     params = {name for name, _ in model.named_parameters()}
     # only parameters go to float16: buffers such as CompressAI's likelihood lower bound (1e-9) would
     # round to 0 (infinite estimated bits) and the scale table must stay exact

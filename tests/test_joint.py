@@ -389,6 +389,28 @@ def test_joint_training_runs_resumes_and_freezes(tmp_path) -> None:
     assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["step"] == 3
 
 
+def test_a_run_checkpoint_is_the_codec_its_export_ships(tmp_path) -> None:
+    """``checkpoint_codec`` (how benchmarks read snapshots of a running training) gives exactly the
+    codec a decoder loads from the run's ``--export`` file: same base, same rounded weights and CDFs."""
+    import shutil
+
+    from lmvic.joint_training import JointTrainConfig, checkpoint_codec, shipped_base, train_joint
+    from lmvic.zoo import WEIGHTS_DIR
+    from scenes.synthetic import generate
+
+    scene = generate(tmp_path / "scene", ArcCameras(n_views=5, width=64, height=64, arc_degrees=20.0), seed=1)
+    cfg = JointTrainConfig(str(tmp_path / "run"), (str(scene),), steps=1, batch=1, crop=64,
+                           init_single_view="single_view_cpu", freeze_backbone=True)
+    trained = train_joint(cfg, log=lambda _: None)
+    assert shipped_base(cfg) == "single_view_cpu" and shipped_base(replace(cfg, freeze_backbone=False)) is None
+    for suffix in (".pt", ".json"):
+        shutil.copy(WEIGHTS_DIR / f"single_view_cpu{suffix}", tmp_path / f"single_view_cpu{suffix}")
+    shipped = load_joint_file(save_joint(trained.eval(), tmp_path / "joint.pt", base=shipped_base(cfg))).state_dict()
+    snapshot = checkpoint_codec(tmp_path / "run" / "checkpoint.pt").state_dict()
+    assert snapshot.keys() == shipped.keys()
+    assert all(torch.equal(snapshot[k], shipped[k]) for k in shipped)
+
+
 def test_staged_parts_train_only_their_codec_and_start_from_a_previous_run(tmp_path) -> None:
     from lmvic.joint_training import JointTrainConfig, train_joint
     from scenes.synthetic import generate

@@ -51,7 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from lmvic.joint_training import JointTrainConfig, train_joint
+    from lmvic.joint_training import JointTrainConfig, shipped_base, train_joint
     from lmvic.scene_codec import save_joint
     from lmvic.training.loop import check_metric, dist_info
     from lmvic.training.schedule import Schedule
@@ -76,6 +76,4 @@ def run(args: argparse.Namespace) -> None:
     model = train_joint(config, resume=args.resume)
     if args.export and dist_info()[0] == 0:
         # a frozen shipped backbone is referenced by name and SHA-256, not stored again
-        untouched = args.freeze_backbone or args.parts == "depth"
-        shipped = untouched and args.init_single_view and not args.init_single_view.endswith(".pt")
-        print(save_joint(model.eval(), Path(args.export), base=args.init_single_view if shipped else None))
+        print(save_joint(model.eval(), Path(args.export), base=shipped_base(config)))
