@@ -5,11 +5,17 @@ clipping, both Adam steps) on crops from the uint8 cache, for crop/batch pairs a
 pixels per step, both codec sizes and 1 vs 2 threads. CPU time (``time.process_time``) is reported
 beside wall time because the machine is shared: CPU time is what the budget buys.
 
-    .venv/bin/python benchmarks/train_throughput.py [--steps 4]
+``--joint`` measures instead the joint codec's training step (``lmvic train-joint``'s own loop: a
+4-view clip, frozen backbone, bf16, one thread) at both codec sizes on a synthetic scene: what the
+``paper`` width would cost per step on this CPU.
+
+    .venv/bin/python benchmarks/train_throughput.py [--steps 4] [--joint]
 """
 from __future__ import annotations
 
 import argparse
+import csv
+import tempfile
 import time
 from pathlib import Path
 
@@ -56,11 +62,40 @@ def measure(size: str, crop: int, batch: int, threads: int, steps: int, cache: I
             "kpixels_per_cpu_s": batch * crop * crop / cpu / 1e3}
 
 
+def measure_joint(size: str, crop: int, steps: int, scene: Path, run_dir: Path) -> dict:
+    """Wall seconds per step of ``train_joint`` (the first step, which warms up, is not counted)."""
+    from lmvic.joint_training import JointTrainConfig, train_joint
+
+    cfg = JointTrainConfig(str(run_dir), (str(scene),), size=size, steps=steps + 1, batch=1, crop=crop,
+                           freeze_backbone=True, precision="bf16", log_every=1, ckpt_every=10**9)
+    codec = train_joint(cfg, log=lambda _: None)
+    with open(run_dir / "train.csv", newline="") as f:
+        seconds = [float(r["s_per_step"]) for r in csv.DictReader(f)][1:]
+    trained = sum(p.numel() for n, p in codec.named_parameters() if not n.startswith("image.backbone."))
+    return {"size": size, "crop": crop, "s_per_step": sum(seconds) / len(seconds), "trained_params": trained}
+
+
+def joint_table(steps: int) -> None:
+    from scenes.synthetic import ArcCameras, generate
+
+    torch.set_num_threads(1)
+    print(f"{'size':6s} {'crop':>4s} {'s/step':>7s} {'clips/h':>7s} {'trained params':>14s}")
+    with tempfile.TemporaryDirectory() as tmp:
+        scene = generate(Path(tmp) / "scene", ArcCameras(n_views=6, width=320, height=256), seed=0)
+        for size in ("cpu", "paper"):
+            r = measure_joint(size, 256, steps, scene, Path(tmp) / size)
+            print(f"{r['size']:6s} {r['crop']:4d} {r['s_per_step']:7.2f} {3600 / r['s_per_step']:7.0f} "
+                  f"{r['trained_params'] / 1e6:13.2f}M", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--cache", type=Path, default=ROOT / "runs" / "cache")
+    ap.add_argument("--joint", action="store_true", help="the joint codec's training step at both sizes instead")
     args = ap.parse_args()
+    if args.joint:
+        return joint_table(args.steps)
     cache = ImageCache(args.cache)
     print(f"{'size':6s} {'crop':>4s} {'batch':>5s} {'thr':>3s} {'CPU s/step':>10s} {'wall s/step':>11s} "
           f"{'sample s':>8s} {'img/CPU-s':>9s} {'kpx/CPU-s':>9s}")
