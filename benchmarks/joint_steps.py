@@ -34,7 +34,7 @@ from pipelines.rd import METRICS, crop_common, curve_bd_rates, format_bd_rates, 
 from pipelines.relations import finished_relations
 
 
-def crops(work: Path, views: int, size: int):
+def first_views(work: Path, views: int, size: int):
     """The first ``views`` of the coding order, centre-cropped to ``size``² (0: whole, cropped at the
     top-left to a multiple of 64 as ``lmvic eval`` does): names, images, depths, K (principal point
     moved by the crop offset) and T."""
@@ -66,7 +66,7 @@ def main() -> None:
     ap.add_argument("--crop", type=int, default=0, help="centre crop side (0: whole views)")
     ap.add_argument("--out", type=Path, required=True, help="CSV; the plot goes beside it as .png")
     args = ap.parse_args()
-    names, images, depths, K, T = crops(args.work_dir, args.views, args.crop)
+    names, images, depths, K, T = first_views(args.work_dir, args.views, args.crop)
     setting = {"scene": args.work_dir.name, "views": args.views, "crop": args.crop}
     given = {int(spec.split(":", 1)[0]) for spec in args.snapshot}
     rows = [r for r in earlier_rows(args.out) if {k: r[k] for k in setting} == setting and r["clips"] not in given]
@@ -91,7 +91,8 @@ def main() -> None:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    plot(rows, args.out.with_suffix(".png"), f"{args.work_dir.name}: first {args.views} views" + (f", {args.crop}² crops" if args.crop else ""))
+    title = f"{args.work_dir.name}: first {args.views} views" + (f", {args.crop}² crops" if args.crop else "")
+    plot(rows, args.out.with_suffix(".png"), title)
 
 
 def earlier_rows(path: Path) -> list[dict]:

@@ -71,11 +71,11 @@ class JointEvalCodec(ContainerEvalCodec):
         super().__init__(names, K, T)
         self.depths, self.name = list(depths), name
         try:
-            self.codec = codec or load_joint(model_id)
+            self.codec = codec if codec is not None else load_joint(model_id)
         except WeightsError as exc:
             raise LmvicError(f"joint mode is not available: {exc}") from exc
         alignment = "ICT" if self.codec.aligned else "ICT without alignment: the Concatenation ablation"
-        label = model_id if codec else f"{model_id} {weights_sha256(model_id)[:12]}"
+        label = model_id if codec is not None else f"{model_id} {weights_sha256(model_id)[:12]}"
         self.description = (f"lmvic joint mode ({label}): depth codec "
                             f"(CVDP + DCI, depth at 1/{DEPTH_FACTOR}) and image codec ({alignment}, QPEM) over 3DGS depth, "
                             "intra/inter RD decision per view")
