@@ -1,0 +1,87 @@
+"""Where the joint codec's gain over coding each view alone comes from: QPEM's context or the reference.
+
+On the first views of a scene's coding order (whole, as ``lmvic eval`` crops them), at every
+quality, three codings of the images, stream bytes only (no container):
+
+- ``single``: the single-view codec (its hyperprior), what ``lmvic eval`` calls Separate;
+- ``noref``: the shipped joint codec with no reference for any view, i.e. its image codec's QPEM
+  context with the reference path off, and the encoder's intra/inter decision; this needs no depth;
+- ``ref``: the joint codec as ``lmvic encode`` runs it (each view referencing its predecessor),
+  image streams; its depth streams are counted apart.
+
+Prints per quality bpp and PSNR of each, and the BD-rates noref vs single (what QPEM's context
+alone gives) and ref vs noref (what the depth-warped reference adds to the image bits).
+
+    python benchmarks/joint_split.py /work/runs/sceaux [--views 6]
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from joint_steps import first_views
+from lmvic.models.depth_codec import DepthRange
+from lmvic.scene_codec import INTRA_STREAM, SceneInput, encode_scene, load_joint, pad
+from lmvic.zoo import load_single_view
+from pipelines.metrics import psnr
+from pipelines.rd import bd_rate
+
+
+def to_tensor(image: np.ndarray) -> torch.Tensor:
+    """uint8 (H, W, 3) → padded (1, 3, H', W') in [0, 1]."""
+    return pad(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float() / 255)
+
+
+def to_uint8(x: torch.Tensor, height: int, width: int) -> np.ndarray:
+    return (x[0, :, :height, :width].clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("work_dir", type=Path, help="a scene's work folder (geometry and relations stages run)")
+    ap.add_argument("--views", type=int, default=6)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    names, images, depths, K, T = first_views(args.work_dir, args.views, 0)
+    h, w = images[0].shape[:2]
+    pixels = len(images) * h * w
+    joint, single = load_joint("joint-cpu").eval(), load_single_view("single_view_cpu").eval()
+    depth_range = DepthRange.of(torch.cat([torch.as_tensor(d, dtype=torch.float32).flatten() for d in depths]))
+    curves: dict[str, list[tuple[float, float]]] = {"single": [], "noref": [], "ref": []}
+    for q in range(1, joint.num_qualities + 1):
+        size = {k: 0 for k in curves}
+        quality = {k: [] for k in curves}
+        for image, depth, k, t in zip(images, depths, K, T):
+            x = to_tensor(image)
+            coded = single.compress(x, q)
+            size["single"] += sum(len(s[0]) for s in coded["strings"])
+            quality["single"].append(psnr(image, to_uint8(single.decompress(coded["strings"], coded["shape"], q)["x_hat"], h, w)))
+            streams, view = joint.encode_view(x, pad(torch.as_tensor(depth, dtype=torch.float32)[None]),
+                                              torch.as_tensor(k, dtype=torch.float32)[None],
+                                              torch.as_tensor(t, dtype=torch.float32)[None], q, depth_range, None)
+            size["noref"] += sum(s.nbytes for name, s in streams.items() if name in ("image", INTRA_STREAM))
+            quality["noref"].append(psnr(image, to_uint8(view.image, h, w)))
+        _, records, out = encode_scene(joint, SceneInput(names, images, depths, K, T), range(len(names)), q)
+        size["ref"] = sum(s.nbytes for r in records for name, s in r.items() if name in ("image", INTRA_STREAM))
+        depth_bytes = sum(r["depth"].nbytes for r in records)
+        quality["ref"] = [psnr(image, out.images[n]) for n, image in zip(names, images)]
+        for key in curves:
+            curves[key].append((8 * size[key] / pixels, float(np.mean(quality[key]))))
+        print(f"q{q}: " + "  ".join(f"{key} {curves[key][-1][0]:.4f} bpp {curves[key][-1][1]:.2f} dB" for key in curves)
+              + f"  (ref's depth streams {depth_bytes} B = {8 * depth_bytes / pixels:.4f} bpp)", flush=True)
+
+    def bd(anchor: str, test: str) -> float:
+        a, t = curves[anchor], curves[test]
+        return bd_rate([p[0] for p in a], [p[1] for p in a], [p[0] for p in t], [p[1] for p in t])
+
+    print(f"{args.work_dir.name}, first {len(names)} views, image streams (BD-rate, PSNR):")
+    print(f"  noref vs single (QPEM's own context):      {bd('single', 'noref'):+.1f} %")
+    print(f"  ref vs noref (the depth-warped reference): {bd('noref', 'ref'):+.1f} %")
+    print(f"  ref vs single:                             {bd('single', 'ref'):+.1f} %")
+
+
+if __name__ == "__main__":
+    main()
