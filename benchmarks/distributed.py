@@ -126,7 +126,7 @@ def middlebury_alignment(quality: int, weights: Path) -> None:
     fraction under 3 px); ``mean C`` is OPAM's mean consistency (coverage counts C ≥ ``OPAM_VALID``).
     """
     from lmvic.models.distributed import load_distributed
-    from lmvic.scene_codec import pad
+    from lmvic.scene_codec import padded_image
     from pipelines.align_compare import OPAM_VALID
 
     codec = load_distributed("distributed-cpu", weights)
@@ -139,7 +139,7 @@ def middlebury_alignment(quality: int, weights: Path) -> None:
         disparity = raw / scale
         warped, valid = gt_warp(right, disparity)
         h, w = left.shape[:2]
-        main, side = (pad(torch.from_numpy(v).permute(2, 0, 1)[None].float() / 255) for v in (left, right))
+        main, side = (padded_image(v) for v in (left, right))
         xs = torch.arange(side.shape[-1], dtype=torch.float32).expand(1, 1, *side.shape[-2:])
         aligned, validity = codec.align_side_image(main, side, quality)
         matched_x, _ = codec.align_side_image(main, side, quality, values=xs)

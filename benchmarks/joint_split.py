@@ -24,19 +24,10 @@ import torch
 
 from joint_steps import first_views
 from lmvic.models.depth_codec import DepthRange
-from lmvic.scene_codec import INTRA_STREAM, SceneInput, encode_scene, load_joint, pad
+from lmvic.scene_codec import INTRA_STREAM, SceneInput, encode_scene, load_joint, pad, padded_image, to_uint8
 from lmvic.zoo import load_single_view
 from pipelines.metrics import psnr
 from pipelines.rd import bd_rate
-
-
-def to_tensor(image: np.ndarray) -> torch.Tensor:
-    """uint8 (H, W, 3) → padded (1, 3, H', W') in [0, 1]."""
-    return pad(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float() / 255)
-
-
-def to_uint8(x: torch.Tensor, height: int, width: int) -> np.ndarray:
-    return (x[0, :, :height, :width].clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
 
 
 def main() -> None:
@@ -55,7 +46,7 @@ def main() -> None:
         size = {k: 0 for k in curves}
         quality = {k: [] for k in curves}
         for image, depth, k, t in zip(images, depths, K, T):
-            x = to_tensor(image)
+            x = padded_image(image)
             coded = single.compress(x, q)
             size["single"] += sum(len(s[0]) for s in coded["strings"])
             quality["single"].append(psnr(image, to_uint8(single.decompress(coded["strings"], coded["shape"], q)["x_hat"], h, w)))

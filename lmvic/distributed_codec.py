@@ -21,7 +21,7 @@ import torch
 from lmvic.bitstream import BitstreamError, LatentStream, SceneHeader, SceneReader, ViewInfo, write_scene
 from lmvic.eval_codec import ContainerEvalCodec
 from lmvic.models.distributed import DistributedCodec, load_distributed
-from lmvic.scene_codec import DecodedScene, pad
+from lmvic.scene_codec import DecodedScene, padded_image, to_uint8
 from lmvic.separate_codec import STREAM, read_stream
 from lmvic.zoo import WeightsError, check_quality, load_named, weights_sha256
 from pipelines.errors import LmvicError
@@ -36,15 +36,10 @@ def load_model(model_id: str) -> DistributedCodec:
     return load_named(model_id, MODEL_IDS, load_distributed, "distributed")
 
 
-def _padded(image: np.ndarray) -> torch.Tensor:
-    """uint8 ``(H, W, 3)`` → ``(1, 3, H', W')`` in [0, 1], padded to multiples of 64."""
-    return pad(torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float() / 255)
-
-
 @torch.no_grad()
 def encode_view(model: DistributedCodec, image: np.ndarray, quality: int) -> LatentStream:
     """One camera's encoder: a uint8 ``(H, W, 3)`` image alone → its ``image`` stream."""
-    out = model.compress(_padded(image), quality)
+    out = model.compress(padded_image(image), quality)
     (y_strings, z_strings), shape = out["strings"], out["shape"]
     return LatentStream((y_strings[0], z_strings[0]), tuple(shape))
 
@@ -110,8 +105,7 @@ def decode_views(model: DistributedCodec, infos: Sequence[ViewInfo], streams: Se
         x_hat = model.decompress(coded, float(quality), group_sides)["x_hat"][0]
         for i, view in zip(members, x_hat):
             info = infos[i]
-            images[info.name] = (view[:, :info.height, :info.width].permute(1, 2, 0) * 255).round().to(
-                torch.uint8).numpy()
+            images[info.name] = to_uint8(view[None], info.height, info.width)
     return images
 
 

@@ -145,7 +145,7 @@ def checkpoint_codec(path: Path) -> JointCodec:
     base = shipped_base(cfg)
     codec = build_joint(cfg.size, backbone=single_view_from(base) if base else None, aligned=cfg.aligned)
     shipped = JointPart(codec) if base else codec
-    shipped.load_state_dict(_joint_part_state(path) if base else ck["model"])
+    shipped.load_state_dict(_without_backbone(ck["model"]) if base else ck["model"])
     ship_ready(shipped)
     return codec.eval()
 
@@ -156,8 +156,12 @@ def _joint_part_state(path: Path) -> dict[str, Tensor]:
         raise FileNotFoundError(f"joint initialisation not found: {path}")
     if path.with_suffix(".json").exists():  # shipped weights with their sidecar
         return JointPart(load_joint_file(path)).state_dict()
-    model = torch.load(path, map_location="cpu", weights_only=False)["model"]
-    return {k: v for k, v in model.items() if not k.startswith("image.backbone.")}
+    return _without_backbone(torch.load(path, map_location="cpu", weights_only=False)["model"])
+
+
+def _without_backbone(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A whole joint codec's state → its ``JointPart`` tensors (the image backbone's removed)."""
+    return {k: v for k, v in state.items() if not k.startswith("image.backbone.")}
 
 
 def train_joint(cfg: JointTrainConfig, resume: bool = False, log=print) -> JointCodec:

@@ -303,14 +303,20 @@ def pad(x: Tensor, multiple: int = PAD) -> Tensor:
     return F.pad(flat, (0, pw, 0, ph), mode="replicate").reshape(*x.shape[:-2], h + ph, w + pw)
 
 
+def padded_image(image: np.ndarray) -> Tensor:
+    """uint8 (H, W, 3) → (1, 3, H', W') in [0, 1], edge-padded to multiples of ``PAD``."""
+    return pad(torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float() / 255)
+
+
+def to_uint8(image: Tensor, height: int, width: int) -> np.ndarray:
+    """Inverse of :func:`padded_image` for a decoded (1, 3, H', W') image in [0, 1]: cropped, uint8 (H, W, 3)."""
+    return (image[0, :, :height, :width].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+
+
 def _camera(view: ViewInfo) -> tuple[Tensor, Tensor]:
     """(1, 3, 3), (1, 4, 4) float32 tensors from the header's float64 camera (as the decoder sees it)."""
     return (torch.from_numpy(view.intrinsics.copy()).float()[None],
             torch.from_numpy(view.world_to_camera.copy()).float()[None])
-
-
-def _to_uint8(image: Tensor, height: int, width: int) -> np.ndarray:
-    return (image[0, :, :height, :width].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
 
 
 def references_of(order: Sequence[int]) -> tuple[tuple[int, ...], ...]:
@@ -345,7 +351,7 @@ def encode_scene(codec: JointCodec, scene: SceneInput, order: Sequence[int], qua
     decoded: dict[int, DecodedView] = {}
     codec.eval()
     for rank, i in enumerate(order):
-        image = pad(torch.from_numpy(np.ascontiguousarray(scene.images[i])).permute(2, 0, 1)[None].float() / 255)
+        image = padded_image(scene.images[i])
         depth = pad(torch.as_tensor(scene.depths[i], dtype=torch.float32)[None])
         K, T = _camera(views[i])
         ref = decoded.get(order[rank - 1]) if rank else None
@@ -359,7 +365,7 @@ def _output(header: SceneHeader, decoded: dict[int, DecodedView]) -> DecodedScen
     images, depths = {}, {}
     for i, view in sorted(decoded.items()):
         info = header.views[i]
-        images[info.name] = _to_uint8(view.image, info.height, info.width)
+        images[info.name] = to_uint8(view.image, info.height, info.width)
         depths[info.name] = view.depth[0, :info.height, :info.width].numpy().astype(np.float32)
     return DecodedScene(header, images, depths)
 

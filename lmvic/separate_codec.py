@@ -15,16 +15,12 @@ import torch
 from lmvic.bitstream import BitstreamError, LatentStream, SceneHeader, SceneReader, ViewInfo, write_scene
 from lmvic.eval_codec import ContainerEvalCodec
 from lmvic.models.single_view import SingleViewCodec
-from lmvic.scene_codec import DecodedScene, pad
+from lmvic.scene_codec import DecodedScene, padded_image, to_uint8
 from lmvic.zoo import WeightsError, check_quality, load_named, load_single_view, weights_sha256
 from pipelines.errors import LmvicError
 
 MODEL_IDS = ("single_view_cpu",)
 STREAM = "image"
-
-
-def _to_uint8(x: torch.Tensor, height: int, width: int) -> np.ndarray:
-    return (x[0, :, :height, :width].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
 
 
 def load_model(model_id: str) -> SingleViewCodec:
@@ -42,12 +38,12 @@ def encode_separate_file(path: str | Path, model_id: str, views: Sequence[ViewIn
         raise LmvicError(str(exc)) from exc
     records, decoded = [], {}
     for info, image in zip(views, images):
-        x = pad(torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float() / 255)
+        x = padded_image(image)
         out = model.compress(x, quality)
         (y_strings, z_strings), shape = out["strings"], out["shape"]
         records.append({STREAM: LatentStream((y_strings[0], z_strings[0]), tuple(shape))})
         x_hat = model.decompress(out["strings"], shape, quality)["x_hat"]
-        decoded[info.name] = _to_uint8(x_hat, info.height, info.width)
+        decoded[info.name] = to_uint8(x_hat, info.height, info.width)
     header = SceneHeader("single", model_id, quality, tuple(views), tuple(order), tuple(() for _ in views))
     return write_scene(path, header, records), DecodedScene(header, decoded, {})
 
@@ -87,7 +83,7 @@ def decode_separate_file(source: str | Path, views: Collection[str] | None = Non
             stream = read_stream(reader, names.index(name))
             strings = [[stream.chunks[0]], [stream.chunks[1]]]
             x_hat = model.decompress(strings, tuple(stream.shape), header.quality)["x_hat"]
-            images[name] = _to_uint8(x_hat, info.height, info.width)
+            images[name] = to_uint8(x_hat, info.height, info.width)
     return DecodedScene(header, images, {})
 
 

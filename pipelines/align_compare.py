@@ -82,10 +82,10 @@ def opam_align(target: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, n
     both uint8 [H, W, 3] views are coded at ``OPAM_QUALITY``, the finest fusion's attention moves the
     reference's pixel blocks onto the target. → (warped float32 [H, W, 3] in [0, 1], valid [H, W] =
     consistency ≥ ``OPAM_VALID``)."""
-    from lmvic.scene_codec import pad
+    from lmvic.scene_codec import padded_image
 
     h, w = target.shape[:2]
-    main, side = (pad(torch.from_numpy(np.array(v)).permute(2, 0, 1)[None].float() / 255) for v in (target, reference))
+    main, side = (padded_image(v) for v in (target, reference))
     aligned, validity = _opam_codec().align_side_image(main, side, OPAM_QUALITY)
     return (aligned[0, :, :h, :w].permute(1, 2, 0).clamp(0, 1).numpy().astype(np.float32),
             validity[0, 0, :h, :w].numpy() >= OPAM_VALID)
