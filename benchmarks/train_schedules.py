@@ -4,7 +4,7 @@ Each configuration trains for the same CPU-minutes of one thread (``lmvic train`
 under ``runs/schedules/``; an existing finished run is reused), then its final weights are probed
 on the 24 Kodak images with a hard-quantised forward (likelihood bpp, PSNR on 8-bit output) at
 every quality. Prints a table and BD-rates vs CompressAI's bmshj2018-hyperprior, and writes
-``benchmarks/results/schedules.csv`` and ``schedules.png``.
+``benchmarks/results/schedules_<minutes>min.csv`` and ``.png``.
 
     .venv/bin/python benchmarks/train_schedules.py --minutes 5
 """
@@ -68,7 +68,8 @@ def main() -> None:
     images = landscape_batch(sorted(args.kodak.glob("*.png"))[:: args.every])
     results, out = {}, ROOT / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "schedules.csv", "w", newline="") as f:
+    stem = out / f"schedules_{args.minutes:g}min"
+    with open(stem.with_suffix(".csv"), "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["config", "cpu_min", "steps", "quality", "bpp_est", "psnr_est"])
         for name in names:
@@ -86,7 +87,7 @@ def main() -> None:
         hp = bd.get("bmshj2018-hyperprior")
         hp = f"{hp:+.1f} %" if isinstance(hp, float) else "n/a"
         print(f"{name:24s} {r['cpu_min']:5.1f} CPU-min {r['steps']:5d} steps  BD vs hyperprior {hp:>8s}  {pts}")
-    plot_rd(results, anchors, out / "schedules.png", "Kodak (estimated), equal CPU time per config")
+    plot_rd(results, anchors, stem.with_suffix(".png"), f"Kodak (estimated), {args.minutes:g} CPU-min per config")
 
 
 if __name__ == "__main__":

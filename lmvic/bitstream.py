@@ -106,6 +106,15 @@ class LatentStream:
         """Coded bytes of all chunks (what the stream costs, without the container's length fields)."""
         return sum(len(c) for c in self.chunks)
 
+    @staticmethod
+    def coded(strings: list[list[bytes]], z_shape: tuple[int, int]) -> "LatentStream":
+        """A codec's ``compress`` strings for one image (batch 1) → one chunk per string, with the z shape."""
+        return LatentStream(tuple(bytes(s[0]) for s in strings), tuple(z_shape))
+
+    def strings(self) -> list[list[bytes]]:
+        """The chunks as a codec's ``decompress`` strings for one image (inverse of :meth:`coded`)."""
+        return [[bytes(c)] for c in self.chunks]
+
 
 #: One view's coded data: named streams such as ``"image.y"``, ``"image.z"``, ``"depth.y"``.
 ViewRecord = Mapping[str, LatentStream]

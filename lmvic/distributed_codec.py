@@ -1,7 +1,7 @@
 """Distributed mode in a scene file: every view encoded alone, all the decoded views fused.
 
 The container (``lmvic.bitstream``, mode ``distributed``) holds per view one stream ``image`` with
-two chunks (CompressAI's y and z strings) and the z shape, exactly as the single mode: an encoder
+the single-view codec's strings as chunks and the z shape, exactly as the single mode: an encoder
 needs one image and nothing else (``encode_view``), and a file is just the views' streams put
 together (``write_distributed_file``). The header lists, per view, its side views: its
 ``side_views`` nearest neighbours in coding order (``neighbours_in_order``), which keeps decoding
@@ -40,8 +40,7 @@ def load_model(model_id: str) -> DistributedCodec:
 def encode_view(model: DistributedCodec, image: np.ndarray, quality: int) -> LatentStream:
     """One camera's encoder: a uint8 ``(H, W, 3)`` image alone → its ``image`` stream."""
     out = model.compress(padded_image(image), quality)
-    (y_strings, z_strings), shape = out["strings"], out["shape"]
-    return LatentStream((y_strings[0], z_strings[0]), tuple(shape))
+    return LatentStream.coded(out["strings"], out["shape"])
 
 
 def neighbours_in_order(order: Sequence[int], count: int) -> tuple[tuple[int, ...], ...]:
@@ -99,7 +98,7 @@ def decode_views(model: DistributedCodec, infos: Sequence[ViewInfo], streams: Se
         groups.setdefault(tuple(stream.shape), []).append(i)
     images = {}
     for members in groups.values():
-        coded = [([[streams[i].chunks[0]], [streams[i].chunks[1]]], tuple(streams[i].shape)) for i in members]
+        coded = [(streams[i].strings(), tuple(streams[i].shape)) for i in members]
         local = {i: k for k, i in enumerate(members)}
         group_sides = [[local[u] for u in sides[i] if u in local] for i in members]
         x_hat = model.decompress(coded, float(quality), group_sides)["x_hat"][0]
@@ -125,7 +124,7 @@ def decode_distributed_file(source: str | Path, views: Collection[str] | None = 
         if unknown:
             raise LmvicError(f"views not in the file: {', '.join(sorted(unknown))}")
         wanted = [i for i, n in enumerate(names) if views is None or n in set(views)]
-        streams = [read_stream(reader, i) for i in wanted]
+        streams = [read_stream(reader, i, model.backbone) for i in wanted]
     local = {i: k for k, i in enumerate(wanted)}
     sides = [[local[u] for u in header.references[i] if u in local] for i in wanted]
     return DecodedScene(header, decode_views(model, [header.views[i] for i in wanted], streams, sides,

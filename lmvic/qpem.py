@@ -26,7 +26,7 @@ from torch import Tensor, nn
 import lmvic  # noqa: F401  (torchvision shim before compressai)
 from compressai.entropy_models import GaussianConditional
 from lmvic.layers import ste_round
-from lmvic.models.single_view import EXACT_THREADS, call_in_float64, fixed_threads
+from lmvic.exact import EXACT_THREADS, call_in_float64, fixed_threads
 
 STEPS = 4
 
@@ -149,3 +149,11 @@ class QuadtreeEntropyModel(nn.Module):
             indexes = gaussian.build_indexes(sc[:, m])
             y_hat[:, m] = gaussian.decompress(strings[s], indexes, torch.float64, mu[:, m])
         return y_hat
+
+
+def without_context(state: dict[str, Tensor], M: int) -> dict[str, Tensor]:
+    """State dict of a ``QuadtreeEntropyModel(M, context_ch)`` → that of ``QuadtreeEntropyModel(M)``
+    with the context inputs dropped, which computes exactly what the original does with a zero
+    context (each step's input is ``[scales, means, decoded, context]``: only the first layers see it)."""
+    first = {f"steps.{s}.{layer}.weight" for s in range(STEPS) for layer in ("net.0", "linear")}
+    return {k: v[:, : 3 * M] if k in first else v for k, v in state.items()}

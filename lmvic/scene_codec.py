@@ -28,7 +28,7 @@ not move — and cropped back after decoding.
 Streams per view (``lmvic.bitstream.LatentStream``): ``depth`` and ``image``, each with five
 chunks — the range-coded QPEM steps y0…y3 and the hyper-latent z — and the shape of z ((H/64, W/64)
 for the image; for the depth that of its padded 1/16-resolution map), or ``image.intra`` instead of
-``image``: two chunks, the backbone's y and z; the first coded view also holds ``scene.depth_range`` (two
+``image``: the backbone's own strings (its y parts and z, ``SingleViewCodec.num_strings``); the first coded view also holds ``scene.depth_range`` (two
 float64 and a u16: near, far, ``DEPTH_FACTOR``). Two streams per view keep the container's per-stream overhead small.
 
 Model ids are ``joint-<size>``; weights are ``lmvic/weights/<model id>.pt`` with a SHA-256 sidecar.
@@ -53,7 +53,8 @@ from lmvic.bitstream import (BitstreamError, LatentStream, SceneHeader, SceneRea
                              write_scene)
 from lmvic.models.depth_codec import DepthCodec, DepthRange, build_depth_codec, cross_view_prediction
 from lmvic.models.joint import JointImageCodec, Side, build_joint_image
-from lmvic.models.single_view import DEFAULT_LAMBDAS, EXACT_THREADS, SIZES, SingleViewCodec, fixed_threads
+from lmvic.exact import EXACT_THREADS, fixed_threads
+from lmvic.models.single_view import DEFAULT_LAMBDAS, SIZES, SingleViewCodec
 from lmvic.precision import float32
 from lmvic.zoo import WEIGHTS_DIR, WeightsError, base_reference, load_base, load_named, read_weights, write_weights
 from pipelines.errors import LmvicError
@@ -185,15 +186,15 @@ class JointCodec(CompressionModel):
         coarse = self.coarse_depth(depth_range.normalise(depth))
         d_side = _exact(self.depth_side, ref, K, T, tuple(coarse.shape[-2:]), depth_range)
         strings, shape, y_hat = self.depth.encode(coarse, DEPTH_QUALITY, d_side)
-        streams = {"depth": _stream(strings, shape)}
+        streams = {"depth": LatentStream.coded(strings, shape)}
         depth_hat = self._decoded_depth(y_hat, d_side, size, depth_range)
         i_side = _exact(self.image_side, ref, depth_hat, K, T)
         strings, shape, y_hat = self.image.encode(image, quality, i_side)
-        inter, inter_view = _stream(strings, shape), self._decoded(y_hat, quality, i_side, depth_hat, K, T)
+        inter, inter_view = LatentStream.coded(strings, shape), self._decoded(y_hat, quality, i_side, depth_hat, K, T)
         if not inter_only:
             with torch.no_grad():
                 strings, shape, y_hat = self.image.backbone.encode_latent(image, quality)
-            intra, intra_view = _stream(strings, shape), self._decoded(y_hat, quality, None, depth_hat, K, T)
+            intra, intra_view = LatentStream.coded(strings, shape), self._decoded(y_hat, quality, None, depth_hat, K, T)
             if (self.rd_cost(intra, intra_view.image, image, quality)
                     < self.rd_cost(inter, inter_view.image, image, quality)):
                 return {**streams, INTRA_STREAM: intra}, intra_view
@@ -216,7 +217,7 @@ class JointCodec(CompressionModel):
         if ("image" in streams) == (INTRA_STREAM in streams):
             raise BitstreamError(f"a view record must hold exactly one of the streams 'image' and {INTRA_STREAM!r}")
         if INTRA_STREAM in streams:
-            y_hat = self.image.backbone.decode_latent(*_strings(streams, INTRA_STREAM, size, 2), quality)
+            y_hat = self.image.backbone.decode_latent(*_strings(streams, INTRA_STREAM, size, self.image.backbone.num_strings), quality)
             return self._decoded(y_hat, quality, None, depth_hat, K, T)
         i_side = _exact(self.image_side, ref, depth_hat, K, T)
         y_hat = self.image.decode_latent(*_strings(streams, "image", size), quality, i_side)
@@ -241,11 +242,6 @@ def _exact(fn: Callable, *args: object) -> object:
         return fn(*args)
 
 
-def _stream(strings: list[list[bytes]], z_shape: tuple[int, int]) -> LatentStream:
-    """One codec's strings (batch 1) → a stream of as many chunks, with the z shape."""
-    return LatentStream(tuple(bytes(s[0]) for s in strings), tuple(z_shape))
-
-
 def coarse_intrinsics(K: Tensor) -> Tensor:
     """Intrinsics (B, 3, 3) of the image → those of its ``DEPTH_FACTOR``-block-mean depth map
     (pixel centres at +0.5, so the first two rows scale by 1/DEPTH_FACTOR)."""
@@ -268,7 +264,7 @@ def _strings(streams: ViewRecord, name: str, size: tuple[int, int], chunks: int 
     if tuple(stream.shape) != z_shape or len(stream.chunks) != chunks:
         raise BitstreamError(f"stream {name!r} has shape {tuple(stream.shape)} and {len(stream.chunks)} chunks, "
                              f"expected {z_shape} and {chunks} for this image size")
-    return [[bytes(c)] for c in stream.chunks], z_shape
+    return stream.strings(), z_shape
 
 
 # ---- scene level --------------------------------------------------------------------------------

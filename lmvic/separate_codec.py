@@ -1,7 +1,7 @@
 """Single mode (the paper's "Separate"): every view coded alone by the shipped single-view codec.
 
-The container (``lmvic.bitstream``, mode ``single``) holds per view one stream ``image`` with two
-chunks, CompressAI's y and z strings, and the z shape. No view refers to another, so any subset
+The container (``lmvic.bitstream``, mode ``single``) holds per view one stream ``image`` with the
+codec's strings as chunks (y parts, then z: ``SingleViewCodec.num_strings``) and the z shape. No view refers to another, so any subset
 decodes. Views are padded to multiples of 64 (edge replication) and cropped back.
 """
 from __future__ import annotations
@@ -40,20 +40,19 @@ def encode_separate_file(path: str | Path, model_id: str, views: Sequence[ViewIn
     for info, image in zip(views, images):
         x = padded_image(image)
         out = model.compress(x, quality)
-        (y_strings, z_strings), shape = out["strings"], out["shape"]
-        records.append({STREAM: LatentStream((y_strings[0], z_strings[0]), tuple(shape))})
-        x_hat = model.decompress(out["strings"], shape, quality)["x_hat"]
+        records.append({STREAM: LatentStream.coded(out["strings"], out["shape"])})
+        x_hat = model.decompress(out["strings"], out["shape"], quality)["x_hat"]
         decoded[info.name] = to_uint8(x_hat, info.height, info.width)
     header = SceneHeader("single", model_id, quality, tuple(views), tuple(order), tuple(() for _ in views))
     return write_scene(path, header, records), DecodedScene(header, decoded, {})
 
 
-def read_stream(reader: SceneReader, index: int) -> LatentStream:
-    """View ``index``'s ``image`` stream (y and z strings, z shape), checked against the view's size
+def read_stream(reader: SceneReader, index: int, model: SingleViewCodec) -> LatentStream:
+    """View ``index``'s ``image`` stream (``model``'s strings, z shape), checked against the view's size
     (``BitstreamError``); the single and distributed modes store the same per-view stream."""
     info = reader.header.views[index]
     stream = reader.read_view(index).get(STREAM)
-    if stream is None or len(stream.chunks) != 2 or len(stream.shape) != 2:
+    if stream is None or len(stream.chunks) != model.num_strings or len(stream.shape) != 2:
         raise BitstreamError(f"view {info.name!r} has no valid {STREAM!r} stream")
     expected = ((info.height + 63) // 64, (info.width + 63) // 64)
     if tuple(stream.shape) != expected:
@@ -80,9 +79,8 @@ def decode_separate_file(source: str | Path, views: Collection[str] | None = Non
         images = {}
         for name in wanted:
             info = header.views[names.index(name)]
-            stream = read_stream(reader, names.index(name))
-            strings = [[stream.chunks[0]], [stream.chunks[1]]]
-            x_hat = model.decompress(strings, tuple(stream.shape), header.quality)["x_hat"]
+            stream = read_stream(reader, names.index(name), model)
+            x_hat = model.decompress(stream.strings(), tuple(stream.shape), header.quality)["x_hat"]
             images[name] = to_uint8(x_hat, info.height, info.width)
     return DecodedScene(header, images, {})
 

@@ -17,6 +17,7 @@ from typing import Callable, Sequence, TypeVar
 import torch
 
 from lmvic.models.single_view import SingleViewCodec, build_single_view
+from pipelines.cache import atomic_write_bytes
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 FORMAT = 1
@@ -53,18 +54,21 @@ def write_weights(model: torch.nn.Module, path: Path, payload: dict, meta: dict,
     # only parameters go to float16: buffers such as CompressAI's likelihood lower bound (1e-9) would
     # round to 0 (infinite estimated bits) and the scale table must stay exact
     sd = {k: (v.half() if half and k in params else v) for k, v in model.state_dict().items()}
+    return _write_file(Path(path), {**payload, "state_dict": sd}, meta)
+
+
+def _write_file(path: Path, content: dict, meta: dict) -> Path:
+    """``torch.save`` ``content`` to ``path`` and its sidecar ``{"sha256", **meta}``, each atomically."""
     buf = io.BytesIO()
-    torch.save({**payload, "state_dict": sd}, buf)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(buf.getvalue())
-    path.with_suffix(".json").write_text(json.dumps({"sha256": _sha256(buf.getvalue()), **meta}, indent=1) + "\n")
+    torch.save(content, buf)
+    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path.with_suffix(".json"), (json.dumps({**meta, "sha256": _sha256(buf.getvalue())},
+                                                              indent=1) + "\n").encode())
     return path
 
 
-def read_weights(path: Path, expected_format: int, what: str) -> dict:
-    """A file written by :func:`write_weights`, checked against its sidecar (``WeightsError`` if
-    missing, corrupt or of another format); its state_dict back in float32."""
+def _verified_bytes(path: Path, what: str) -> tuple[bytes, dict]:
+    """(bytes, sidecar) of a shipped file; ``WeightsError`` if either is missing or they disagree."""
     path = Path(path)
     meta_path = path.with_suffix(".json")
     if not path.exists() or not meta_path.exists():
@@ -76,6 +80,13 @@ def read_weights(path: Path, expected_format: int, what: str) -> dict:
         raise WeightsError(f"corrupt weight metadata {meta_path}: {exc}") from exc
     if _sha256(data) != meta.get("sha256"):
         raise WeightsError(f"corrupt weight file {path}: SHA-256 does not match {meta_path.name}")
+    return data, meta
+
+
+def read_weights(path: Path, expected_format: int, what: str) -> dict:
+    """A file written by :func:`write_weights`, checked against its sidecar (``WeightsError`` if
+    missing, corrupt or of another format); its state_dict back in float32."""
+    data, _ = _verified_bytes(path, what)
     ck = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     if ck.get("format") != expected_format:
         raise WeightsError(f"{path} has weight format {ck.get('format')}, expected {expected_format}")
@@ -84,18 +95,20 @@ def read_weights(path: Path, expected_format: int, what: str) -> dict:
 
 
 def export_single_view(state: dict[str, torch.Tensor], size: str, lambdas: tuple[float, ...],
-                       name: str, half: bool = True, directory: Path = WEIGHTS_DIR) -> Path:
+                       name: str, half: bool = True, directory: Path = WEIGHTS_DIR,
+                       entropy: str = "hyperprior") -> Path:
     """Build the codec from ``state``, refresh quantiles and CDFs, and write ``name``.pt/.json."""
-    model = build_single_view(size, lambdas)
+    model = build_single_view(size, lambdas, entropy=entropy)
     model.load_state_dict(state, strict=False)
-    return write_weights(model, directory / f"{name}.pt", {"format": FORMAT, "size": size, "lambdas": list(lambdas)},
-                         {"size": size, "lambdas": list(lambdas), "qualities": len(lambdas), "half": half}, half)
+    arch = {"size": size, "lambdas": list(lambdas), "entropy": entropy}
+    return write_weights(model, directory / f"{name}.pt", {"format": FORMAT, **arch},
+                         {**arch, "qualities": len(lambdas), "half": half}, half)
 
 
 def load_single_view(name: str = "single_view_cpu", directory: Path = WEIGHTS_DIR) -> SingleViewCodec:
     """The shipped codec ``name`` in eval mode, CDFs ready for ``compress``/``decompress``."""
     ck = read_weights(directory / f"{name}.pt", FORMAT, f"shipped weights {name!r}")
-    model = build_single_view(ck["size"], tuple(ck["lambdas"]))
+    model = build_single_view(ck["size"], tuple(ck["lambdas"]), entropy=ck.get("entropy", "hyperprior"))
     model.load_state_dict(ck["state_dict"])
     return model.eval()
 
@@ -150,6 +163,26 @@ def load_base(ck: dict, what: str, directory: Path = WEIGHTS_DIR) -> SingleViewC
     return load_single_view(ck["base"], directory)
 
 
+def rebase(name: str, previous_base: Path, directory: Path = WEIGHTS_DIR) -> Path:
+    """Re-point the shipped model ``name`` (a file holding only what it adds to a single-view base,
+    see :func:`base_reference`) at the base now shipped under the same name, once every tensor of
+    ``previous_base`` (the base file it was trained on) is found unchanged in it: e.g. after a QPEM
+    was trained into the base with its transforms frozen. Rewrites ``name``.pt and its sidecar."""
+    path = directory / f"{name}.pt"
+    data, meta = _verified_bytes(path, f"shipped weights {name!r}")
+    ck = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    if "base" not in ck:
+        raise WeightsError(f"{name} holds its own backbone: there is no base to re-point")
+    old = read_weights(previous_base, FORMAT, f"previous base {previous_base}")["state_dict"]
+    new = read_weights(directory / f"{ck['base']}.pt", FORMAT, f"base {ck['base']!r}")["state_dict"]
+    changed = [k for k, v in old.items() if k not in new or not torch.equal(v, new[k])]
+    if changed:
+        raise WeightsError(f"the shipped {ck['base']!r} changes {len(changed)} tensors {name} was trained on "
+                           f"(e.g. {changed[0]}): it needs re-training, not re-pointing")
+    ck.update(base_reference(ck["base"], directory))
+    return _write_file(path, ck, {**meta, "base_sha256": ck["base_sha256"]})
+
+
 def check_quality(model: SingleViewCodec, quality: int) -> int:
     """``quality`` if it is one of the model's levels 1..Q, else ``WeightsError``."""
     if not 1 <= quality <= model.num_qualities:
@@ -166,7 +199,7 @@ def checkpoint_model(checkpoint: Path) -> tuple[SingleViewCodec, dict]:
         raise WeightsError(f"checkpoint not found: {checkpoint}")
     ck = torch.load(checkpoint, map_location="cpu", weights_only=False)
     cfg = ck["config"]
-    model = build_single_view(cfg["size"], tuple(cfg["lambdas"]))
+    model = build_single_view(cfg["size"], tuple(cfg["lambdas"]), entropy=cfg.get("entropy", "hyperprior"))
     model.load_state_dict({**ck["model"], **(ck.get("ema") or {})})
     return model, cfg
 
@@ -175,7 +208,8 @@ def export_checkpoint(checkpoint: Path, name: str = "single_view_cpu", half: boo
                       directory: Path = WEIGHTS_DIR) -> Path:
     """Ship a training checkpoint (its EMA weights when it kept them) as ``name``."""
     model, cfg = checkpoint_model(checkpoint)
-    return export_single_view(model.state_dict(), cfg["size"], tuple(cfg["lambdas"]), name, half, directory)
+    return export_single_view(model.state_dict(), cfg["size"], tuple(cfg["lambdas"]), name, half, directory,
+                              model.entropy)
 
 
 if __name__ == "__main__":

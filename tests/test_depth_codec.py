@@ -6,7 +6,7 @@ import torch
 
 import lmvic  # noqa: F401
 from lmvic.models.depth_codec import DepthRange, build_depth_codec, cross_view_prediction
-from lmvic.models.single_view import fixed_threads
+from lmvic.exact import fixed_threads
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -12,7 +12,7 @@ import torch
 import lmvic  # noqa: F401
 from lmvic.bitstream import LatentStream, SceneHeader, ViewInfo, write_scene
 from lmvic.models.distributed import build_distributed
-from lmvic.models.single_view import fixed_threads
+from lmvic.exact import fixed_threads
 
 QUALITY = 3.0
 
@@ -120,7 +120,7 @@ import sys, torch
 import lmvic
 from lmvic.bitstream import read_scene
 from lmvic.models.distributed import build_distributed
-from lmvic.models.single_view import fixed_threads
+from lmvic.exact import fixed_threads
 model = build_distributed("cpu", "pmifm").eval()
 model.load_state_dict(torch.load(sys.argv[1], weights_only=True))
 model.update(force=True)

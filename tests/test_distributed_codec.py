@@ -14,7 +14,7 @@ import lmvic  # noqa: F401
 from lmvic.bitstream import SceneReader, ViewInfo
 from lmvic.distributed_codec import MODEL_IDS, decode_distributed_file, encode_distributed_file, neighbours_in_order
 from lmvic.models.distributed import load_distributed
-from lmvic.models.single_view import fixed_threads
+from lmvic.exact import fixed_threads
 from lmvic.separate_codec import encode_separate_file
 from lmvic.zoo import WEIGHTS_DIR, WeightsError
 from lmvic.training.data import read_rgb

@@ -19,7 +19,8 @@ import lmvic  # noqa: F401
 from geometry.warp import multiscale
 from lmvic.bitstream import BitstreamError, SceneHeader, read_scene, write_scene
 from lmvic.models.joint import JointImageCodec
-from lmvic.models.single_view import build_single_view, fixed_threads
+from lmvic.exact import fixed_threads
+from lmvic.models.single_view import build_single_view
 from lmvic.scene_codec import (INTRA_STREAM, SceneInput, build_joint, decode_scene_file, encode_scene,
                                encode_scene_file, load_joint_file, save_joint)
 from lmvic.zoo import WeightsError

@@ -9,7 +9,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import lmvic  # noqa: F401  (torchvision shim before anything imports compressai)
 from lmvic.fusion import AverageFusion, ParallaxFusion
-from lmvic.models.single_view import fixed_threads
+from lmvic.exact import fixed_threads
 from lmvic.opam import (OPAM, align_image, apply_opam, column_attention, correspondence_error,
                         known_shift_sharpness_loss, normalised, omni_parallax_attention, photometric_alignment_loss,
                         row_attention, shift_attention_loss, shift_targets)

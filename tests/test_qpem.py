@@ -124,3 +124,22 @@ def test_likelihood_bits_match_the_coded_bytes() -> None:
     assert estimate > 5000
     assert abs(actual - estimate) / estimate < 0.02, (actual, estimate)
     print(f"QPEM bits check: estimate {estimate:.0f} B, coded {actual} B")
+
+
+def test_without_context_is_the_zero_context_qpem() -> None:
+    """A QPEM whose context inputs are cut off computes, step by step, what the original computes
+    with a zero context (how the single-view codec inherits the joint codec's reference-off QPEM)."""
+    from lmvic.qpem import without_context
+
+    y, scales, means, context = _inputs()
+    with_ctx = QuadtreeEntropyModel(8, context_ch=4)
+    _perturb(with_ctx)
+    plain = QuadtreeEntropyModel(8)
+    plain.load_state_dict(without_context(with_ctx.state_dict(), 8))
+    decoded = torch.randn_like(y)
+    for s in range(STEPS):
+        a = with_ctx.steps[s](scales, means, decoded, torch.zeros_like(context))
+        b = plain.steps[s](scales, means, decoded, None)
+        assert torch.allclose(a[0], b[0], atol=1e-5) and torch.allclose(a[1], b[1], atol=1e-5)
+    # with a non-zero context the two differ: the cut columns did carry weight
+    assert not torch.allclose(with_ctx.steps[0](scales, means, decoded, context)[0], plain.steps[0](scales, means, decoded, None)[0])

@@ -12,8 +12,9 @@ import torch
 
 import lmvic  # noqa: F401
 from lmvic.layers import EntropyParameters, GainUnit
-from lmvic.models.bitstream import HEADER_BYTES, BitstreamError, ImageStream
-from lmvic.models.single_view import SingleViewCodec, bits_per_pixel, fixed_threads
+from lmvic.models.bitstream import BitstreamError, ImageStream
+from lmvic.exact import fixed_threads
+from lmvic.models.single_view import SingleViewCodec, bits_per_pixel
 from lmvic.zoo import WEIGHTS_DIR, WeightsError, export_single_view, load_single_view
 from pipelines.metrics import bpp, ms_ssim, psnr
 
@@ -82,11 +83,42 @@ def test_compress_decompress_matches_encoder_latent(tiny):
     tiny.train()
 
 
+def test_qpem_codec_starts_as_the_hyperprior_and_round_trips():
+    """The QPEM entropy model: zero-initialised it codes the hyperprior's ŷ exactly (in five strings);
+    trained (perturbed) it still decodes the encoder's ŷ bit for bit."""
+    torch.manual_seed(0)
+    plain = SingleViewCodec(N=16, M=24, lambdas=LAMBDAS).eval()
+    qpem = SingleViewCodec(N=16, M=24, lambdas=LAMBDAS, entropy="qpem").eval()
+    missing, _ = qpem.load_state_dict(plain.state_dict(), strict=False)
+    assert missing and all(k.startswith("qpem.") for k in missing)
+    plain.update(force=True)
+    qpem.update(force=True)
+    x = torch.rand(1, 3, 64, 128)
+    with torch.no_grad():
+        _, _, y_plain = plain.encode_latent(x, 2)
+        strings, shape, y_hat = qpem.encode_latent(x, 2)
+        assert len(strings) == qpem.num_strings == 5 and plain.num_strings == 2
+        assert torch.equal(y_plain, y_hat)
+        for step in qpem.qpem.steps:
+            step.net[-1].weight.normal_(0, 0.05)
+        strings, shape, y_hat = qpem.encode_latent(x, 2)
+        assert not torch.equal(y_plain, y_hat)
+        assert torch.equal(qpem.decode_latent(strings, shape, 2), y_hat)
+        with pytest.raises(ValueError, match="expected 5 strings"):
+            qpem.decode_latent(strings[:2], shape, 2)
+    with pytest.raises(ValueError, match="entropy"):
+        SingleViewCodec(N=16, M=24, lambdas=LAMBDAS, entropy="context")
+
+
 def test_bitstream_rejects_bad_input():
-    data = ImageStream(3, 10, 20, b"yy", b"zzz").to_bytes()
-    s = ImageStream.from_bytes(data)
-    assert (s.quality, s.height, s.width, s.y_string, s.z_string) == (3, 10, 20, b"yy", b"zzz")
-    for bad in (data[:5], b"XXX" + data[3:], data[:3] + bytes([9]) + data[4:], data[:12]):
+    for chunks in ((b"yy", b"zzz"), (b"a", b"", b"ccc", b"d", b"zz")):
+        data = ImageStream(3, 10, 20, chunks).to_bytes()
+        s = ImageStream.from_bytes(data)
+        assert (s.quality, s.height, s.width, s.chunks) == (3, 10, 20, chunks)
+        assert len(data) == s.header_bytes + sum(map(len, chunks))
+    no_chunks = data[:9] + bytes([0]) + data[10:]
+    for bad in (data[:5], b"XXX" + data[3:], data[:3] + bytes([9]) + data[4:], data[:12], data[:s.header_bytes + 3],
+                no_chunks):
         with pytest.raises(BitstreamError):
             ImageStream.from_bytes(bad)
 
@@ -105,6 +137,37 @@ def test_weights_missing_or_corrupt_raise_clear_errors(tmp_path):
     (tmp_path / "w.pt").write_bytes(bytes(raw))
     with pytest.raises(WeightsError, match="corrupt"):
         load_single_view("w", tmp_path)
+
+
+def test_rebase_repoints_a_dependent_model_only_when_its_base_weights_are_unchanged(tmp_path):
+    from compressai.models import CompressionModel
+    from lmvic.models.single_view import build_single_view
+    from lmvic.zoo import base_reference, load_base, read_weights, rebase, write_weights
+
+    torch.manual_seed(2)
+    base = build_single_view("cpu", LAMBDAS)
+    export_single_view(base.state_dict(), "cpu", LAMBDAS, "b", directory=tmp_path)
+    (tmp_path / "old").mkdir()
+    for suffix in (".pt", ".json"):
+        (tmp_path / "old" / f"b{suffix}").write_bytes((tmp_path / f"b{suffix}").read_bytes())
+    dependent = CompressionModel()  # what a model built on "b" adds: here one layer
+    dependent.layer = torch.nn.Linear(2, 2)
+    write_weights(dependent, tmp_path / "dep.pt", {"format": 7, **base_reference("b", tmp_path)}, {})
+    # the base gains a trained QPEM, everything else unchanged: the dependent model is re-pointed
+    with_qpem = build_single_view("cpu", LAMBDAS, entropy="qpem")
+    with_qpem.load_state_dict(load_single_view("b", tmp_path).state_dict(), strict=False)
+    torch.nn.init.normal_(with_qpem.qpem.steps[0].linear.weight, std=0.01)
+    export_single_view(with_qpem.state_dict(), "cpu", LAMBDAS, "b", directory=tmp_path, entropy="qpem")
+    with pytest.raises(WeightsError, match="other 'b' weights"):
+        load_base(read_weights(tmp_path / "dep.pt", 7, "dep"), "dep", tmp_path)
+    rebase("dep", tmp_path / "old" / "b.pt", tmp_path)
+    assert load_base(read_weights(tmp_path / "dep.pt", 7, "dep"), "dep", tmp_path).qpem is not None
+    # a base whose transforms changed cannot be re-pointed to
+    changed = load_single_view("b", tmp_path).state_dict()
+    changed["analysis.0.0.weight"] += 1
+    export_single_view(changed, "cpu", LAMBDAS, "b", directory=tmp_path, entropy="qpem")
+    with pytest.raises(WeightsError, match="re-training"):
+        rebase("dep", tmp_path / "old" / "b.pt", tmp_path)
 
 
 def test_metrics_closed_form():
@@ -159,5 +222,6 @@ def test_shipped_likelihoods_predict_the_bytes():
     for q in (1, model.num_qualities):
         with torch.no_grad():
             est_bits = float(bits_per_pixel(model(x, q)["likelihoods"], 1))
-        real_bits = 8 * (len(encode_image(model, img, q)) - HEADER_BYTES)
+        data = encode_image(model, img, q)
+        real_bits = 8 * (len(data) - ImageStream.from_bytes(data).header_bytes)
         assert abs(real_bits - est_bits) / est_bits < 0.05

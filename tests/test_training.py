@@ -187,6 +187,24 @@ def test_a_fresh_run_starts_from_given_weights(scenes, tmp_path):
         initial_state("single_view_cpu", TrainConfig(out_dir="", cache_dir="", lambdas=(0.001, 0.01)))
 
 
+def test_a_qpem_only_run_trains_nothing_but_the_qpem(scenes, tmp_path):
+    """``trainable="qpem"`` from the shipped weights: the QPEM moves; every other tensor, the entropy
+    bottleneck's quantiles included, stays as shipped (so models built on them stay valid)."""
+    from lmvic.zoo import load_single_view
+
+    shipped = {k: v.float() for k, v in load_single_view().state_dict().items() if k.startswith(("analysis", "synthesis", "hyper", "entropy", "gain", "inverse"))}
+    cache = build_cache(scene_images(scenes), tmp_path / "cache", max_side=256, scales=(1.0,))
+    run = TrainConfig(out_dir=str(tmp_path / "run"), cache_dir=str(cache), crop=64, batch=2, max_steps=2,
+                      schedule=Schedule("constant", 1e-3, 1e-3, 0), init="single_view_cpu", entropy="qpem",
+                      trainable="qpem", log_every=1)
+    trained = train(run, log=lambda s: None).state_dict()
+    assert all(torch.equal(trained[k], v) for k, v in shipped.items())
+    assert any(trained[k].abs().max() > 0 for k in trained if k.startswith("qpem.") and k.endswith("linear.weight"))
+    with pytest.raises(ValueError, match="QPEM"):
+        train(TrainConfig(out_dir=str(tmp_path / "run2"), cache_dir=str(cache), trainable="qpem", max_steps=1),
+              log=lambda s: None)
+
+
 def test_ms_ssim_distortion_matches_pytorch_msssim_and_trains():
     from pytorch_msssim import ms_ssim
 

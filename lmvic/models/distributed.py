@@ -28,8 +28,8 @@ from compressai.models import CompressionModel
 from lmvic.fusion import FUSIONS
 from lmvic.layers import ste_round
 from lmvic.opam import align_image
-from lmvic.models.single_view import (DEFAULT_LAMBDAS, EXACT_THREADS, SingleViewCodec,
-                                      build_single_view, fixed_threads)
+from lmvic.exact import EXACT_THREADS, fixed_threads
+from lmvic.models.single_view import DEFAULT_LAMBDAS, SingleViewCodec, build_single_view
 from lmvic.zoo import WEIGHTS_DIR, WeightsError, base_reference, load_base, read_weights, write_weights
 
 

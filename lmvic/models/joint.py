@@ -42,8 +42,8 @@ from compressai.layers import ResidualBlock
 from compressai.models import CompressionModel
 from geometry.warp import backward_warp
 from lmvic.layers import conv, ste_round
-from lmvic.models.single_view import (DEFAULT_LAMBDAS, EXACT_THREADS, SingleViewCodec, build_single_view,
-                                      fixed_threads)
+from lmvic.exact import EXACT_THREADS, fixed_threads
+from lmvic.models.single_view import DEFAULT_LAMBDAS, SingleViewCodec, build_single_view
 from lmvic.qpem import QuadtreeEntropyModel
 
 #: Fused scales (downsampling factors) of the encoder, decoder and entropy context.

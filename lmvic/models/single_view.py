@@ -1,4 +1,5 @@
-"""Variable-rate single-view image codec: mean-scale Gaussian hyperprior with gain units.
+"""Variable-rate single-view image codec: mean-scale Gaussian hyperprior with gain units, and
+optionally QPEM's four-step context model over it (``lmvic.qpem``).
 
 One model codes every quality level 1..Q: per-channel gain vectors scale the latent before
 quantisation and inverse gains rescale it before synthesis (Cui et al., CVPR 2021); the level is
@@ -12,18 +13,16 @@ by the same function on both sides; the synthesis runs on a fixed thread count (
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
 import lmvic  # noqa: F401  (torchvision shim before compressai)
 from lmvic.entropy_models import EntropyBottleneck, GaussianConditional
 from compressai.models import CompressionModel
+from lmvic.exact import EXACT_THREADS, call_in_float64, fixed_threads
 from lmvic.layers import (
     AnalysisStage,
     EntropyParameters,
@@ -34,11 +33,12 @@ from lmvic.layers import (
     stage_widths,
     ste_round,
 )
+from lmvic.qpem import STEPS, QuadtreeEntropyModel
 
 #: λ per quality level (loss λ·255²·MSE + bpp), from ≈0.05 to ≈0.6 bpp on Kodak.
 DEFAULT_LAMBDAS: tuple[float, ...] = (0.0006, 0.0012, 0.0025, 0.005, 0.01, 0.02)
-#: Thread count used for every computation whose result must match between encoder and decoder.
-EXACT_THREADS = 1
+#: Entropy models of the latent: the hyperprior's mean-scale Gaussian alone, or refined by QPEM.
+ENTROPY_MODELS = ("hyperprior", "qpem")
 
 
 @dataclass(frozen=True)
@@ -52,17 +52,6 @@ class CodecSize:
 SIZES: dict[str, CodecSize] = {"cpu": CodecSize(N=64, M=128), "paper": CodecSize(N=128, M=192)}
 
 
-@contextlib.contextmanager
-def fixed_threads(n: int) -> Iterator[None]:
-    """Run the block with ``torch.set_num_threads(n)`` and restore the previous count after."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 class SingleViewCodec(CompressionModel):
     """Variable-rate mean-scale hyperprior codec.
 
@@ -71,6 +60,8 @@ class SingleViewCodec(CompressionModel):
         M: latent channels (at 1/16 resolution).
         lambdas: rate-distortion λ of each quality level 1..Q (Q ≥ 2), increasing.
         context_ch: extra channels the entropy-parameter head takes at 1/16 resolution (0 = none).
+        entropy: "hyperprior" codes y in one pass with the hyperprior's Gaussians; "qpem" in four
+            steps whose Gaussians QPEM refines from the latent already decoded (``self.qpem``).
 
     Attributes (for reuse by the joint codec):
         analysis: 4 ``AnalysisStage`` modules, x (B,3,H,W) → 1/2, 1/4, 1/8 (N ch) → y at 1/16 (M ch).
@@ -78,6 +69,9 @@ class SingleViewCodec(CompressionModel):
         hyper_analysis / hyper_synthesis: y → z (N ch, 1/64) and ẑ → hyper features (2M ch, 1/16).
         entropy_parameters: ``EntropyParameters(2M, M, context_ch)``.
         gain / inverse_gain: ``GainUnit`` over the M latent channels.
+
+    Strings are ``[y part 1, ..., y part k, z]`` with k = 1 (hyperprior) or 4 (QPEM steps):
+    ``num_strings`` = k + 1, each a list of B byte strings.
     """
 
     def __init__(
@@ -86,11 +80,14 @@ class SingleViewCodec(CompressionModel):
         M: int,
         lambdas: tuple[float, ...] = DEFAULT_LAMBDAS,
         context_ch: int = 0,
+        entropy: str = "hyperprior",
     ):
         super().__init__()
         if len(lambdas) < 2 or list(lambdas) != sorted(lambdas):
             raise ValueError("lambdas must be at least two increasing values")
-        self.N, self.M, self.context_ch = N, M, context_ch
+        if entropy not in ENTROPY_MODELS:
+            raise ValueError(f"entropy must be one of {ENTROPY_MODELS}, got {entropy!r}")
+        self.N, self.M, self.context_ch, self.entropy = N, M, context_ch, entropy
         widths = stage_widths(3, N, M)
         self.analysis = nn.ModuleList(
             AnalysisStage(i, o, last=k == len(widths) - 1) for k, (i, o) in enumerate(widths)
@@ -118,11 +115,17 @@ class SingleViewCodec(CompressionModel):
         self.register_buffer("lambdas", lam.float())
         self.entropy_bottleneck = EntropyBottleneck(N)
         self.gaussian_conditional = GaussianConditional(None)
+        self.qpem = QuadtreeEntropyModel(M) if entropy == "qpem" else None
 
     # ---- quality handling -------------------------------------------------------------------
     @property
     def num_qualities(self) -> int:
         return int(self.lambdas.numel())
+
+    @property
+    def num_strings(self) -> int:
+        """Strings per coded image: the y parts and z."""
+        return (STEPS if self.qpem is not None else 1) + 1
 
     def levels(self, quality: float | Tensor, batch: int) -> Tensor:
         """Quality in [1, Q] (scalar or (B,)) → 0-based float levels (B,)."""
@@ -188,15 +191,18 @@ class SingleViewCodec(CompressionModel):
         medians = self.entropy_bottleneck._get_medians().detach().reshape(1, -1, 1, 1)
         z_hat = ste_round(z - medians) + medians
         scales, means = self.gaussian_params(z_hat, context)
-        _, y_likelihoods = self.gaussian_conditional(y, scales, means=means)
-        y_hat = ste_round(y - means) + means
+        if self.qpem is None:
+            _, y_likelihoods = self.gaussian_conditional(y, scales, means=means)
+            y_hat = ste_round(y - means) + means
+        else:
+            y_hat, y_likelihoods = self.qpem(y, scales, means, self.gaussian_conditional)
         x_hat = self.synthesise(self.inverse_gain(y_hat, level))[-1]
         return {"x_hat": x_hat, "likelihoods": {"y": y_likelihoods, "z": z_likelihoods}}
 
     def compress(
         self, x: Tensor, quality: float, context: Tensor | None = None
     ) -> dict[str, object]:
-        """x (B,3,H,W), H, W multiples of 64 → {"strings": [y_strings, z_strings], "shape": (H/64, W/64)}."""
+        """x (B,3,H,W), H, W multiples of 64 → {"strings": [y parts..., z], "shape": (H/64, W/64)}."""
         strings, shape, _ = self.encode_latent(x, quality, context)
         return {"strings": strings, "shape": shape}
 
@@ -212,6 +218,9 @@ class SingleViewCodec(CompressionModel):
         z_strings = self.entropy_bottleneck.compress(z)
         z_hat = self.entropy_bottleneck.decompress(z_strings, z.shape[-2:])
         scales, means = self.exact_gaussian_params(z_hat, context)
+        if self.qpem is not None:
+            y_strings, y_hat = self.qpem.compress(y, scales, means, self.gaussian_conditional)
+            return [*y_strings, z_strings], tuple(z.shape[-2:]), y_hat
         indexes = self.gaussian_conditional.build_indexes(scales)
         y = y.double()
         y_strings = self.gaussian_conditional.compress(y, indexes, means=means)
@@ -237,10 +246,12 @@ class SingleViewCodec(CompressionModel):
         context: Tensor | None = None,
     ) -> Tensor:
         """Entropy-decode ŷ (B,M,4h,4w), gained domain, float64 — identical to the encoder's."""
-        if len(strings) != 2:
-            raise ValueError("expected [y_strings, z_strings]")
-        z_hat = self.entropy_bottleneck.decompress(strings[1], shape)
+        if len(strings) != self.num_strings:
+            raise ValueError(f"expected {self.num_strings} strings (y parts and z), got {len(strings)}")
+        z_hat = self.entropy_bottleneck.decompress(strings[-1], shape)
         scales, means = self.exact_gaussian_params(z_hat, context)
+        if self.qpem is not None:
+            return self.qpem.decompress(strings[:-1], scales, means, self.gaussian_conditional)
         indexes = self.gaussian_conditional.build_indexes(scales)
         return self.gaussian_conditional.decompress(strings[0], indexes, means.dtype, means)
 
@@ -251,21 +262,13 @@ class SingleViewCodec(CompressionModel):
             return self.synthesise(self.inverse_gain(y_hat.float(), level))
 
 
-def call_in_float64(module: nn.Module, *inputs: Tensor | None) -> object:
-    """``module(*inputs)`` with float64 copies of its weights and inputs (module left unchanged)."""
-    state = {k: v.double() for k, v in module.named_parameters()}
-    state.update({k: v.double() if v.is_floating_point() else v for k, v in module.named_buffers()})
-    args = tuple(None if t is None else t.double() for t in inputs)
-    return functional_call(module, state, args)
-
-
 def build_single_view(size: str = "cpu", lambdas: tuple[float, ...] = DEFAULT_LAMBDAS,
-                      context_ch: int = 0) -> SingleViewCodec:
-    """A fresh codec of a named size (``SIZES``)."""
+                      context_ch: int = 0, entropy: str = "hyperprior") -> SingleViewCodec:
+    """A fresh codec of a named size (``SIZES``) and entropy model (``ENTROPY_MODELS``)."""
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r}; choose one of {sorted(SIZES)}")
     s = SIZES[size]
-    return SingleViewCodec(s.N, s.M, lambdas, context_ch)
+    return SingleViewCodec(s.N, s.M, lambdas, context_ch, entropy)
 
 
 def bits_per_pixel(likelihoods: dict[str, Tensor], num_pixels: int) -> Tensor:

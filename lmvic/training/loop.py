@@ -59,6 +59,9 @@ class TrainConfig:
     ckpt_every_cpu_minutes: float = 3.0
     val_images: tuple[str, ...] = ()
     init: str = ""  # start from these weights (shipped name, exported .pt or training checkpoint); "" = fresh
+    entropy: str = "hyperprior"  # the latent's entropy model (``ENTROPY_MODELS``)
+    init_qpem: str = ""  # a shipped joint model whose QPEM, reference context removed, starts this one's
+    trainable: str = "all"  # "all", or "qpem": only the QPEM trains, every other weight stays as initialised
 
     @staticmethod
     def from_dict(d: dict) -> "TrainConfig":
@@ -219,21 +222,24 @@ def train(cfg: TrainConfig, resume: bool = False, val_crops: Tensor | None = Non
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    model = build_single_view(cfg.size, cfg.lambdas)
+    model = build_single_view(cfg.size, cfg.lambdas, entropy=cfg.entropy)
     if cfg.init and not resume:
-        model.load_state_dict(initial_state(cfg.init, cfg))
+        load_initial_state(model, initial_state(cfg.init, cfg))
         log(f"initialised from {cfg.init}")
-    main_params = [p for n, p in model.named_parameters() if not n.endswith(".quantiles")]
-    aux_params = [p for n, p in model.named_parameters() if n.endswith(".quantiles")]
+    if cfg.init_qpem and not resume:
+        model.qpem.load_state_dict(joint_qpem(cfg.init_qpem))
+        log(f"QPEM initialised from {cfg.init_qpem}'s (reference context removed)")
+    main_params, aux_params = trainable_parameters(model, cfg.trainable)
     opt = torch.optim.Adam(main_params, lr=cfg.schedule.peak_lr)
-    aux_opt = torch.optim.Adam(aux_params, lr=cfg.aux_lr)
+    aux_opt = torch.optim.Adam(aux_params, lr=cfg.aux_lr) if aux_params else None
     ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
     step, cpu_spent, wall_spent = 0, 0.0, 0.0
     if resume and ckpt_path.exists():
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["opt"])
-        aux_opt.load_state_dict(ck["aux_opt"])
+        if aux_opt is not None:
+            aux_opt.load_state_dict(ck["aux_opt"])
         if ema is not None and ck.get("ema") is not None:
             ema.shadow = ck["ema"]
         step, cpu_spent, wall_spent = ck["step"], ck["cpu_seconds"], ck["wall_seconds"]
@@ -254,7 +260,7 @@ def train(cfg: TrainConfig, resume: bool = False, val_crops: Tensor | None = Non
     def save() -> None:
         if rank == 0:
             _save_atomic({"model": model.state_dict(), "opt": opt.state_dict(),
-                          "aux_opt": aux_opt.state_dict(), "ema": None if ema is None else ema.shadow,
+                          "aux_opt": None if aux_opt is None else aux_opt.state_dict(), "ema": None if ema is None else ema.shadow,
                           "step": step, "cpu_seconds": cpu_spent, "wall_seconds": wall_spent,
                           "config": dataclasses.asdict(cfg)}, ckpt_path)
 
@@ -263,7 +269,7 @@ def train(cfg: TrainConfig, resume: bool = False, val_crops: Tensor | None = Non
             return
         probe = model
         if ema is not None:
-            probe = build_single_view(cfg.size, cfg.lambdas)
+            probe = build_single_view(cfg.size, cfg.lambdas, entropy=cfg.entropy)
             probe.load_state_dict(ema.averaged_state(model))
         snap = out / "snapshots"
         snap.mkdir(exist_ok=True)
@@ -295,7 +301,7 @@ def train(cfg: TrainConfig, resume: bool = False, val_crops: Tensor | None = Non
         with mixed_precision(cfg.precision):
             loss, bpp, mse = rd_loss(net, model, x, quality, cfg.metric)
         aux = model.aux_loss()
-        optimisation_step(loss, opt, main_params, cfg.clip, aux, aux_opt)
+        optimisation_step(loss, opt, main_params, cfg.clip, aux if aux_opt is not None else None, aux_opt)
         if ema is not None:
             ema.update(model, step)
         step += 1
@@ -327,6 +333,39 @@ def train(cfg: TrainConfig, resume: bool = False, val_crops: Tensor | None = Non
     if world > 1:
         check_replicas_equal(model)
     return model
+
+
+def trainable_parameters(model: SingleViewCodec, trainable: str) -> tuple[list[Tensor], list[Tensor]]:
+    """(RD parameters, quantile parameters) that train; with ``trainable="qpem"`` only the QPEM's
+    (no quantiles), every other parameter frozen (``requires_grad`` off)."""
+    if trainable not in ("all", "qpem"):
+        raise ValueError(f"trainable must be 'all' or 'qpem', got {trainable!r}")
+    if trainable == "qpem":
+        if model.qpem is None:
+            raise ValueError("trainable='qpem' needs a codec with the QPEM entropy model")
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.startswith("qpem."))
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return ([p for n, p in named if not n.endswith(".quantiles")],
+            [p for n, p in named if n.endswith(".quantiles")])
+
+
+def load_initial_state(model: SingleViewCodec, state: dict[str, Tensor]) -> None:
+    """Load ``state`` into ``model``; a QPEM the state lacks (weights of a hyperprior-only codec)
+    keeps its initialisation, which codes exactly as the plain hyperprior."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or any(not k.startswith("qpem.") for k in missing):
+        raise ValueError(f"initial weights do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+
+
+def joint_qpem(name: str) -> dict[str, Tensor]:
+    """The QPEM of the shipped joint model ``name``'s image codec, its reference context removed:
+    as a single-view codec's QPEM it codes as the joint's does with the reference path off."""
+    from lmvic.qpem import without_context
+    from lmvic.scene_codec import load_joint
+
+    qpem = load_joint(name).image.qpem
+    return without_context(qpem.state_dict(), qpem.M)
 
 
 def initial_state(source: str, cfg: TrainConfig) -> dict[str, Tensor]:

@@ -86,7 +86,7 @@ def encode_image(model, rgb: np.ndarray, quality: int) -> bytes:
     x = F.pad(x, (0, -w % 64, 0, -h % 64), mode="replicate")
     with torch.no_grad():
         c = model.compress(x, quality)
-    return ImageStream(quality, h, w, c["strings"][0][0], c["strings"][1][0]).to_bytes()
+    return ImageStream(quality, h, w, tuple(s[0] for s in c["strings"])).to_bytes()
 
 
 def decode_image(model, data: bytes) -> np.ndarray:
@@ -98,9 +98,11 @@ def decode_image(model, data: bytes) -> np.ndarray:
     s = ImageStream.from_bytes(data)
     if not 1 <= s.quality <= model.num_qualities:
         raise LmvicError(f"stream quality {s.quality} not in this model's 1..{model.num_qualities}")
+    if len(s.chunks) != model.num_strings:
+        raise LmvicError(f"the stream has {len(s.chunks)} chunks; this model codes {model.num_strings}")
     shape = (math.ceil(s.height / 64), math.ceil(s.width / 64))
     with torch.no_grad():
-        x_hat = model.decompress([[s.y_string], [s.z_string]], shape, s.quality)["x_hat"]
+        x_hat = model.decompress([[c] for c in s.chunks], shape, s.quality)["x_hat"]
     x_hat = x_hat[0, :, : s.height, : s.width]
     return (x_hat.mul(255).round().clamp(0, 255).byte().permute(1, 2, 0).numpy())
 

@@ -35,6 +35,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "(entropy models stay fp32; default fp32, or the resumed run's)")
     p.add_argument("--init", default="", help="start a fresh run (new optimiser and schedule) from these "
                    "weights: a shipped name (single_view_cpu), an exported .pt or a run's checkpoint.pt")
+    p.add_argument("--entropy", choices=["hyperprior", "qpem"], default="hyperprior",
+                   help="entropy model of the latent: the hyperprior alone, or QPEM's four-step context over it")
+    p.add_argument("--init-qpem", default="", metavar="JOINT_MODEL",
+                   help="start the QPEM from a shipped joint model's (e.g. joint-cpu), reference context removed")
+    p.add_argument("--trainable", choices=["all", "qpem"], default="all",
+                   help="qpem: train only the QPEM, the transforms and hyperprior stay as --init gives them "
+                        "(models built on these weights stay valid)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--val-every", type=float, default=5.0, help="validation period, CPU-minutes")
     p.add_argument("--ckpt-every", type=float, default=3.0, help="checkpoint period, CPU-minutes")
@@ -94,7 +101,10 @@ def run(args: argparse.Namespace) -> None:
             ema_decay=args.ema,
             threads=args.threads, precision=args.precision or "fp32", seed=args.seed,
             metric=args.metric, val_every_cpu_minutes=args.val_every,
-            ckpt_every_cpu_minutes=args.ckpt_every, val_images=tuple(str(p) for p in val), init=args.init)
+            ckpt_every_cpu_minutes=args.ckpt_every, val_images=tuple(str(p) for p in val), init=args.init,
+            entropy=args.entropy, init_qpem=args.init_qpem, trainable=args.trainable)
+        if (cfg.init_qpem or cfg.trainable == "qpem") and cfg.entropy != "qpem":
+            raise LmvicError("--init-qpem and --trainable qpem need --entropy qpem")
     crops = validation_crops([Path(p) for p in cfg.val_images]) if cfg.val_images else None
     train(cfg, resume=args.resume, val_crops=crops if rank == 0 else None)
     if rank == 0:
