@@ -3,14 +3,16 @@
 On the first views of a scene's coding order (whole, as ``lmvic eval`` crops them), at every
 quality, three codings of the images, stream bytes only (no container):
 
-- ``single``: the single-view codec (its hyperprior), what ``lmvic eval`` calls Separate;
+- ``single``: the shipped single-view codec, what ``lmvic eval`` calls Separate (a plain hyperprior
+  up to session 6, since session 7 with its own QPEM context model);
 - ``noref``: the shipped joint codec with no reference for any view, i.e. its image codec's QPEM
   context with the reference path off, and the encoder's intra/inter decision; this needs no depth;
 - ``ref``: the joint codec as ``lmvic encode`` runs it (each view referencing its predecessor),
   image streams; its depth streams are counted apart.
 
-Prints per quality bpp and PSNR of each, and the BD-rates noref vs single (what QPEM's context
-alone gives) and ref vs noref (what the depth-warped reference adds to the image bits).
+Prints per quality bpp and PSNR of each, and the BD-rates noref vs single (what the joint image
+codec's QPEM context gives over the single-view codec's entropy model) and ref vs noref (what the
+depth-warped reference adds to the image bits).
 
     python benchmarks/joint_split.py /work/runs/sceaux [--views 6]
 """
