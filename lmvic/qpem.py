@@ -151,9 +151,19 @@ class QuadtreeEntropyModel(nn.Module):
         return y_hat
 
 
+#: The layers that see a step's input ``[scales, means, decoded, context]``: only they know the context.
+_FIRST_LAYERS = {f"steps.{s}.{layer}.weight" for s in range(STEPS) for layer in ("net.0", "linear")}
+
+
 def without_context(state: dict[str, Tensor], M: int) -> dict[str, Tensor]:
     """State dict of a ``QuadtreeEntropyModel(M, context_ch)`` → that of ``QuadtreeEntropyModel(M)``
-    with the context inputs dropped, which computes exactly what the original does with a zero
-    context (each step's input is ``[scales, means, decoded, context]``: only the first layers see it)."""
-    first = {f"steps.{s}.{layer}.weight" for s in range(STEPS) for layer in ("net.0", "linear")}
-    return {k: v[:, : 3 * M] if k in first else v for k, v in state.items()}
+    with the context inputs dropped, which computes exactly what the original does with a zero context."""
+    return {k: v[:, : 3 * M] if k in _FIRST_LAYERS else v for k, v in state.items()}
+
+
+def with_context_of(plain: dict[str, Tensor], conditioned: dict[str, Tensor], M: int) -> dict[str, Tensor]:
+    """Inverse of :func:`without_context`: a ``QuadtreeEntropyModel(M, context_ch)`` state with the weights of
+    the plain QPEM ``plain`` and the context inputs' columns of ``conditioned``. With a zero context it
+    computes exactly what ``plain`` computes (e.g. the joint codec adopting the single-view codec's QPEM)."""
+    return {k: torch.cat([plain[k], v[:, 3 * M:]], dim=1) if k in _FIRST_LAYERS else plain[k]
+            for k, v in conditioned.items()}

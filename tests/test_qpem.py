@@ -143,3 +143,23 @@ def test_without_context_is_the_zero_context_qpem() -> None:
         assert torch.allclose(a[0], b[0], atol=1e-5) and torch.allclose(a[1], b[1], atol=1e-5)
     # with a non-zero context the two differ: the cut columns did carry weight
     assert not torch.allclose(with_ctx.steps[0](scales, means, decoded, context)[0], plain.steps[0](scales, means, decoded, None)[0])
+
+
+def test_with_context_of_keeps_the_plain_function_and_the_context_columns() -> None:
+    from lmvic.qpem import with_context_of, without_context
+
+    y, scales, means, context = _inputs()
+    conditioned, plain = QuadtreeEntropyModel(8, context_ch=4), QuadtreeEntropyModel(8)
+    _perturb(conditioned)
+    torch.manual_seed(9)
+    for p in plain.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    merged = QuadtreeEntropyModel(8, context_ch=4)
+    merged.load_state_dict(with_context_of(plain.state_dict(), conditioned.state_dict(), 8))
+    assert all(torch.equal(v, plain.state_dict()[k]) for k, v in without_context(merged.state_dict(), 8).items())
+    first = merged.steps[1].net[0].weight
+    assert torch.equal(first[:, 24:], conditioned.steps[1].net[0].weight[:, 24:])
+    decoded = torch.randn_like(y)
+    a = merged.steps[3](scales, means, decoded, torch.zeros_like(context))
+    b = plain.steps[3](scales, means, decoded, None)
+    assert torch.allclose(a[0], b[0], atol=1e-5) and torch.allclose(a[1], b[1], atol=1e-5)
