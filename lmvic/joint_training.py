@@ -178,7 +178,9 @@ def train_joint(cfg: JointTrainConfig, resume: bool = False, log=print) -> Joint
     codec = _build(cfg, log).train()
     frozen = {"all": [], "depth": [codec.image], "image": [codec.depth],
               "context": [codec.image.enc_fusions, codec.image.dec_fusions]}[cfg.parts]
-    for module in frozen + ([codec.image.backbone] if cfg.freeze_backbone else []):
+    # the base's own QPEM (single-view coding) is not on the joint codec's path: its QPEM replaces it
+    backbone_qpem = [codec.image.backbone.qpem] if codec.image.backbone.qpem is not None else []
+    for module in frozen + backbone_qpem + ([codec.image.backbone] if cfg.freeze_backbone else []):
         module.requires_grad_(False)
     if cfg.parts != "depth":  # the image bottleneck's quantiles follow the aux loss whenever the image codec runs
         codec.image.backbone.entropy_bottleneck.quantiles.requires_grad_(True)

@@ -412,6 +412,25 @@ def test_a_run_checkpoint_is_the_codec_its_export_ships(tmp_path) -> None:
     assert all(torch.equal(snapshot[k], shipped[k]) for k in shipped)
 
 
+def test_training_on_a_qpem_base_leaves_the_base_qpem_alone(tmp_path) -> None:
+    """The shipped base has its own QPEM (single-view coding); the joint codec codes with its own, so
+    a run that trains the backbone must not list the base's QPEM (DDP fails on parameters that get no
+    gradient) nor change it."""
+    from lmvic.joint_training import JointTrainConfig, train_joint
+    from lmvic.training.schedule import Schedule
+    from lmvic.zoo import load_single_view
+    from scenes.synthetic import generate
+
+    scene = generate(tmp_path / "scene", ArcCameras(n_views=5, width=64, height=64, arc_degrees=20.0), seed=2)
+    cfg = JointTrainConfig(str(tmp_path / "run"), (str(scene),), steps=1, batch=1, crop=64,
+                           init_single_view="single_view_cpu", schedule=Schedule(peak_lr=1e-3, warmup_steps=0))
+    trained = train_joint(cfg, log=lambda _: None).image.backbone
+    shipped = load_single_view().state_dict()
+    assert shipped.keys() == trained.state_dict().keys()
+    assert all(torch.equal(v, shipped[f"qpem.{k}"]) and not v.requires_grad for k, v in trained.qpem.named_parameters())
+    assert not torch.equal(trained.analysis[0][0].weight, shipped["analysis.0.0.weight"])
+
+
 def test_staged_parts_train_only_their_codec_and_start_from_a_previous_run(tmp_path) -> None:
     from lmvic.joint_training import JointTrainConfig, train_joint
     from scenes.synthetic import generate

@@ -35,8 +35,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "(entropy models stay fp32; default fp32, or the resumed run's)")
     p.add_argument("--init", default="", help="start a fresh run (new optimiser and schedule) from these "
                    "weights: a shipped name (single_view_cpu), an exported .pt or a run's checkpoint.pt")
-    p.add_argument("--entropy", choices=["hyperprior", "qpem"], default="hyperprior",
-                   help="entropy model of the latent: the hyperprior alone, or QPEM's four-step context over it")
+    p.add_argument("--entropy", choices=["hyperprior", "qpem"], default=None,
+                   help="entropy model of the latent: the hyperprior alone, or QPEM's four-step context over it "
+                        "(default: that of the --init weights, else hyperprior)")
     p.add_argument("--init-qpem", default="", metavar="JOINT_MODEL",
                    help="start the QPEM from a shipped joint model's (e.g. joint-cpu), reference context removed")
     p.add_argument("--trainable", choices=["all", "qpem"], default="all",
@@ -102,7 +103,7 @@ def run(args: argparse.Namespace) -> None:
             threads=args.threads, precision=args.precision or "fp32", seed=args.seed,
             metric=args.metric, val_every_cpu_minutes=args.val_every,
             ckpt_every_cpu_minutes=args.ckpt_every, val_images=tuple(str(p) for p in val), init=args.init,
-            entropy=args.entropy, init_qpem=args.init_qpem, trainable=args.trainable)
+            entropy=args.entropy or initial_entropy(args.init), init_qpem=args.init_qpem, trainable=args.trainable)
         if (cfg.init_qpem or cfg.trainable == "qpem") and cfg.entropy != "qpem":
             raise LmvicError("--init-qpem and --trainable qpem need --entropy qpem")
     crops = validation_crops([Path(p) for p in cfg.val_images]) if cfg.val_images else None
@@ -110,6 +111,18 @@ def run(args: argparse.Namespace) -> None:
     if rank == 0:
         plot_run(Path(cfg.out_dir))
         print(json.dumps({"run_dir": cfg.out_dir, "checkpoint": str(ckpt)}))
+
+
+def initial_entropy(init: str) -> str:
+    """The entropy model of the weights ``init`` names ("hyperprior" for a fresh run)."""
+    from lmvic.zoo import WeightsError, single_view_from
+
+    if not init:
+        return "hyperprior"
+    try:
+        return single_view_from(init).entropy
+    except WeightsError as exc:
+        raise LmvicError(f"--init: {exc}") from exc
 
 
 def utc_deadline(hhmm: str) -> float:
