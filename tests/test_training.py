@@ -180,11 +180,13 @@ def test_a_fresh_run_starts_from_given_weights(scenes, tmp_path):
     cache = build_cache(scene_images(scenes), tmp_path / "cache", max_side=256, scales=(1.0,))
     run = TrainConfig(out_dir=str(tmp_path / "run"), cache_dir=str(cache), crop=64, batch=2, max_steps=1,
                       schedule=Schedule("constant", 1e-12, 1e-12, 0), aux_lr=1e-12, init="single_view_cpu",
-                      log_every=1)
+                      entropy="qpem", log_every=1)
     trained = train(run, log=lambda s: None).state_dict()  # one step at lr 1e-12: still the shipped weights
     assert max((trained[k] - shipped[k].float()).abs().max().item() for k in shipped if shipped[k].is_floating_point()) < 1e-6
     with pytest.raises(ValueError, match="λs"):
         initial_state("single_view_cpu", TrainConfig(out_dir="", cache_dir="", lambdas=(0.001, 0.01)))
+    with pytest.raises(ValueError, match="do not fit"):  # QPEM weights into a hyperprior-only codec
+        train(TrainConfig(out_dir=str(tmp_path / "run2"), cache_dir=str(cache), init="single_view_cpu"), log=lambda s: None)
 
 
 def test_a_qpem_only_run_trains_nothing_but_the_qpem(scenes, tmp_path):
