@@ -143,7 +143,8 @@ def checkpoint_codec(path: Path) -> JointCodec:
     ck = torch.load(path, map_location="cpu", weights_only=False)
     cfg = JointTrainConfig(**{**ck["config"], "schedule": Schedule(**ck["config"]["schedule"])})
     base = shipped_base(cfg)
-    codec = build_joint(cfg.size, backbone=single_view_from(base) if base else None, aligned=cfg.aligned)
+    backbone = single_view_from(cfg.init_single_view) if cfg.init_single_view else None  # its architecture
+    codec = build_joint(cfg.size, backbone=backbone, aligned=cfg.aligned)
     shipped = JointPart(codec) if base else codec
     shipped.load_state_dict(_without_backbone(ck["model"]) if base else ck["model"])
     ship_ready(shipped)

@@ -54,7 +54,7 @@ from lmvic.bitstream import (BitstreamError, LatentStream, SceneHeader, SceneRea
 from lmvic.models.depth_codec import DepthCodec, DepthRange, build_depth_codec, cross_view_prediction
 from lmvic.models.joint import JointImageCodec, Side, build_joint_image
 from lmvic.exact import EXACT_THREADS, fixed_threads
-from lmvic.models.single_view import DEFAULT_LAMBDAS, SIZES, SingleViewCodec
+from lmvic.models.single_view import DEFAULT_LAMBDAS, SIZES, SingleViewCodec, build_single_view
 from lmvic.precision import float32
 from lmvic.zoo import WEIGHTS_DIR, WeightsError, base_reference, load_base, load_named, read_weights, write_weights
 from pipelines.errors import LmvicError
@@ -456,7 +456,7 @@ def save_joint(codec: JointCodec, path: Path, base: str | None = None, half: boo
     holds only the :class:`JointPart` and the base's name and SHA-256, checked on loading.
     """
     payload = {"format": WEIGHT_FORMAT, "size": codec.size, "lambdas": codec.image.backbone.lambdas.tolist(),
-               "aligned": codec.aligned}
+               "aligned": codec.aligned, "entropy": codec.image.backbone.entropy}
     if base is not None:
         payload.update(base_reference(base))
     return write_weights(codec if base is None else JointPart(codec), path, payload,
@@ -468,7 +468,8 @@ def load_joint_file(path: Path) -> JointCodec:
     ck = read_weights(path, WEIGHT_FORMAT, "joint weights")
     aligned = ck.get("aligned", True)
     if "base" not in ck:
-        codec = build_joint(ck["size"], tuple(ck["lambdas"]), aligned=aligned)
+        backbone = build_single_view(ck["size"], tuple(ck["lambdas"]), entropy=ck.get("entropy", "hyperprior"))
+        codec = build_joint(ck["size"], backbone=backbone, aligned=aligned)
         codec.load_state_dict(ck["state_dict"])
         return codec.eval()
     codec = build_joint(ck["size"], backbone=load_base(ck, f"joint weights {path.name}", path.parent), aligned=aligned)
