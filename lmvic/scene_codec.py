@@ -54,7 +54,7 @@ from lmvic.bitstream import (BitstreamError, LatentStream, SceneHeader, SceneRea
 from lmvic.models.depth_codec import DepthCodec, DepthRange, build_depth_codec, cross_view_prediction
 from lmvic.models.joint import JointImageCodec, Side, build_joint_image
 from lmvic.exact import EXACT_THREADS, fixed_threads
-from lmvic.models.single_view import DEFAULT_LAMBDAS, SIZES, SingleViewCodec, build_single_view
+from lmvic.models.single_view import DEFAULT_LAMBDAS, SIZES, SingleViewCodec, build_recorded
 from lmvic.precision import float32
 from lmvic.zoo import WEIGHTS_DIR, WeightsError, base_reference, load_base, load_named, read_weights, write_weights
 from pipelines.errors import LmvicError
@@ -468,8 +468,7 @@ def load_joint_file(path: Path) -> JointCodec:
     ck = read_weights(path, WEIGHT_FORMAT, "joint weights")
     aligned = ck.get("aligned", True)
     if "base" not in ck:
-        backbone = build_single_view(ck["size"], tuple(ck["lambdas"]), entropy=ck.get("entropy", "hyperprior"))
-        codec = build_joint(ck["size"], backbone=backbone, aligned=aligned)
+        codec = build_joint(ck["size"], backbone=build_recorded(ck), aligned=aligned)
         codec.load_state_dict(ck["state_dict"])
         return codec.eval()
     codec = build_joint(ck["size"], backbone=load_base(ck, f"joint weights {path.name}", path.parent), aligned=aligned)

@@ -16,7 +16,7 @@ from typing import Callable, Sequence, TypeVar
 
 import torch
 
-from lmvic.models.single_view import SingleViewCodec, build_single_view
+from lmvic.models.single_view import SingleViewCodec, build_recorded, build_single_view
 from pipelines.cache import atomic_write_bytes
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
@@ -108,7 +108,7 @@ def export_single_view(state: dict[str, torch.Tensor], size: str, lambdas: tuple
 def load_single_view(name: str = "single_view_cpu", directory: Path = WEIGHTS_DIR) -> SingleViewCodec:
     """The shipped codec ``name`` in eval mode, CDFs ready for ``compress``/``decompress``."""
     ck = read_weights(directory / f"{name}.pt", FORMAT, f"shipped weights {name!r}")
-    model = build_single_view(ck["size"], tuple(ck["lambdas"]), entropy=ck.get("entropy", "hyperprior"))
+    model = build_recorded(ck)
     model.load_state_dict(ck["state_dict"])
     return model.eval()
 
@@ -199,7 +199,7 @@ def checkpoint_model(checkpoint: Path) -> tuple[SingleViewCodec, dict]:
         raise WeightsError(f"checkpoint not found: {checkpoint}")
     ck = torch.load(checkpoint, map_location="cpu", weights_only=False)
     cfg = ck["config"]
-    model = build_single_view(cfg["size"], tuple(cfg["lambdas"]), entropy=cfg.get("entropy", "hyperprior"))
+    model = build_recorded(cfg)
     model.load_state_dict({**ck["model"], **(ck.get("ema") or {})})
     return model, cfg
 

@@ -271,6 +271,12 @@ def build_single_view(size: str = "cpu", lambdas: tuple[float, ...] = DEFAULT_LA
     return SingleViewCodec(s.N, s.M, lambdas, context_ch, entropy)
 
 
+def build_recorded(record: dict) -> SingleViewCodec:
+    """A fresh codec of the architecture a weight file or training config records: ``size``, ``lambdas``
+    and ``entropy`` (absent before the QPEM option existed: the hyperprior)."""
+    return build_single_view(record["size"], tuple(record["lambdas"]), entropy=record.get("entropy", "hyperprior"))
+
+
 def bits_per_pixel(likelihoods: dict[str, Tensor], num_pixels: int) -> Tensor:
     """Σ −log2 likelihood per sample / pixels → (B,)."""
     total = sum(l.log().flatten(1).sum(1) for l in likelihoods.values())
