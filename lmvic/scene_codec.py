@@ -28,8 +28,9 @@ not move — and cropped back after decoding.
 Streams per view (``lmvic.bitstream.LatentStream``): ``depth`` and ``image``, each with five
 chunks — the range-coded QPEM steps y0…y3 and the hyper-latent z — and the shape of z ((H/64, W/64)
 for the image; for the depth that of its padded 1/16-resolution map), or ``image.intra`` instead of
-``image``: the backbone's own strings (its y parts and z, ``SingleViewCodec.num_strings``); the first coded view also holds ``scene.depth_range`` (two
-float64 and a u16: near, far, ``DEPTH_FACTOR``). Two streams per view keep the container's per-stream overhead small.
+``image``: the backbone's own strings (its y parts and z, ``SingleViewCodec.num_strings``); the first
+coded view also holds ``scene.depth_range`` (two float64 and a u16: near, far, ``DEPTH_FACTOR``).
+Two streams per view keep the container's per-stream overhead small.
 
 Model ids are ``joint-<size>``; weights are ``lmvic/weights/<model id>.pt`` with a SHA-256 sidecar.
 """
@@ -217,7 +218,8 @@ class JointCodec(CompressionModel):
         if ("image" in streams) == (INTRA_STREAM in streams):
             raise BitstreamError(f"a view record must hold exactly one of the streams 'image' and {INTRA_STREAM!r}")
         if INTRA_STREAM in streams:
-            y_hat = self.image.backbone.decode_latent(*_strings(streams, INTRA_STREAM, size, self.image.backbone.num_strings), quality)
+            backbone = self.image.backbone
+            y_hat = backbone.decode_latent(*_strings(streams, INTRA_STREAM, size, backbone.num_strings), quality)
             return self._decoded(y_hat, quality, None, depth_hat, K, T)
         i_side = _exact(self.image_side, ref, depth_hat, K, T)
         y_hat = self.image.decode_latent(*_strings(streams, "image", size), quality, i_side)

@@ -77,16 +77,13 @@ def landscape_batch(paths: list[Path]) -> "torch.Tensor":
 def encode_image(model, rgb: np.ndarray, quality: int) -> bytes:
     """(H, W, 3) uint8 → single-view stream bytes (padded to multiples of 64 by edge replication)."""
     import torch
-    import torch.nn.functional as F
 
     from lmvic.models.bitstream import ImageStream
+    from lmvic.scene_codec import padded_image
 
-    h, w = rgb.shape[:2]
-    x = torch.from_numpy(rgb).permute(2, 0, 1)[None].float().div(255)
-    x = F.pad(x, (0, -w % 64, 0, -h % 64), mode="replicate")
     with torch.no_grad():
-        c = model.compress(x, quality)
-    return ImageStream(quality, h, w, tuple(s[0] for s in c["strings"])).to_bytes()
+        c = model.compress(padded_image(rgb), quality)
+    return ImageStream(quality, *rgb.shape[:2], tuple(s[0] for s in c["strings"])).to_bytes()
 
 
 def decode_image(model, data: bytes) -> np.ndarray:
@@ -94,6 +91,7 @@ def decode_image(model, data: bytes) -> np.ndarray:
     import torch
 
     from lmvic.models.bitstream import ImageStream
+    from lmvic.scene_codec import to_uint8
 
     s = ImageStream.from_bytes(data)
     if not 1 <= s.quality <= model.num_qualities:
@@ -103,8 +101,7 @@ def decode_image(model, data: bytes) -> np.ndarray:
     shape = (math.ceil(s.height / 64), math.ceil(s.width / 64))
     with torch.no_grad():
         x_hat = model.decompress([[c] for c in s.chunks], shape, s.quality)["x_hat"]
-    x_hat = x_hat[0, :, : s.height, : s.width]
-    return (x_hat.mul(255).round().clamp(0, 255).byte().permute(1, 2, 0).numpy())
+    return to_uint8(x_hat, s.height, s.width)
 
 
 def evaluate(model, paths: list[Path], qualities: list[int], log=print) -> dict[str, list[float]]:
