@@ -40,7 +40,7 @@ def measure(size: str, crop: int, batch: int, threads: int, steps: int, cache: I
     main = [p for n, p in model.named_parameters() if not n.endswith(".quantiles")]
     aux = [p for n, p in model.named_parameters() if n.endswith(".quantiles")]
     opt, aux_opt = torch.optim.Adam(main, 1e-4), torch.optim.Adam(aux, 1e-3)
-    sampler = CropSampler(cache, crop, seed=0)
+    sampler = CropSampler([cache], crop, seed=0)
     samples = 0.0
     for i in range(steps + 1):  # the first step warms up allocators and is not counted
         if i == 1:

@@ -73,8 +73,8 @@ def test_cache_round_trips_pixels_and_scales(scenes, tmp_path):
 def test_crop_sampler_prefers_texture(scenes, tmp_path):
     cache = ImageCache(build_cache(scene_images(scenes, include=("b",)), tmp_path / "c", scales=(1.0,)))
     flat_energy = gradient_energy(np.full((64, 64, 3), 90, np.uint8))
-    one = CropSampler(cache, 64, seed=1, candidates=1)
-    many = CropSampler(cache, 64, seed=1, candidates=16)
+    one = CropSampler([cache], 64, seed=1, candidates=1)
+    many = CropSampler([cache], 64, seed=1, candidates=16)
     e_one = np.mean([gradient_energy((b.permute(1, 2, 0).numpy() * 255).astype(np.uint8)) for b in one.batch(32)])
     e_many = np.mean([gradient_energy((b.permute(1, 2, 0).numpy() * 255).astype(np.uint8)) for b in many.batch(32)])
     assert flat_energy == 0 and e_many > 1.3 * e_one
@@ -153,7 +153,7 @@ def test_bf16_rd_loss_is_close_to_float32_and_trains(scenes, tmp_path):
     from lmvic.zoo import load_single_view
 
     model = load_single_view().train()
-    x = CropSampler(ImageCache(build_cache(scene_images(scenes), tmp_path / "cache", max_side=256, scales=(1.0,))),
+    x = CropSampler([ImageCache(build_cache(scene_images(scenes), tmp_path / "cache", max_side=256, scales=(1.0,)))],
                     128, seed=3).batch(2)
     q = torch.tensor([2.0, 5.0])
     torch.manual_seed(1)

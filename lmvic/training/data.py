@@ -9,10 +9,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable, Iterator, Sequence
 
 import cv2
 import numpy as np
 import torch
+
+from pipelines.cache import atomic_write_json
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 #: Development scenes the lead evaluates on; never used for training.
@@ -60,22 +63,34 @@ def build_cache(paths: list[Path], out_dir: Path, max_side: int = 768,
     """
     meta = {"version": CACHE_VERSION, "sources": [str(p) for p in paths], "max_side": max_side,
             "scales": list(scales), "min_side": min_side}
-    meta_path = out_dir / "meta.json"
-    if meta_path.exists() and json.loads(meta_path.read_text()).get("settings") == meta:
-        return out_dir
-    out_dir.mkdir(parents=True, exist_ok=True)
-    index, offset = [], 0
-    with open(out_dir / "pixels.u8", "wb") as f:
+
+    def images() -> Iterator[np.ndarray]:
         for p in paths:
             for s in scales:
                 img = read_rgb(p, round(max_side * s))
-                if min(img.shape[:2]) < min_side:
-                    continue
-                f.write(img.tobytes())
-                index.append((offset, img.shape[0], img.shape[1]))
-                offset += img.nbytes
+                if min(img.shape[:2]) >= min_side:
+                    yield img
+
+    return write_cache(out_dir, meta, images())
+
+
+def write_cache(out_dir: Path, settings: dict, images: Iterable[np.ndarray]) -> Path:
+    """Write (H, W, 3) uint8 ``images`` as a cache in ``out_dir``, unless one with these (JSON)
+    ``settings`` is there already (then ``images`` is not consumed). ``meta.json`` is written last,
+    atomically: an interrupted build leaves no cache that looks complete."""
+    meta_path = out_dir / "meta.json"
+    if meta_path.exists() and json.loads(meta_path.read_text()).get("settings") == settings:
+        return out_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta_path.unlink(missing_ok=True)
+    index, offset = [], 0
+    with open(out_dir / "pixels.u8", "wb") as f:
+        for img in images:
+            f.write(np.ascontiguousarray(img).tobytes())
+            index.append((offset, img.shape[0], img.shape[1]))
+            offset += img.nbytes
     np.save(out_dir / "index.npy", np.asarray(index, dtype=np.int64))
-    meta_path.write_text(json.dumps({"settings": meta, "images": len(index), "bytes": offset}))
+    atomic_write_json(meta_path, {"settings": settings, "images": len(index), "bytes": offset})
     return out_dir
 
 
@@ -103,28 +118,35 @@ def gradient_energy(crop: np.ndarray) -> float:
 
 @dataclass
 class CropSampler:
-    """Random square crops (area-weighted image choice, horizontal flips, texture preference).
+    """Random square crops (source by share, area-weighted image choice, horizontal flips, texture preference).
 
-    Each crop is the most textured (``gradient_energy``) of ``candidates`` random draws, which
-    biases training towards detailed regions: flat walls and black backgrounds teach little.
+    ``caches`` are the sources and ``shares`` the fraction of crops each gives (default: all from
+    the first). Each crop is the most textured (``gradient_energy``) of ``candidates`` random draws,
+    which biases training towards detailed regions: flat walls and black backgrounds teach little.
     """
 
-    cache: ImageCache
+    caches: Sequence[ImageCache]
     crop: int
+    shares: Sequence[float] = (1.0,)
     seed: int = 0
     candidates: int = 2
 
     def __post_init__(self):
+        if len(self.shares) != len(self.caches) or abs(sum(self.shares) - 1) > 1e-6:
+            raise ValueError(f"shares {tuple(self.shares)} must sum to 1, one per cache ({len(self.caches)})")
         self.rng = np.random.default_rng(self.seed)
-        sizes = [(h, w) for _, h, w in self.cache.index]
-        ok = np.array([min(h, w) >= self.crop for h, w in sizes])
-        if not ok.any():
-            raise ValueError(f"no cached image is at least {self.crop} px on its short side")
-        area = np.array([h * w for h, w in sizes], dtype=np.float64) * ok
-        self.weights = area / area.sum()
+        self.weights = []
+        for cache in self.caches:
+            sizes = [(h, w) for _, h, w in cache.index]
+            ok = np.array([min(h, w) >= self.crop for h, w in sizes])
+            if not ok.any():
+                raise ValueError(f"no cached image is at least {self.crop} px on its short side")
+            area = np.array([h * w for h, w in sizes], dtype=np.float64) * ok
+            self.weights.append(area / area.sum())
 
     def _one(self) -> np.ndarray:
-        img = self.cache.image(int(self.rng.choice(len(self.weights), p=self.weights)))
+        src = int(self.rng.choice(len(self.caches), p=self.shares))
+        img = self.caches[src].image(int(self.rng.choice(len(self.weights[src]), p=self.weights[src])))
         h, w = img.shape[:2]
         best, best_e = None, -1.0
         for _ in range(self.candidates):

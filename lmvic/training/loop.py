@@ -37,6 +37,8 @@ class TrainConfig:
 
     out_dir: str
     cache_dir: str
+    dead_leaves_dir: str = ""  # a dead-leaves image cache (``dead_leaves.build_dead_leaves_cache``)
+    dead_leaves_share: float = 0.0  # fraction of the crops drawn from it
     size: str = "cpu"
     lambdas: tuple[float, ...] = DEFAULT_LAMBDAS
     quality: int = 0  # 0: variable rate (a random level per sample); k: fixed level k only
@@ -249,7 +251,11 @@ def train(cfg: TrainConfig, resume: bool = False, val_crops: Tensor | None = Non
             (out / stale).unlink(missing_ok=True)
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
     net = DistributedDataParallel(model) if world > 1 else model
-    sampler = CropSampler(ImageCache(Path(cfg.cache_dir)), cfg.crop, seed=cfg.seed * 1000 + rank + 7919 * step)
+    caches, shares = [ImageCache(Path(cfg.cache_dir))], [1.0 - cfg.dead_leaves_share]
+    if cfg.dead_leaves_share > 0:
+        caches.append(ImageCache(Path(cfg.dead_leaves_dir)))
+        shares.append(cfg.dead_leaves_share)
+    sampler = CropSampler(caches, cfg.crop, shares, seed=cfg.seed * 1000 + rank + 7919 * step)
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank + 7919 * step)
     budget = cfg.budget_cpu_minutes * 60
     next_val = (int(cpu_spent // (cfg.val_every_cpu_minutes * 60)) + 1) * cfg.val_every_cpu_minutes * 60

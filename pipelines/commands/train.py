@@ -43,6 +43,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--trainable", choices=["all", "qpem"], default="all",
                    help="qpem: train only the QPEM, the transforms and hyperprior stay as --init gives them "
                         "(models built on these weights stay valid)")
+    p.add_argument("--dead-leaves", type=float, default=0.0, metavar="SHARE",
+                   help="fraction of the crops drawn from procedural dead-leaves images (built once beside "
+                        "the crop cache, colours from the real photos; default 0)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--val-every", type=float, default=5.0, help="validation period, CPU-minutes")
     p.add_argument("--ckpt-every", type=float, default=3.0, help="checkpoint period, CPU-minutes")
@@ -55,7 +58,8 @@ def run(args: argparse.Namespace) -> None:
     import torch
 
     from lmvic.training.curves import plot_run
-    from lmvic.training.data import HELD_OUT_SCENES, build_cache, scene_images, validation_crops
+    from lmvic.training.data import HELD_OUT_SCENES, ImageCache, build_cache, scene_images, validation_crops
+    from lmvic.training.dead_leaves import build_dead_leaves_cache
     from lmvic.training.loop import TrainConfig, check_metric, dist_info, train
     from lmvic.training.schedule import Schedule
 
@@ -89,13 +93,19 @@ def run(args: argparse.Namespace) -> None:
         paths = scene_images(args.scenes)
         if not paths:
             raise LmvicError(f"no training images under {args.scenes}")
+        if not 0.0 <= args.dead_leaves < 1.0:
+            raise LmvicError(f"--dead-leaves {args.dead_leaves} must be in [0, 1)")
+        leaves = cache.parent / f"{cache.name}_dead_leaves"
         if rank == 0:
             build_cache(paths, cache)
+            if args.dead_leaves:
+                build_dead_leaves_cache(leaves, ImageCache(cache), progress=not args.quiet)
         if world > 1:
             torch.distributed.barrier()  # the other ranks reuse rank 0's cache
         val = [p for s in HELD_OUT_SCENES for p in scene_images(args.scenes, include=(s,), exclude=())[: args.val_count // 2]]
         cfg = TrainConfig(
             out_dir=str(args.run_dir), cache_dir=str(build_cache(paths, cache)), size=args.size,
+            dead_leaves_dir=str(leaves) if args.dead_leaves else "", dead_leaves_share=args.dead_leaves,
             quality=args.quality, crop=args.crop, batch=args.batch,
             schedule=Schedule(args.schedule, args.lr, args.final_lr, args.warmup),
             budget_cpu_minutes=60.0 if args.minutes is None else args.minutes, max_steps=args.steps, deadline=utc_deadline(args.until),
