@@ -3,7 +3,8 @@
 Reads the results of ``lmvic eval SCENE --mode joint`` (``WORK/eval/<codec>.json``, CompressAI
 layout) of each given work folder, and prints per scene the BD-rate (PSNR and MS-SSIM) of
 ``lmvic-joint`` against every other codec there, the joint codec's encode and decode seconds per
-view, and the shipped model's size. Run the evaluations first, e.g.::
+view, per rate point how many views it coded inter (with the reference) and what its depth streams
+cost, and the shipped model's size. Run the evaluations first, e.g.::
 
     lmvic eval ../shared/scenes/fox --work-dir W/fox --mode joint --max-views 8
     python benchmarks/joint.py W/fox W/sceaux
@@ -37,6 +38,13 @@ def main() -> None:
         times = json.loads((work / "eval" / f"{TEST}.json").read_text())["results"]
         print(f"\n{work.name}: {len(test.views)} views; {TEST} encode {np.mean(times['encoding_time']):.2f} s/view, "
               f"decode {np.mean(times['decoding_time']):.2f} s/view")
+        for point in test.points:
+            if point.streams is None:
+                continue  # measured before the eval recorded streams
+            inter = sum("image" in v for v in point.streams)
+            depth = sum(v.get("depth", 0) for v in point.streams)
+            print(f"  q{point.quality}: {inter}/{len(point.streams)} views coded inter; depth streams "
+                  f"{depth / len(point.streams):.0f} B/view, {100 * depth / sum(point.num_bytes):.1f} % of the file")
         for name, anchor in curves.items():
             if name == TEST:
                 continue

@@ -3,7 +3,8 @@
 :class:`ContainerEvalCodec` codes the views (already in coding order) into a container file in a
 temporary folder, decodes it with the mode's decoder as another process would, and reports per
 view the bytes of its record (the header's bytes are counted with the first view, so they add up to
-the file size). A mode supplies ``encode_file`` and ``decode_file``.
+the file size) and of each named stream in it (e.g. ``depth`` and ``image`` or ``image.intra``).
+A mode supplies ``encode_file`` and ``decode_file``.
 """
 from __future__ import annotations
 
@@ -49,8 +50,9 @@ class ContainerEvalCodec:
             end = time.perf_counter()
             with SceneReader(path) as reader:
                 per_view = list(reader.record_sizes)
+                streams = [{k: s.nbytes for k, s in reader.read_view(i).items()} for i in range(len(per_view))]
         per_view[0] += size - sum(per_view)
-        return Coded(per_view, [decoded.images[n] for n in self.names], middle - start, end - middle)
+        return Coded(per_view, [decoded.images[n] for n in self.names], middle - start, end - middle, streams)
 
 
 class JointEvalCodec(ContainerEvalCodec):

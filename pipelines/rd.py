@@ -39,6 +39,7 @@ class Coded:
     decoded: list[np.ndarray]
     encode_seconds: float
     decode_seconds: float
+    streams: list[dict[str, int]] | None = None  # per view, bytes of each named stream (lmvic's containers)
 
 
 class Codec(Protocol):
@@ -64,6 +65,7 @@ class RDPoint:
     ms_ssim: list[float]
     encode_seconds: float  # all views
     decode_seconds: float
+    streams: list[dict[str, int]] | None = None  # per view: stream name → bytes, when the codec says
 
     @property
     def view_bpp(self) -> list[float]:
@@ -148,7 +150,7 @@ def measure(codec: Codec, views: Sequence[np.ndarray], names: Sequence[str],
         point = RDPoint(q, [int(b) for b in coded.num_bytes], shape[0], shape[1],
                         [psnr(v, d) for v, d in zip(views, coded.decoded)],
                         ms_ssim_views(views, coded.decoded),
-                        coded.encode_seconds, coded.decode_seconds)
+                        coded.encode_seconds, coded.decode_seconds, coded.streams)
         points.append(point)
         log(f"{codec.name} q={q}: {point.bpp:.4f} bpp  {point.mean_psnr:.2f} dB  "
             f"MS-SSIM {point.mean_ms_ssim:.4f}  ({(point.encode_seconds + point.decode_seconds) / len(views):.2f} s/view)")
@@ -251,7 +253,8 @@ def to_compressai_json(curve: RDCurve, bd_rates: dict | None = None) -> dict:
         "views": curve.views,
         "views_sha256": curve.views_digest,
         "per_view": [{"quality": p.quality, "bytes": p.num_bytes, "height": p.height, "width": p.width,
-                      "bpp": p.view_bpp, "psnr-rgb": [_finite(x) for x in p.psnr], "ms-ssim-rgb": p.ms_ssim} for p in pts],
+                      "bpp": p.view_bpp, "psnr-rgb": [_finite(x) for x in p.psnr], "ms-ssim-rgb": p.ms_ssim}
+                     | ({"streams": p.streams} if p.streams is not None else {}) for p in pts],
     }
     if bd_rates is not None:
         out["bd_rate_percent"] = bd_rates
@@ -263,7 +266,8 @@ def from_compressai_json(data: dict) -> RDCurve:
     n = len(data["views"])
     enc, dec = data["results"]["encoding_time"], data["results"]["decoding_time"]
     points = [RDPoint(v["quality"], v["bytes"], v["height"], v["width"],
-                      [math.inf if x is None else x for x in v["psnr-rgb"]], v["ms-ssim-rgb"], e * n, d * n)
+                      [math.inf if x is None else x for x in v["psnr-rgb"]], v["ms-ssim-rgb"], e * n, d * n,
+                      v.get("streams"))
               for v, e, d in zip(data["per_view"], enc, dec)]
     return RDCurve(data["name"], data["description"], data["views"], points, data.get("views_sha256", ""))
 

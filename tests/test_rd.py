@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,6 +120,12 @@ def test_compressai_json_layout_and_round_trip(tmp_path):
     back = from_compressai_json(json.loads(text))
     assert back.bpp == _curve().bpp
     assert back.points[1].psnr == [32.0, float("inf")]
+    assert back.points[0].streams is None and "streams" not in data["per_view"][0]
+    streams = [{"depth": 100, "image": 880}, {"depth": 90, "image.intra": 1100}]
+    curve = _curve()
+    curve = dataclasses.replace(curve, points=[dataclasses.replace(curve.points[0], streams=streams)])
+    back = from_compressai_json(json.loads(json.dumps(to_compressai_json(curve))))
+    assert back.points[0].streams == streams
 
 
 def test_table_and_plot(tmp_path):
@@ -158,7 +165,7 @@ def test_eval_command_end_to_end(tmp_path):
     (work / "relations").mkdir()
     (work / "relations" / "order.json").write_text(json.dumps({"names": names, "order": order}))
     (work / "relations" / "meta.json").write_text("{}")
-    proc = run_lmvic("eval", scene, "--work-dir", work, "--codecs", "x265-ldp,jpeg", timeout=300)
+    proc = run_lmvic("eval", scene, "--work-dir", work, "--codecs", "x265-ldp,jpeg,lmvic-single", timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "BD-rate vs x265-ldp" in proc.stdout and "cropped views" in proc.stdout
     out = work / "eval"
@@ -169,7 +176,13 @@ def test_eval_command_end_to_end(tmp_path):
     assert set(jpeg["bd_rate_percent"]) == {"anchor", "psnr", "ms-ssim"}
     assert (out / "rd.png").stat().st_size > 0
     rows = list(csv.reader((out / "table.csv").open()))
-    assert len(rows) == 1 + 5 + 7
+    assert len(rows) == 1 + 5 + 7 + 6
+    single = json.loads((out / "lmvic-single.json").read_text())["per_view"]
+    for point in single:  # the container's streams per view: every byte but the header's and length fields
+        assert [set(v) for v in point["streams"]] == [{"image"}] * 3
+        assert all(0 < sum(v.values()) < b for v, b in zip(point["streams"], point["bytes"]))
+        overhead = [b - sum(v.values()) for v, b in zip(point["streams"], point["bytes"])]
+        assert overhead[1] == overhead[2] < 64 < overhead[0]  # a record's length fields; the header counts with view 0
 
 
 def test_eval_command_errors(tmp_path, capsys):
