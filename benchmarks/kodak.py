@@ -5,6 +5,7 @@ training CPU-hours, from the weight snapshots a run keeps; those points are esti
 hard-quantised forward (likelihood bpp), which real coding matches within about 1 %.
 
     .venv/bin/python benchmarks/kodak.py [--snapshots runs/main/snapshots]
+    .venv/bin/python benchmarks/kodak.py --compare single_view_cpu runA/snapshots/step001000.pt runB/...
 """
 from __future__ import annotations
 
@@ -52,6 +53,28 @@ def snapshot_curve(snap_dir: Path, kodak: Path, every: int, done: list[dict], ta
     return rows
 
 
+def compare(sources: list[str], kodak: Path, every: int) -> None:
+    """Estimated Kodak curves (likelihood bpp, every ``every``-th image) of shipped weights or run
+    checkpoints/snapshots, and the BD-rate (PSNR) of each against the first: equal-budget A/B runs."""
+    from pipelines.rd import BDRateError, bd_rate
+
+    images = landscape_batch(sorted(kodak.glob("*.png"))[::every])
+    curves = {}
+    for src in sources:
+        model = checkpoint_model(Path(src))[0] if src.endswith(".pt") else load_single_view(src)
+        curves[src] = validate(model, images, batch=1)
+        print(src, " ".join(f"q{r['quality']} {r['bpp']:.4f}/{r['psnr']:.2f}" for r in curves[src]), flush=True)
+    def rate_psnr(src: str) -> tuple[list[float], list[float]]:
+        return [r["bpp"] for r in curves[src]], [r["psnr"] for r in curves[src]]
+
+    for src in sources[1:]:
+        try:
+            bd = f"{bd_rate(*rate_psnr(sources[0]), *rate_psnr(src)):+.1f} %"
+        except BDRateError as exc:
+            bd = f"n/a ({exc})"
+        print(f"BD-rate of {src} vs {sources[0]} ({len(images)} Kodak images, estimated): {bd}")
+
+
 def write_table(path: Path, rows: list[dict]) -> None:
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -64,7 +87,9 @@ def main() -> None:
     ap.add_argument("--kodak", type=Path, default=Path("/work/shared/kodak"))
     ap.add_argument("--weights", default="single_view_cpu")
     ap.add_argument("--snapshots", type=Path, default=None, help="a run's snapshots folder")
-    ap.add_argument("--every", type=int, default=1, help="snapshots: probe every k-th Kodak image")
+    ap.add_argument("--compare", nargs="+", default=None, metavar="WEIGHTS",
+                    help="estimated curves of these shipped names or .pt checkpoints/snapshots, BD-rate vs the first")
+    ap.add_argument("--every", type=int, default=1, help="snapshots, compare: probe every k-th Kodak image")
     ap.add_argument("--ranks", type=int, default=1, help="snapshots: DDP processes of the run (CPU time × ranks)")
     ap.add_argument("--base-cpu-hours", type=float, default=0.0,
                     help="snapshots: CPU-hours already spent on the run's --init weights")
@@ -74,6 +99,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     OUT.mkdir(parents=True, exist_ok=True)
     anchors = args.kodak / "compressai-results"
+    if args.compare:
+        compare(args.compare, args.kodak, args.every)
+        return
     if args.snapshots is not None:
         table = OUT / f"{args.table}.csv"
         done = []
