@@ -101,7 +101,7 @@ def dead_leaves(rng: np.random.Generator, size: int, palette: np.ndarray, r_min:
             n = int(mask.sum())
             if n == 0:
                 continue
-            fill = _leaf_fill(rng, palette[rng.integers(len(palette))], np.broadcast_to(u, mask.shape), r)
+            fill = _leaf_fill(rng, palette[rng.integers(len(palette))], u, r)
             img[y0:y1, x0:x1][mask] = fill[mask]
             free[y0:y1, x0:x1] &= ~mask
             left -= n
