@@ -6,7 +6,7 @@ everyday photos. The dead-leaves model (Matheron; Lee, Mumford & Huang 2001) sta
 shapes whose sizes follow p(r) ∝ r⁻³ between ``r_min`` and ``r_max``: the result is scale-invariant,
 has a natural image's 1/f² power spectrum and sharp occlusion edges. Here each leaf is a disk,
 ellipse or rotated rectangle, coloured from a palette of real photo pixels (so the colour
-distribution is a natural one) and filled flat, with a linear shading, with stripes of random
+distribution is a natural one) with some random colours mixed in, and filled flat, with a linear shading, with stripes of random
 period (fine periodic texture) or with grain. Leaves are painted front to back at 2× resolution
 (each pixel keeps the first leaf that covers it), then area-downsampled (anti-aliased edges) and
 sometimes blurred (defocus).
@@ -117,8 +117,8 @@ def dead_leaves(rng: np.random.Generator, size: int, palette: np.ndarray, r_min:
 def build_dead_leaves_cache(out_dir: Path, palette_cache: ImageCache, count: int = 256, size: int = 512,
                             seed: int = 0, progress: bool = True) -> Path:
     """``count`` dead-leaves images of ``size`` px (colours from ``palette_cache``, smallest radius
-    drawn from ``R_MIN`` per image) as an image cache
-    in ``out_dir`` (the ``ImageCache`` format); a cache with the same settings is reused."""
+    drawn from ``R_MIN`` per image) as an image cache in ``out_dir`` (the ``ImageCache`` format);
+    a cache with the same settings is reused."""
     rng = np.random.default_rng(seed)
     palette = palette_from(palette_cache, rng)
     settings = {"generator": "dead_leaves", "count": count, "size": size, "seed": seed, "r_min": list(R_MIN),
