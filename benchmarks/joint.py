@@ -43,8 +43,9 @@ def main() -> None:
                 continue  # measured before the eval recorded streams
             inter = sum("image" in v for v in point.streams[1:])  # the first view has no reference
             depth = sum(v.get("depth", 0) for v in point.streams)
-            print(f"  q{point.quality}: {inter} of the {len(point.streams) - 1} views with a reference coded inter; depth streams "
-                  f"{depth / len(point.streams):.0f} B/view, {100 * depth / sum(point.num_bytes):.1f} % of the file")
+            print(f"  q{point.quality}: {inter} of the {len(point.streams) - 1} views with a reference coded inter; "
+                  f"depth streams {depth / len(point.streams):.0f} B/view, "
+                  f"{100 * depth / sum(point.num_bytes):.1f} % of the file")
         for name, anchor in curves.items():
             if name == TEST:
                 continue

@@ -6,8 +6,8 @@ everyday photos. The dead-leaves model (Matheron; Lee, Mumford & Huang 2001) sta
 shapes whose sizes follow p(r) ∝ r⁻³ between ``r_min`` and ``r_max``: the result is scale-invariant,
 has a natural image's 1/f² power spectrum and sharp occlusion edges. Here each leaf is a disk,
 ellipse or rotated rectangle, coloured from a palette of real photo pixels (so the colour
-distribution is a natural one) with some random colours mixed in, and filled flat, with a linear shading, with stripes of random
-period (fine periodic texture) or with grain. Leaves are painted front to back at 2× resolution
+distribution is a natural one) with some random colours mixed in, and filled flat, with a linear
+shading, with stripes of random period (fine periodic texture) or with grain. Leaves are painted front to back at 2× resolution
 (each pixel keeps the first leaf that covers it), then area-downsampled (anti-aliased edges) and
 sometimes blurred (defocus).
 """
@@ -29,7 +29,8 @@ R_MIN = (1.5, 10.0)
 
 
 def leaf_radii(rng: np.random.Generator, n: int, r_min: float, r_max: float) -> np.ndarray:
-    """(n,) radii with density ∝ r⁻³ on [r_min, r_max] (inverse CDF: F(r) = (r_min⁻² − r⁻²) / (r_min⁻² − r_max⁻²))."""
+    """(n,) radii with density ∝ r⁻³ on [r_min, r_max], by inverting the CDF
+    F(r) = (r_min⁻² − r⁻²) / (r_min⁻² − r_max⁻²)."""
     a, b = r_min ** -2.0, r_max ** -2.0
     return (a - rng.random(n) * (a - b)) ** -0.5
 
