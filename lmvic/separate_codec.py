@@ -2,7 +2,8 @@
 
 The container (``lmvic.bitstream``, mode ``single``) holds per view one stream ``image`` with the
 codec's strings as chunks (y parts, then z: ``SingleViewCodec.num_strings``) and the z shape. No
-view refers to another, so any subset decodes. Views are padded to multiples of 64 (edge replication) and cropped back.
+view refers to another, so any subset decodes. Views are padded to multiples of 64 (edge
+replication) and cropped back.
 """
 from __future__ import annotations
 

@@ -14,6 +14,7 @@ sometimes blurred (defocus).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Iterator
 
 import cv2
 import numpy as np
@@ -120,12 +121,16 @@ def build_dead_leaves_cache(out_dir: Path, palette_cache: ImageCache, count: int
     """``count`` dead-leaves images of ``size`` px (colours from ``palette_cache``, smallest radius
     drawn from ``R_MIN`` per image) as an image cache in ``out_dir`` (the ``ImageCache`` format);
     a cache with the same settings is reused."""
-    rng = np.random.default_rng(seed)
-    palette = palette_from(palette_cache, rng)
     settings = {"generator": "dead_leaves", "count": count, "size": size, "seed": seed, "r_min": list(R_MIN),
                 "palette_images": len(palette_cache), "shapes": list(SHAPES), "fills": list(FILLS)}
-    images = (dead_leaves(rng, size, palette, r_min=float(np.exp(rng.uniform(*np.log(R_MIN)))))
-              for _ in range(count))
+
+    def generate() -> Iterator[np.ndarray]:  # runs only when the cache is (re)built
+        rng = np.random.default_rng(seed)
+        palette = palette_from(palette_cache, rng)
+        for _ in range(count):
+            yield dead_leaves(rng, size, palette, r_min=float(np.exp(rng.uniform(*np.log(R_MIN)))))
+
+    images = generate()
     if progress:
         from tqdm import tqdm
         images = tqdm(images, total=count, desc="dead leaves", unit="img")
