@@ -42,10 +42,10 @@ def main() -> None:
             if point.streams is None:
                 continue  # measured before the eval recorded streams
             inter = sum("image" in v for v in point.streams[1:])  # the first view has no reference
-            depth = sum(v.get("depth", 0) for v in point.streams)
+            depths = [v["depth"] for v in point.streams if "depth" in v]
             print(f"  q{point.quality}: {inter} of the {len(point.streams) - 1} views with a reference coded inter; "
-                  f"depth streams {depth / len(point.streams):.0f} B/view, "
-                  f"{100 * depth / sum(point.num_bytes):.1f} % of the file")
+                  f"depth streams in {len(depths)} views, {sum(depths)} B, "
+                  f"{100 * sum(depths) / sum(point.num_bytes):.1f} % of the file")
         for name, anchor in curves.items():
             if name == TEST:
                 continue

@@ -25,8 +25,7 @@ import numpy as np
 import torch
 
 from joint_steps import first_views
-from lmvic.models.depth_codec import DepthRange
-from lmvic.scene_codec import INTRA_STREAM, SceneInput, encode_scene, load_joint, pad, padded_image, to_uint8
+from lmvic.scene_codec import INTRA_STREAM, SceneInput, encode_scene, load_joint, padded_image, to_uint8
 from lmvic.zoo import load_single_view
 from pipelines.metrics import psnr
 from pipelines.rd import bd_rate
@@ -42,24 +41,22 @@ def main() -> None:
     h, w = images[0].shape[:2]
     pixels = len(images) * h * w
     joint, single = load_joint("joint-cpu").eval(), load_single_view("single_view_cpu").eval()
-    depth_range = DepthRange.of(torch.cat([torch.as_tensor(d, dtype=torch.float32).flatten() for d in depths]))
     curves: dict[str, list[tuple[float, float]]] = {"single": [], "noref": [], "ref": []}
     for q in range(1, joint.num_qualities + 1):
         size = {k: 0 for k in curves}
         quality = {k: [] for k in curves}
-        for image, depth, k, t in zip(images, depths, K, T):
+        for i, (name, image) in enumerate(zip(names, images)):
             x = padded_image(image)
             coded = single.compress(x, q)
             size["single"] += sum(len(s[0]) for s in coded["strings"])
             quality["single"].append(psnr(image, to_uint8(single.decompress(coded["strings"], coded["shape"], q)["x_hat"], h, w)))
-            streams, view = joint.encode_view(x, pad(torch.as_tensor(depth, dtype=torch.float32)[None]),
-                                              torch.as_tensor(k, dtype=torch.float32)[None],
-                                              torch.as_tensor(t, dtype=torch.float32)[None], q, depth_range, None)
-            size["noref"] += sum(s.nbytes for name, s in streams.items() if name in ("image", INTRA_STREAM))
-            quality["noref"].append(psnr(image, to_uint8(view.image, h, w)))
+            alone = SceneInput([name], [image], [depths[i]], K[i:i + 1], T[i:i + 1])
+            _, records, out = encode_scene(joint, alone, [0], q)  # no reference, hence no depth stream
+            size["noref"] += sum(s.nbytes for key, s in records[0].items() if key in ("image", INTRA_STREAM))
+            quality["noref"].append(psnr(image, out.images[name]))
         _, records, out = encode_scene(joint, SceneInput(names, images, depths, K, T), range(len(names)), q)
         size["ref"] = sum(s.nbytes for r in records for name, s in r.items() if name in ("image", INTRA_STREAM))
-        depth_bytes = sum(r["depth"].nbytes for r in records)
+        depth_bytes = sum(r["depth"].nbytes for r in records if "depth" in r)
         quality["ref"] = [psnr(image, out.images[n]) for n, image in zip(names, images)]
         for key in curves:
             curves[key].append((8 * size[key] / pixels, float(np.mean(quality[key]))))

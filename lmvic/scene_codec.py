@@ -14,18 +14,22 @@ For view i with reference r (the previous view in the coding order; none for the
 2. image: disparity and trust mask from the *decoded* depths D̂_i and D̂_r
    (``geometry.warp.relate`` then ``multiscale`` at 1/2…1/16); the image codec codes x_i with the
    decoded reference image, its decoder features and that relation (``lmvic.models.joint``).
-   The encoder also codes x_i as the single-view backbone alone would (its own hyperprior
-   entropy model, no reference, no QPEM) and keeps, per view, the mode of lower RD cost
-   bpp + λ_q·255²·MSE (``rd_cost``), as a video encoder decides between intra and inter; the
-   record says which by the name of its image stream (``image`` or ``image.intra``), so a view
-   the reference path would make worse is never coded worse than the single-view codec codes it.
+   The encoder also codes x_i as the single-view backbone alone would (its own entropy model,
+   no reference) and keeps, per view, the mode of lower RD cost bpp + λ_q·255²·MSE (``rd_cost``),
+   as a video encoder decides between intra and inter, counting against the reference path the
+   depth streams only it would make necessary; the record says which by the name of its image
+   stream (``image`` or ``image.intra``), so a view the reference path would make worse is never
+   coded worse than the single-view codec codes it;
+3. depth streams nobody uses are dropped: a view keeps its depth only if its image or its
+   successor's is coded with the reference (``encode_scene``'s second pass). A view whose
+   reference has no depth codes its depth with CVDP off, as the first view does.
 
 The encoder builds every reference exactly as the decoder does (same functions, ``EXACT_THREADS``
 threads, float64 entropy parameters), so decoding in another process is bit-exact. Views are
 padded (edge replication) to multiples of 64 on the right and bottom — the principal point does
 not move — and cropped back after decoding.
 
-Streams per view (``lmvic.bitstream.LatentStream``): ``depth`` and ``image``, each with five
+Streams per view (``lmvic.bitstream.LatentStream``): ``depth`` (if kept) and ``image``, each with five
 chunks — the range-coded QPEM steps y0…y3 and the hyper-latent z — and the shape of z ((H/64, W/64)
 for the image; for the depth that of its padded 1/16-resolution map), or ``image.intra`` instead of
 ``image``: the backbone's own strings (its y parts and z, ``SingleViewCodec.num_strings``); the first
@@ -37,7 +41,7 @@ Model ids are ``joint-<size>``; weights are ``lmvic/weights/<model id>.pt`` with
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Collection, Sequence
 
@@ -76,13 +80,13 @@ class DecodedView:
     """What a later view needs from a decoded one (padded size H×W).
 
     image (B, 3, H, W) in [0, 1]; features: image decoder features at 1/8, 1/4, 1/2 (both None
-    when only the depth codec runs, in depth-only training); depth (B, H, W) metric; K (B, 3, 3);
-    T (B, 4, 4) world-to-camera.
+    when only the depth codec runs, in depth-only training); depth (B, H, W) metric (None when the
+    view's depth was not coded); K (B, 3, 3); T (B, 4, 4) world-to-camera.
     """
 
     image: Tensor | None
     features: list[Tensor] | None
-    depth: Tensor
+    depth: Tensor | None
     K: Tensor
     T: Tensor
 
@@ -126,8 +130,9 @@ class JointCodec(CompressionModel):
     # ---- reference path (shared by training and coding) -------------------------------------
     def depth_side(self, ref: DecodedView | None, K: Tensor, T: Tensor, size: tuple[int, int],
                    depth_range: DepthRange) -> Side | None:
-        """CVDP side information of the depth codec for its coded map of ``size`` (None without reference)."""
-        if ref is None:
+        """CVDP side information of the depth codec for its coded map of ``size`` (None without a
+        reference or when the reference's depth was not coded)."""
+        if ref is None or ref.depth is None:
             return None
         prediction, hit = float32(cross_view_prediction)(ref.depth, ref.K, ref.T, coarse_intrinsics(K), T, size, depth_range)
         return self.depth.prediction_side(prediction, hit)
@@ -175,52 +180,55 @@ class JointCodec(CompressionModel):
         return outs
 
     # ---- coding -----------------------------------------------------------------------------
-    def encode_view(self, image: Tensor, depth: Tensor, K: Tensor, T: Tensor, quality: int,
-                    depth_range: DepthRange, ref: DecodedView | None, inter_only: bool = False
-                    ) -> tuple[dict[str, LatentStream], DecodedView]:
-        """Code one padded view (1, 3, H, W) + depth (1, H, W) → (streams, the decoder's DecodedView).
-
-        The image is coded in the mode of lower ``rd_cost``: the joint image codec (stream ``image``)
-        or the backbone alone (``image.intra``); ``inter_only`` always takes the joint image codec
-        (to measure the reference path by itself)."""
-        size = tuple(image.shape[-2:])
+    def encode_depth(self, depth: Tensor, K: Tensor, T: Tensor, depth_range: DepthRange,
+                     ref: DecodedView | None) -> tuple[LatentStream, Tensor]:
+        """Code one padded view's depth (1, H, W) → (stream ``depth``, the decoder's metric depth
+        (1, H, W)); CVDP predicts it from the reference's decoded depth when the reference has one."""
         coarse = self.coarse_depth(depth_range.normalise(depth))
         d_side = _exact(self.depth_side, ref, K, T, tuple(coarse.shape[-2:]), depth_range)
         strings, shape, y_hat = self.depth.encode(coarse, DEPTH_QUALITY, d_side)
-        streams = {"depth": LatentStream.coded(strings, shape)}
-        depth_hat = self._decoded_depth(y_hat, d_side, size, depth_range)
-        i_side = _exact(self.image_side, ref, depth_hat, K, T)
-        strings, shape, y_hat = self.image.encode(image, quality, i_side)
-        inter, inter_view = LatentStream.coded(strings, shape), self._decoded(y_hat, quality, i_side, depth_hat, K, T)
-        if not inter_only:
+        return LatentStream.coded(strings, shape), self._decoded_depth(y_hat, d_side, tuple(depth.shape[-2:]),
+                                                                       depth_range)
+
+    def encode_image(self, image: Tensor, quality: int, inter: bool, ref: DecodedView | None,
+                     depth_hat: Tensor | None, K: Tensor, T: Tensor) -> tuple[LatentStream, DecodedView]:
+        """Code one padded image (1, 3, H, W) → (stream, the decoder's DecodedView with depth ``depth_hat``).
+
+        ``inter``: the joint image codec with ``ref`` (stream ``image``; with a reference it needs the
+        decoded depths of both views); otherwise the backbone alone (stream ``image.intra``)."""
+        if not inter:
             with torch.no_grad():
                 strings, shape, y_hat = self.image.backbone.encode_latent(image, quality)
-            intra, intra_view = LatentStream.coded(strings, shape), self._decoded(y_hat, quality, None, depth_hat, K, T)
-            if (self.rd_cost(intra, intra_view.image, image, quality)
-                    < self.rd_cost(inter, inter_view.image, image, quality)):
-                return {**streams, INTRA_STREAM: intra}, intra_view
-        return {**streams, "image": inter}, inter_view
+            return LatentStream.coded(strings, shape), self._decoded(y_hat, quality, None, depth_hat, K, T)
+        i_side = _exact(self.image_side, ref, depth_hat, K, T)
+        strings, shape, y_hat = self.image.encode(image, quality, i_side)
+        return LatentStream.coded(strings, shape), self._decoded(y_hat, quality, i_side, depth_hat, K, T)
 
-    def rd_cost(self, stream: LatentStream, decoded: Tensor, image: Tensor, quality: int) -> float:
-        """The training loss's RD cost of coding ``image`` (1, 3, H, W) as ``stream`` decoding to
-        ``decoded``: bits per pixel + λ_quality·255²·MSE."""
-        bpp = 8 * stream.nbytes / (image.shape[-2] * image.shape[-1])
+    def rd_cost(self, nbytes: int, decoded: Tensor, image: Tensor, quality: int) -> float:
+        """The training loss's RD cost of coding ``image`` (1, 3, H, W) in ``nbytes`` bytes decoding
+        to ``decoded``: bits per pixel + λ_quality·255²·MSE."""
+        bpp = 8 * nbytes / (image.shape[-2] * image.shape[-1])
         lam = float(self.image.backbone.lambdas[quality - 1])
         return bpp + lam * 255**2 * float(F.mse_loss(decoded, image))
 
     def decode_view(self, streams: ViewRecord, K: Tensor, T: Tensor, size: tuple[int, int], quality: int,
                     depth_range: DepthRange, ref: DecodedView | None) -> DecodedView:
-        """Inverse of ``encode_view`` for a padded size (H, W)."""
-        coarse = coarse_size(size)
-        d_side = _exact(self.depth_side, ref, K, T, coarse, depth_range)
-        y_hat = self.depth.decode_latent(*_strings(streams, "depth", coarse), DEPTH_QUALITY, d_side)
-        depth_hat = self._decoded_depth(y_hat, d_side, size, depth_range)
+        """Inverse of ``encode_depth`` (if the record has a ``depth`` stream) then ``encode_image``
+        for a padded size (H, W)."""
+        depth_hat = None
+        if "depth" in streams:
+            coarse = coarse_size(size)
+            d_side = _exact(self.depth_side, ref, K, T, coarse, depth_range)
+            y_hat = self.depth.decode_latent(*_strings(streams, "depth", coarse), DEPTH_QUALITY, d_side)
+            depth_hat = self._decoded_depth(y_hat, d_side, size, depth_range)
         if ("image" in streams) == (INTRA_STREAM in streams):
             raise BitstreamError(f"a view record must hold exactly one of the streams 'image' and {INTRA_STREAM!r}")
         if INTRA_STREAM in streams:
             backbone = self.image.backbone
             y_hat = backbone.decode_latent(*_strings(streams, INTRA_STREAM, size, backbone.num_strings), quality)
             return self._decoded(y_hat, quality, None, depth_hat, K, T)
+        if ref is not None and (depth_hat is None or ref.depth is None):
+            raise BitstreamError("a view coded with its reference needs the depth streams of both views")
         i_side = _exact(self.image_side, ref, depth_hat, K, T)
         y_hat = self.image.decode_latent(*_strings(streams, "image", size), quality, i_side)
         return self._decoded(y_hat, quality, i_side, depth_hat, K, T)
@@ -232,7 +240,7 @@ class JointCodec(CompressionModel):
         with fixed_threads(EXACT_THREADS), torch.no_grad():
             return depth_range.denormalise(self.fine_depth(coded, size))
 
-    def _decoded(self, y_hat: Tensor, quality: int, side: Side | None, depth_hat: Tensor,
+    def _decoded(self, y_hat: Tensor, quality: int, side: Side | None, depth_hat: Tensor | None,
                  K: Tensor, T: Tensor) -> DecodedView:
         feats = self.image.reconstruct(y_hat, quality, side)
         return DecodedView(feats[-1].clamp(0, 1), feats[:-1], depth_hat, K, T)
@@ -284,7 +292,8 @@ class SceneInput:
 
 @dataclass(frozen=True)
 class DecodedScene:
-    """Decoded views by name: uint8 RGB (H, W, 3) and float32 depth (H, W), original sizes."""
+    """Decoded views by name: uint8 RGB (H, W, 3) and float32 depth (H, W), original sizes; ``depths``
+    holds only the views whose depth the file codes."""
 
     header: SceneHeader
     images: dict[str, np.ndarray]
@@ -325,15 +334,29 @@ def references_of(order: Sequence[int]) -> tuple[tuple[int, ...], ...]:
     return tuple(refs)
 
 
+CODING_MODES = ("rd", "inter", "intra")
+
+
 def encode_scene(codec: JointCodec, scene: SceneInput, order: Sequence[int], quality: int,
-                 inter_only: bool = False) -> tuple[SceneHeader, list[dict[str, LatentStream]], DecodedScene]:
-    """Code every view in ``order`` → (header, records in view-index order, the decoder's output);
-    ``inter_only``: see ``JointCodec.encode_view``."""
+                 modes: str | Sequence[str] = "rd") -> tuple[SceneHeader, list[dict[str, LatentStream]], DecodedScene]:
+    """Code every view in ``order`` → (header, records in view-index order, the decoder's output).
+
+    ``modes``, one for every view or one per view (view-index order): ``"rd"`` the mode of lower RD
+    cost, ``"inter"`` the joint image codec, ``"intra"`` the backbone alone (see ``JointCodec.encode_image``).
+    A first pass codes every view's depth and decides the modes; a view's depth stream is kept only
+    if its image or its successor's image is coded with the reference (the geometry is needed for
+    nothing else). If some are dropped, a second pass codes the kept depths again, CVDP predicting
+    from the reference only where its depth is kept, and recodes the views that use the reference
+    with those depths; the other image streams do not depend on depth and are kept from the first pass.
+    """
     if not 1 <= quality <= codec.num_qualities:
         raise LmvicError(f"quality {quality} not available: the model has levels 1..{codec.num_qualities}")
     count = len(scene.names)
     if not (len(scene.images) == len(scene.depths) == count == len(scene.intrinsics) == len(scene.world_to_camera)):
         raise LmvicError("scene input: names, images, depths and cameras differ in count")
+    plan = [modes] * count if isinstance(modes, str) else list(modes)
+    if len(plan) != count or not set(plan) <= set(CODING_MODES):
+        raise LmvicError(f"modes: one of {', '.join(CODING_MODES)} for all views or for each of the {count} views")
     views = []
     for name, image, depth, K, T in zip(scene.names, scene.images, scene.depths, scene.intrinsics,
                                         scene.world_to_camera):
@@ -345,18 +368,72 @@ def encode_scene(codec: JointCodec, scene: SceneInput, order: Sequence[int], qua
         depth_range = DepthRange.of(torch.cat([torch.as_tensor(d, dtype=torch.float32).flatten() for d in scene.depths]))
     except ValueError as exc:
         raise LmvicError(f"cannot code the scene's depth: {exc}") from exc
-    records: list[dict[str, LatentStream]] = [{} for _ in range(count)]
-    decoded: dict[int, DecodedView] = {}
     codec.eval()
-    for rank, i in enumerate(order):
-        image = padded_image(scene.images[i])
-        depth = pad(torch.as_tensor(scene.depths[i], dtype=torch.float32)[None])
-        K, T = _camera(views[i])
-        ref = decoded.get(order[rank - 1]) if rank else None
-        records[i], decoded[i] = codec.encode_view(image, depth, K, T, quality, depth_range, ref, inter_only)
+    coder = _SceneCoder(codec, scene, views, order, quality, depth_range)
+    records, decoded, inter = coder.run(plan, depth_views=set(range(count)))
+    needed = {j for rank, i in enumerate(order) if rank and inter[i] for j in (i, order[rank - 1])}
+    if len(needed) < count:
+        kept = {i: (records[i][INTRA_STREAM if INTRA_STREAM in records[i] else "image"], decoded[i])
+                for rank, i in enumerate(order) if not (rank and inter[i])}
+        records, decoded, _ = coder.run(["inter" if inter[i] else "intra" for i in range(count)], needed, kept)
     range_bytes = _RANGE.pack(depth_range.near, depth_range.far, DEPTH_FACTOR)
     records[order[0]][RANGE_STREAM] = LatentStream((range_bytes,), (3,))
     return header, records, _output(header, decoded)
+
+
+@dataclass
+class _SceneCoder:
+    """One coding pass over a scene in its coding order (``encode_scene``)."""
+
+    codec: JointCodec
+    scene: SceneInput
+    views: list[ViewInfo]
+    order: Sequence[int]
+    quality: int
+    depth_range: DepthRange
+
+    def run(self, plan: Sequence[str], depth_views: Collection[int],
+            kept: dict[int, tuple[LatentStream, DecodedView]] | None = None
+            ) -> tuple[list[dict[str, LatentStream]], dict[int, DecodedView], dict[int, bool]]:
+        """Code each view in order, its depth only if in ``depth_views``, its image in ``plan``'s
+        mode; ``kept``: image streams and decoded views that do not depend on depth, reused (with
+        the new depth). An ``"rd"`` view takes the joint image codec if its RD cost, counting the
+        depth streams that only it would make necessary, is lower → (records in view-index order,
+        decoded views, which views took the joint image codec)."""
+        records: list[dict[str, LatentStream]] = [{} for _ in self.views]
+        decoded: dict[int, DecodedView] = {}
+        inter: dict[int, bool] = {}
+        depth_needed: set[int] = set()
+        for rank, i in enumerate(self.order):
+            prev = self.order[rank - 1] if rank else None
+            ref = decoded.get(prev)
+            image = padded_image(self.scene.images[i])
+            K, T = _camera(self.views[i])
+            depth_hat = None
+            if i in depth_views:
+                depth = pad(torch.as_tensor(self.scene.depths[i], dtype=torch.float32)[None])
+                records[i]["depth"], depth_hat = self.codec.encode_depth(depth, K, T, self.depth_range, ref)
+            options: dict[bool, tuple[LatentStream, DecodedView]] = {}
+            for use_ref in ((True, False) if plan[i] == "rd" else (plan[i] == "inter",)):
+                if kept is not None and i in kept:
+                    stream, view = kept[i]
+                    options[use_ref] = stream, replace(view, depth=depth_hat)
+                else:
+                    options[use_ref] = self.codec.encode_image(image, self.quality, use_ref, ref, depth_hat, K, T)
+            if len(options) == 2:
+                new_depths = {i, prev} - depth_needed if ref is not None else set()
+                extra = sum(records[j]["depth"].nbytes for j in new_depths)
+                costs = {use_ref: self.codec.rd_cost(stream.nbytes + (extra if use_ref else 0), view.image, image,
+                                                     self.quality)
+                         for use_ref, (stream, view) in options.items()}
+                inter[i] = costs[True] < costs[False]
+            else:
+                inter[i] = next(iter(options))
+            if inter[i] and ref is not None:
+                depth_needed |= {i, prev}
+            stream, decoded[i] = options[inter[i]]
+            records[i]["image" if inter[i] else INTRA_STREAM] = stream
+        return records, decoded, inter
 
 
 def _output(header: SceneHeader, decoded: dict[int, DecodedView]) -> DecodedScene:
@@ -364,7 +441,8 @@ def _output(header: SceneHeader, decoded: dict[int, DecodedView]) -> DecodedScen
     for i, view in sorted(decoded.items()):
         info = header.views[i]
         images[info.name] = to_uint8(view.image, info.height, info.width)
-        depths[info.name] = view.depth[0, :info.height, :info.width].numpy().astype(np.float32)
+        if view.depth is not None:
+            depths[info.name] = view.depth[0, :info.height, :info.width].numpy().astype(np.float32)
     return DecodedScene(header, images, depths)
 
 
@@ -426,7 +504,7 @@ def decode_scene_file(source: str | Path, codec: JointCodec | None = None,
             decoded[i] = codec.decode_view(reader.read_view(i), K, T, size, header.quality, depth_range, ref)
     output = _output(header, decoded)
     keep = [n for n in names if n in wanted]
-    return DecodedScene(header, {n: output.images[n] for n in keep}, {n: output.depths[n] for n in keep})
+    return DecodedScene(header, {n: output.images[n] for n in keep}, {n: output.depths[n] for n in keep if n in output.depths})
 
 
 # ---- models and weights -------------------------------------------------------------------------

@@ -21,8 +21,10 @@ from lmvic.bitstream import BitstreamError, SceneHeader, read_scene, write_scene
 from lmvic.models.joint import JointImageCodec
 from lmvic.exact import fixed_threads
 from lmvic.models.single_view import build_single_view
+from lmvic.models.depth_codec import DepthRange
 from lmvic.scene_codec import (INTRA_STREAM, SceneInput, build_joint, decode_scene_file, encode_scene,
-                               encode_scene_file, load_joint_file, save_joint)
+                               encode_scene_file, load_joint_file, pad, save_joint)
+from pipelines.errors import LmvicError
 from lmvic.zoo import WeightsError
 from scenes.synthetic import ArcCameras, SceneSpec, SolidNoise, render_view
 
@@ -138,7 +140,9 @@ def test_cvdp_at_the_depth_codec_resolution_moves_a_plane_by_its_coarse_disparit
 
 @pytest.fixture(scope="module")
 def coded_scene(tmp_path_factory):
-    """Three 80×112 synthetic views (padded to 128×128), active reference path, coded in order 1, 0, 2."""
+    """Three 80×112 synthetic views (padded to 128×128), active reference path, coded in order 1, 0, 2,
+    every view by the joint image codec (the RD decision would take the backbone: see
+    ``test_views_the_reference_path_would_worsen_are_coded_by_the_backbone_alone``)."""
     tmp = tmp_path_factory.mktemp("joint")
     torch.manual_seed(3)
     codec = build_joint("cpu")
@@ -147,13 +151,13 @@ def coded_scene(tmp_path_factory):
     codec = load_joint_file(weights)
     scene = render(3, 112, 80)
     path = tmp / "scene.lmv"
-    size, output = encode_scene_file(path, codec, scene, [1, 0, 2], QUALITY)
+    header, records, output = encode_scene(codec, scene, [1, 0, 2], QUALITY, modes="inter")
+    size = write_scene(path, header, records)
     return codec, weights, scene, path, size, output
 
 
-def test_scene_decodes_bit_exactly_in_another_process(coded_scene, tmp_path) -> None:
-    codec, weights, scene, path, size, output = coded_scene
-    assert path.stat().st_size == size
+def decode_in_another_process(path, weights, tmp_path) -> dict[str, np.ndarray]:
+    """``decode_scene_file`` in a fresh Python process → its images (``i_<name>``) and depths (``d_<name>``)."""
     script = (
         "import sys, numpy as np, torch, lmvic\n"
         "from lmvic.scene_codec import decode_scene_file, load_joint_file\n"
@@ -165,23 +169,65 @@ def test_scene_decodes_bit_exactly_in_another_process(coded_scene, tmp_path) -> 
     result = subprocess.run([sys.executable, "-c", script, str(path), str(weights), str(tmp_path / "out.npz")],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    decoded = np.load(tmp_path / "out.npz")
+    with np.load(tmp_path / "out.npz") as decoded:
+        return dict(decoded)
+
+
+def test_scene_decodes_bit_exactly_in_another_process(coded_scene, tmp_path) -> None:
+    codec, weights, scene, path, size, output = coded_scene
+    assert path.stat().st_size == size
+    decoded = decode_in_another_process(path, weights, tmp_path)
+    assert {k[2:] for k in decoded if k.startswith("d_")} == set(output.depths)
     for name, image in zip(scene.names, scene.images):
         assert decoded[f"i_{name}"].shape == image.shape
         assert np.array_equal(decoded[f"i_{name}"], output.images[name])
-        assert np.array_equal(decoded[f"d_{name}"], output.depths[name])
+        if name in output.depths:
+            assert np.array_equal(decoded[f"d_{name}"], output.depths[name])
     # a subset decodes its chain only and gives the same pixels
     part = decode_scene_file(path, codec, views=["view0"])
     assert list(part.images) == ["view0"] and np.array_equal(part.images["view0"], output.images["view0"])
 
 
+def test_a_view_keeps_its_depth_only_if_it_or_its_successor_uses_the_reference(coded_scene, tmp_path) -> None:
+    """Coding order 1, 0, 2 with view 2 (reference 0) coded with the reference, views 1 and 0 intra:
+    view 1's depth is dropped, view 0's is coded with CVDP off (its reference has none), view 2's
+    with CVDP from view 0; another process decodes it bit-exactly. All-intra keeps no depth at all."""
+    codec, weights, scene, _, _, _ = coded_scene
+    path = tmp_path / "mixed.lmv"
+    header, records, output = encode_scene(codec, scene, [1, 0, 2], QUALITY, modes=["intra", "intra", "inter"])
+    write_scene(path, header, records)
+    assert [("depth" in r, "image" in r) for r in records] == [(True, False), (False, False), (True, True)]
+    assert set(output.depths) == {"view0", "view2"}
+    depth_range = DepthRange.of(torch.cat([torch.as_tensor(d).flatten() for d in scene.depths]))
+    _, _, K, T = as_tensors(scene, 0)
+    alone, _ = codec.encode_depth(pad(torch.as_tensor(scene.depths[0])[None]), K, T, depth_range, None)
+    assert records[0]["depth"].chunks == alone.chunks
+    _, inter, _ = encode_scene(codec, scene, [1, 0, 2], QUALITY, modes="inter")
+    assert inter[0]["depth"].chunks != alone.chunks  # with view 1's depth kept, CVDP changes view 0's
+    decoded = decode_in_another_process(path, weights, tmp_path)
+    assert sorted(decoded) == ["d_view0", "d_view2", "i_view0", "i_view1", "i_view2"]
+    for name in scene.names:
+        assert np.array_equal(decoded[f"i_{name}"], output.images[name])
+    for name in output.depths:
+        assert np.array_equal(decoded[f"d_{name}"], output.depths[name])
+    bad = tmp_path / "no reference depth.lmv"
+    write_scene(bad, header, [{k: v for k, v in r.items() if not (i == 0 and k == "depth")}
+                              for i, r in enumerate(records)])
+    with pytest.raises(BitstreamError, match="needs the depth streams of both views"):
+        decode_scene_file(bad, codec)
+    _, intra, output = encode_scene(codec, scene, [1, 0, 2], QUALITY, modes="intra")
+    assert not any("depth" in r for r in intra) and not output.depths
+    with pytest.raises(LmvicError, match="modes"):
+        encode_scene(codec, scene, [1, 0, 2], QUALITY, modes=["intra", "inter"])
+
+
 def test_reference_changes_the_coding(coded_scene) -> None:
     codec, _, scene, _, _, _ = coded_scene
-    _, records, _ = encode_scene(codec, scene, [1, 0, 2], QUALITY, inter_only=True)
+    _, records, _ = encode_scene(codec, scene, [1, 0, 2], QUALITY, modes="inter")
     _, alone, _ = encode_scene(codec, replace(scene, names=["a"], images=scene.images[:1], depths=scene.depths[:1],
                                               intrinsics=scene.intrinsics[:1],
                                               world_to_camera=scene.world_to_camera[:1]), [0], QUALITY,
-                               inter_only=True)
+                               modes="inter")
     # view 0 is coded second (reference view 1): its streams differ from coding it alone
     assert records[0]["image"].chunks[0] != alone[0]["image"].chunks[0]
 
@@ -204,6 +250,7 @@ def test_corrupt_containers_are_refused(coded_scene, tmp_path) -> None:
         with pytest.raises(BitstreamError):
             decode_scene_file(bad, codec)
     header, records = read_scene(path)
+    assert any("depth" in r for r in records)
     image = {r_i: ("image" if "image" in r else INTRA_STREAM) for r_i, r in enumerate(records)}
     for label, (hdr, recs) in {
         "unknown model": (replace(header, model_id="joint-huge"), records),
@@ -212,7 +259,7 @@ def test_corrupt_containers_are_refused(coded_scene, tmp_path) -> None:
         "both image modes": (header, [{**r, "image": r[image[i]], INTRA_STREAM: r[image[i]]}
                                       for i, r in enumerate(records)]),
         "missing chunk": (header, [{**r, "depth": replace(r["depth"], chunks=r["depth"].chunks[:4])}
-                                   for r in records]),
+                                   if "depth" in r else r for r in records]),
         "wrong latent shape": (header, [{**r, image[i]: replace(r[image[i]], shape=(1, 1))}
                                         for i, r in enumerate(records)]),
         "no depth range": (header, [{k: v for k, v in r.items() if k != "scene.depth_range"} for r in records]),
@@ -241,9 +288,10 @@ def test_views_the_reference_path_would_worsen_are_coded_by_the_backbone_alone(t
     scene = render(3, 112, 80)
     path = tmp_path / "scene.lmv"
     _, output = encode_scene_file(path, codec, scene, [1, 0, 2], QUALITY)
-    _, _, inter = encode_scene(codec, scene, [1, 0, 2], QUALITY, inter_only=True)
+    _, _, inter = encode_scene(codec, scene, [1, 0, 2], QUALITY, modes="inter")
     _, records = read_scene(path)
     assert all(set(r) & {"image", INTRA_STREAM} == {INTRA_STREAM} for r in records)
+    assert not any("depth" in r for r in records)  # no view uses the geometry
     backbone = codec.image.backbone
     for name, image in zip(scene.names, scene.images):
         x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
@@ -258,7 +306,6 @@ def test_views_the_reference_path_would_worsen_are_coded_by_the_backbone_alone(t
 
 
 def test_bad_scene_input_is_a_clear_error(coded_scene) -> None:
-    from pipelines.errors import LmvicError
 
     codec, _, scene, _, _, _ = coded_scene
     with pytest.raises(LmvicError, match="quality"):
@@ -287,7 +334,10 @@ def test_the_shipped_joint_weights_decode_bit_exactly_in_another_process(model_i
     codec = load_joint(model_id)
     scene = render(3, 112, 80)
     path = tmp_path / "scene.lmv"
-    _, output = encode_scene_file(path, codec, scene, [0, 1, 2], 2)
+    # both image modes, and view 1's depth coded with CVDP off for view 2's reference path
+    header, records, output = encode_scene(codec, scene, [0, 1, 2], 2, modes=["inter", "intra", "inter"])
+    write_scene(path, header, records)
+    assert [sorted(r) for r in records] == [["image", "scene.depth_range"], ["depth", INTRA_STREAM], ["depth", "image"]]
     script = (
         "import sys, numpy as np, torch, lmvic\n"
         "from lmvic.scene_codec import decode_scene_file\n"
