@@ -66,7 +66,7 @@ class JointEvalCodec(ContainerEvalCodec):
 
     def __init__(self, names: Sequence[str], K: np.ndarray, T: np.ndarray, depths: Sequence[np.ndarray],
                  model_id: str = "joint-cpu", name: str = "lmvic-joint", codec: JointCodec | None = None):
-        from lmvic.scene_codec import DEPTH_FACTOR, load_joint
+        from lmvic.scene_codec import DEPTH_FACTOR, ENCODER_REVISION, load_joint
         from lmvic.zoo import WeightsError, weights_sha256
         from pipelines.errors import LmvicError
 
@@ -80,7 +80,8 @@ class JointEvalCodec(ContainerEvalCodec):
         label = model_id if codec is not None else f"{model_id} {weights_sha256(model_id)[:12]}"
         self.description = (f"lmvic joint mode ({label}): depth codec "
                             f"(CVDP + DCI, depth at 1/{DEPTH_FACTOR}) and image codec ({alignment}, QPEM) over 3DGS depth, "
-                            "intra/inter RD decision per view")
+                            "intra/inter RD decision per view, depth coded only where the reference path uses it "
+                            f"(encoder revision {ENCODER_REVISION})")
         self.qualities = tuple(range(1, self.codec.num_qualities + 1))
 
     def encode_file(self, path, views, images, quality):

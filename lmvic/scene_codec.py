@@ -15,11 +15,11 @@ For view i with reference r (the previous view in the coding order; none for the
    (``geometry.warp.relate`` then ``multiscale`` at 1/2…1/16); the image codec codes x_i with the
    decoded reference image, its decoder features and that relation (``lmvic.models.joint``).
    The encoder also codes x_i as the single-view backbone alone would (its own entropy model,
-   no reference) and keeps, per view, the mode of lower RD cost bpp + λ_q·255²·MSE (``rd_cost``),
-   as a video encoder decides between intra and inter, counting against the reference path the
-   depth streams only it would make necessary; the record says which by the name of its image
-   stream (``image`` or ``image.intra``), so a view the reference path would make worse is never
-   coded worse than the single-view codec codes it;
+   no reference), and chooses every view's mode, as a video encoder decides between intra and
+   inter, for the lowest RD cost of the scene: bits + λ_q·255²·SSE (``rd_cost``) summed over the
+   views, the depth streams only the reference path needs included (``choose_modes``). The record
+   says which by the name of its image stream (``image`` or ``image.intra``), so a view the
+   reference path would make worse is never coded worse than the single-view codec codes it;
 3. depth streams nobody uses are dropped: a view keeps its depth only if its image or its
    successor's is coded with the reference (``encode_scene``'s second pass). A view whose
    reference has no depth codes its depth with CVDP off, as the first view does.
@@ -68,6 +68,9 @@ PAD = 64
 WEIGHT_FORMAT = 2  # 2: depth coded at 1/DEPTH_FACTOR, aligned-latent QPEM context
 DEPTH_FACTOR = 16  # 8 until session 5: on full fox frames 1/16 cut the depth stream 4.6x, image bytes -0.6 %
 DEPTH_QUALITY = 1
+#: Changes when the encoder codes the same input differently (2: unused depth streams dropped);
+#: ``lmvic eval`` then measures again instead of reusing its results.
+ENCODER_REVISION = 2
 MODEL_IDS = tuple(f"joint{variant}-{size}" for variant in ("", "-concat") for size in SIZES)
 RANGE_STREAM = "scene.depth_range"
 INTRA_STREAM = "image.intra"  # the view's image coded by the single-view backbone alone
@@ -206,10 +209,9 @@ class JointCodec(CompressionModel):
 
     def rd_cost(self, nbytes: int, decoded: Tensor, image: Tensor, quality: int) -> float:
         """The training loss's RD cost of coding ``image`` (1, 3, H, W) in ``nbytes`` bytes decoding
-        to ``decoded``: bits per pixel + λ_quality·255²·MSE."""
-        bpp = 8 * nbytes / (image.shape[-2] * image.shape[-1])
+        to ``decoded``, times its pixels (so that views add up): bits + λ_quality·255²·MSE·H·W."""
         lam = float(self.image.backbone.lambdas[quality - 1])
-        return bpp + lam * 255**2 * float(F.mse_loss(decoded, image))
+        return 8 * nbytes + lam * 255**2 * float(F.mse_loss(decoded, image)) * image.shape[-2] * image.shape[-1]
 
     def decode_view(self, streams: ViewRecord, K: Tensor, T: Tensor, size: tuple[int, int], quality: int,
                     depth_range: DepthRange, ref: DecodedView | None) -> DecodedView:
@@ -343,11 +345,12 @@ def encode_scene(codec: JointCodec, scene: SceneInput, order: Sequence[int], qua
 
     ``modes``, one for every view or one per view (view-index order): ``"rd"`` the mode of lower RD
     cost, ``"inter"`` the joint image codec, ``"intra"`` the backbone alone (see ``JointCodec.encode_image``).
-    A first pass codes every view's depth and decides the modes; a view's depth stream is kept only
-    if its image or its successor's image is coded with the reference (the geometry is needed for
-    nothing else). If some are dropped, a second pass codes the kept depths again, CVDP predicting
-    from the reference only where its depth is kept, and recodes the views that use the reference
-    with those depths; the other image streams do not depend on depth and are kept from the first pass.
+    A first pass codes every view's depth and both image modes of every ``"rd"`` view, carrying the
+    one of lower image RD cost to the next view; the modes are then chosen for the whole chain
+    (``choose_modes``), counting a view's depth stream only where the reference path needs it:
+    for its own image or its successor's. If that drops depths or changes modes, a second pass codes
+    the kept depths again (CVDP from the reference only where its depth is kept) and the images in the
+    chosen modes, reusing the first pass's image streams that depend on no depth.
     """
     if not 1 <= quality <= codec.num_qualities:
         raise LmvicError(f"quality {quality} not available: the model has levels 1..{codec.num_qualities}")
@@ -370,15 +373,35 @@ def encode_scene(codec: JointCodec, scene: SceneInput, order: Sequence[int], qua
         raise LmvicError(f"cannot code the scene's depth: {exc}") from exc
     codec.eval()
     coder = _SceneCoder(codec, scene, views, order, quality, depth_range)
-    records, decoded, inter = coder.run(plan, depth_views=set(range(count)))
+    records, decoded, costs, reusable = coder.run(plan, depth_views=range(count))
+    inter = choose_modes(order, costs, {i: 8 * r["depth"].nbytes for i, r in enumerate(records)})
     needed = {j for rank, i in enumerate(order) if rank and inter[i] for j in (i, order[rank - 1])}
-    if len(needed) < count:
-        kept = {i: (records[i][INTRA_STREAM if INTRA_STREAM in records[i] else "image"], decoded[i])
-                for rank, i in enumerate(order) if not (rank and inter[i])}
-        records, decoded, _ = coder.run(["inter" if inter[i] else "intra" for i in range(count)], needed, kept)
+    if len(needed) < count or any(inter[i] != ("image" in records[i]) for i in range(count)):
+        records, decoded, _, _ = coder.run(["inter" if inter[i] else "intra" for i in range(count)], needed, reusable)
     range_bytes = _RANGE.pack(depth_range.near, depth_range.far, DEPTH_FACTOR)
     records[order[0]][RANGE_STREAM] = LatentStream((range_bytes,), (3,))
     return header, records, _output(header, decoded)
+
+
+def choose_modes(order: Sequence[int], costs: dict[int, dict[bool, float]], depth_bits: dict[int, float]
+                 ) -> dict[int, bool]:
+    """Each view's image mode (True: the joint image codec) minimising the scene's RD cost.
+
+    ``costs[i]``: RD cost of view i's image in each mode it may take (``JointCodec.rd_cost``);
+    ``depth_bits[i]``: its depth stream's bits, paid only if view i (not first in ``order``) takes
+    the joint image codec or its successor does. Dynamic programming along the chain (the state is
+    the previous view's mode), exact for these costs."""
+    # best[m]: (cost of the views so far, the depth of the last one not yet counted; their modes)
+    best = {m: (c, [m]) for m, c in costs[order[0]].items()}
+    for rank in range(1, len(order)):
+        i, prev = order[rank], order[rank - 1]
+        best = {m: min(((cost + c + (depth_bits[prev] if m or (m_prev and rank > 1) else 0), modes + [m])
+                        for m_prev, (cost, modes) in best.items()), key=lambda t: t[0])
+                for m, c in costs[i].items()}
+    last = len(order) > 1
+    _, modes = min(((cost + (depth_bits[order[-1]] if m and last else 0), modes) for m, (cost, modes) in best.items()),
+                   key=lambda t: t[0])
+    return dict(zip(order, modes))
 
 
 @dataclass
@@ -393,20 +416,20 @@ class _SceneCoder:
     depth_range: DepthRange
 
     def run(self, plan: Sequence[str], depth_views: Collection[int],
-            kept: dict[int, tuple[LatentStream, DecodedView]] | None = None
-            ) -> tuple[list[dict[str, LatentStream]], dict[int, DecodedView], dict[int, bool]]:
-        """Code each view in order, its depth only if in ``depth_views``, its image in ``plan``'s
-        mode; ``kept``: image streams and decoded views that do not depend on depth, reused (with
-        the new depth). An ``"rd"`` view takes the joint image codec if its RD cost, counting the
-        depth streams that only it would make necessary, is lower → (records in view-index order,
-        decoded views, which views took the joint image codec)."""
+            reuse: dict[tuple[int, bool], tuple[LatentStream, DecodedView]] | None = None
+            ) -> tuple[list[dict[str, LatentStream]], dict[int, DecodedView], dict[int, dict[bool, float]],
+                       dict[tuple[int, bool], tuple[LatentStream, DecodedView]]]:
+        """Code each view in order: its depth if in ``depth_views``, its image in each mode ``plan``
+        allows (``"rd"``: both), keeping the one of lower RD cost; ``reuse[(view, inter)]``: image
+        codings that depend on no depth, taken instead of coding again (with the new depth) →
+        (records in view-index order, decoded views, RD costs per view and mode, the codings that
+        depend on no depth)."""
         records: list[dict[str, LatentStream]] = [{} for _ in self.views]
         decoded: dict[int, DecodedView] = {}
-        inter: dict[int, bool] = {}
-        depth_needed: set[int] = set()
+        costs: dict[int, dict[bool, float]] = {}
+        independent: dict[tuple[int, bool], tuple[LatentStream, DecodedView]] = {}
         for rank, i in enumerate(self.order):
-            prev = self.order[rank - 1] if rank else None
-            ref = decoded.get(prev)
+            ref = decoded[self.order[rank - 1]] if rank else None
             image = padded_image(self.scene.images[i])
             K, T = _camera(self.views[i])
             depth_hat = None
@@ -414,26 +437,20 @@ class _SceneCoder:
                 depth = pad(torch.as_tensor(self.scene.depths[i], dtype=torch.float32)[None])
                 records[i]["depth"], depth_hat = self.codec.encode_depth(depth, K, T, self.depth_range, ref)
             options: dict[bool, tuple[LatentStream, DecodedView]] = {}
-            for use_ref in ((True, False) if plan[i] == "rd" else (plan[i] == "inter",)):
-                if kept is not None and i in kept:
-                    stream, view = kept[i]
-                    options[use_ref] = stream, replace(view, depth=depth_hat)
+            for inter in ((True, False) if plan[i] == "rd" else (plan[i] == "inter",)):
+                if reuse is not None and (i, inter) in reuse:
+                    stream, view = reuse[i, inter]
+                    options[inter] = stream, replace(view, depth=depth_hat)
                 else:
-                    options[use_ref] = self.codec.encode_image(image, self.quality, use_ref, ref, depth_hat, K, T)
-            if len(options) == 2:
-                new_depths = {i, prev} - depth_needed if ref is not None else set()
-                extra = sum(records[j]["depth"].nbytes for j in new_depths)
-                costs = {use_ref: self.codec.rd_cost(stream.nbytes + (extra if use_ref else 0), view.image, image,
-                                                     self.quality)
-                         for use_ref, (stream, view) in options.items()}
-                inter[i] = costs[True] < costs[False]
-            else:
-                inter[i] = next(iter(options))
-            if inter[i] and ref is not None:
-                depth_needed |= {i, prev}
-            stream, decoded[i] = options[inter[i]]
-            records[i]["image" if inter[i] else INTRA_STREAM] = stream
-        return records, decoded, inter
+                    options[inter] = self.codec.encode_image(image, self.quality, inter, ref, depth_hat, K, T)
+                if not inter or not rank:
+                    independent[i, inter] = options[inter]
+            costs[i] = {inter: self.codec.rd_cost(stream.nbytes, view.image, image, self.quality)
+                        for inter, (stream, view) in options.items()}
+            inter = min(costs[i], key=costs[i].get)
+            stream, decoded[i] = options[inter]
+            records[i]["image" if inter else INTRA_STREAM] = stream
+        return records, decoded, costs, independent
 
 
 def _output(header: SceneHeader, decoded: dict[int, DecodedView]) -> DecodedScene:

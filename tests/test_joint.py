@@ -221,6 +221,39 @@ def test_a_view_keeps_its_depth_only_if_it_or_its_successor_uses_the_reference(c
         encode_scene(codec, scene, [1, 0, 2], QUALITY, modes=["intra", "inter"])
 
 
+def test_mode_choice_is_the_cheapest_of_all_mode_assignments() -> None:
+    """``choose_modes`` against enumerating every assignment, with a depth stream paid by a view
+    (not the first) coded with the reference and by its reference."""
+    import itertools
+
+    from lmvic.scene_codec import choose_modes
+
+    def total(order, modes, costs, depth):
+        keep = {j for r, i in enumerate(order) if r and modes[i] for j in (i, order[r - 1])}
+        return sum(costs[i][modes[i]] for i in order) + sum(depth[i] for i in keep)
+
+    # each reference saves 7 bits, a depth stream costs 4: a greedy view-by-view choice never
+    # starts the chain (7 < 4 + 4), the whole chain pays (2 × 7 > 3 × 4)
+    costs = {i: {True: 93.0, False: 100.0} for i in range(3)}
+    costs[1][True] = 101.0  # the first view loses with the joint image codec
+    assert choose_modes([1, 0, 2], costs, {0: 4, 1: 4, 2: 4}) == {1: False, 0: True, 2: True}
+    assert choose_modes([1, 0, 2], costs, {0: 8, 1: 8, 2: 8}) == {1: False, 0: False, 2: False}
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        n = int(rng.integers(1, 7))
+        order = [int(v) for v in rng.permutation(n)]
+        costs = {i: {True: float(rng.uniform(50, 100)), False: float(rng.uniform(50, 100))} for i in range(n)}
+        forced = int(rng.integers(n))
+        costs[forced] = {bool(rng.integers(2)): costs[forced][True]}  # a view with one mode allowed
+        depth = {i: float(rng.uniform(0, 30)) for i in range(n)}
+        best = min(total(order, dict(zip(range(n), m)), costs, depth)
+                   for m in itertools.product((True, False), repeat=n)
+                   if all(m[i] in costs[i] for i in range(n)))
+        chosen = choose_modes(order, costs, depth)
+        assert all(chosen[i] in costs[i] for i in range(n))
+        assert total(order, chosen, costs, depth) == pytest.approx(best)
+
+
 def test_reference_changes_the_coding(coded_scene) -> None:
     codec, _, scene, _, _, _ = coded_scene
     _, records, _ = encode_scene(codec, scene, [1, 0, 2], QUALITY, modes="inter")
