@@ -3,14 +3,15 @@
 For view i with reference r (the previous view in the coding order; none for the first):
 
 1. depth: CVDP splats the *decoded* reference depth D̂_r into view i; the depth codec codes the
-   normalised depth of view i with that prediction (``lmvic.models.depth_codec``), at 1/16 of the
-   image resolution (``DEPTH_FACTOR``: mean of 16×16 blocks of normalised inverse depth, padded to a
+   normalised depth of view i with that prediction (``lmvic.models.depth_codec``), at 1/64 of the
+   image resolution (``DEPTH_FACTOR``: mean of 64×64 blocks of normalised inverse depth, padded to a
    multiple of 64; the decoded map is upsampled bilinearly). The image codec uses the reference
-   only at 1/2…1/16 and the entropy context at 1/16, so a coarse depth serves it; at full resolution
-   the depth stream cost as much as the image stream at low rates. The depth codec always codes at
-   its lowest rate point (``DEPTH_QUALITY``), whatever the image quality: fed the uncoded stage-one
-   depth instead of the decoded one, the image stream was no smaller (session-3 measurement), so
-   finer depth would only cost bits;
+   only at 1/2…1/16 and the entropy context at 1/16, and its bytes hardly depend on the depth's
+   precision: from 1/16 to 1/64 they grew 0.3 % on fox while the depth stream shrank 3.9x (at full
+   resolution the depth stream cost as much as the image stream at low rates). The depth codec
+   always codes at its lowest rate point (``DEPTH_QUALITY``), whatever the image quality: fed the
+   uncoded stage-one depth instead of the decoded one, the image stream was no smaller (session-3
+   measurement), so finer depth would only cost bits;
 2. image: disparity and trust mask from the *decoded* depths D̂_i and D̂_r
    (``geometry.warp.relate`` then ``multiscale`` at 1/2…1/16); the image codec codes x_i with the
    decoded reference image, its decoder features and that relation (``lmvic.models.joint``).
@@ -31,7 +32,7 @@ not move — and cropped back after decoding.
 
 Streams per view (``lmvic.bitstream.LatentStream``): ``depth`` (if kept) and ``image``, each with five
 chunks — the range-coded QPEM steps y0…y3 and the hyper-latent z — and the shape of z ((H/64, W/64)
-for the image; for the depth that of its padded 1/16-resolution map), or ``image.intra`` instead of
+for the image; for the depth that of its padded 1/64-resolution map), or ``image.intra`` instead of
 ``image``: the backbone's own strings (its y parts and z, ``SingleViewCodec.num_strings``); the first
 coded view also holds ``scene.depth_range`` (two float64 and a u16: near, far, ``DEPTH_FACTOR``).
 Two streams per view keep the container's per-stream overhead small.
@@ -66,11 +67,13 @@ from pipelines.errors import LmvicError
 
 PAD = 64
 WEIGHT_FORMAT = 2  # 2: depth coded at 1/DEPTH_FACTOR, aligned-latent QPEM context
-DEPTH_FACTOR = 16  # 8 until session 5: on full fox frames 1/16 cut the depth stream 4.6x, image bytes -0.6 %
+# 8 until session 5: on full fox frames 1/16 cut the depth stream 4.6x, image bytes -0.6 %; 16 until session 9:
+# on the first 6 views of fox and sceaux_castle at q1, 1/64 cut it 3.9x and 2.5x, image bytes +0.3 % and -0.1 %, same PSNR
+DEPTH_FACTOR = 64
 DEPTH_QUALITY = 1
 #: Changes when the encoder codes the same input differently (2: unused depth streams dropped);
 #: ``lmvic eval`` then measures again instead of reusing its results.
-ENCODER_REVISION = 2
+ENCODER_REVISION = 3  # 3: depth at 1/64
 MODEL_IDS = tuple(f"joint{variant}-{size}" for variant in ("", "-concat") for size in SIZES)
 RANGE_STREAM = "scene.depth_range"
 INTRA_STREAM = "image.intra"  # the view's image coded by the single-view backbone alone

@@ -118,16 +118,16 @@ def test_aligned_latent_of_a_perfectly_aligned_reference_is_the_target_latent() 
 
 
 def test_cvdp_at_the_depth_codec_resolution_moves_a_plane_by_its_coarse_disparity() -> None:
-    """Plane at z = 2 seen by a camera moved 0.5 along x: at full resolution (f = 128) the disparity is
-    32 px, so on the 1/DEPTH_FACTOR map every column moves by 32/DEPTH_FACTOR and those last columns,
-    like the padding, get no prediction."""
+    """Plane at z = 2 seen by a camera moved along x by b: at full resolution (f = 128) the disparity
+    is 64·b px; b is chosen for 2·DEPTH_FACTOR px, so on the 1/DEPTH_FACTOR map every column moves by
+    2 and those last columns, like the padding, get no prediction."""
     from lmvic.models.depth_codec import DepthRange, cross_view_prediction
     from lmvic.scene_codec import DEPTH_FACTOR, coarse_intrinsics, coarse_size
 
     K = torch.tensor([[[128.0, 0, 256], [0, 128.0, 256], [0, 0, 1]]])
     T_ref, T_tgt = torch.eye(4)[None], torch.eye(4)[None].clone()
-    T_tgt[0, 0, 3] = -0.5  # camera centre at x = +0.5
-    n, shift = 512 // DEPTH_FACTOR, 32 // DEPTH_FACTOR
+    T_tgt[0, 0, 3] = -2 * DEPTH_FACTOR / 64  # camera centre at x = +b
+    n, shift = 512 // DEPTH_FACTOR, 2
     size = coarse_size((512, 512))
     assert size == (-(-n // 64) * 64,) * 2  # the coarse map, padded to a multiple of 64
     prediction, hit = cross_view_prediction(torch.full((1, 512, 512), 2.0), K, T_ref, coarse_intrinsics(K), T_tgt,
