@@ -71,9 +71,9 @@ WEIGHT_FORMAT = 2  # 2: depth coded at 1/DEPTH_FACTOR, aligned-latent QPEM conte
 # on the first 6 views of fox and sceaux_castle at q1, 1/64 cut it 3.9x and 2.5x, image bytes +0.3 % and -0.1 %, same PSNR
 DEPTH_FACTOR = 64
 DEPTH_QUALITY = 1
-#: Changes when the encoder codes the same input differently (2: unused depth streams dropped);
-#: ``lmvic eval`` then measures again instead of reusing its results.
-ENCODER_REVISION = 3  # 3: depth at 1/64
+#: Changes when the encoder codes the same input differently (2: unused depth streams dropped; 3: depth
+#: at 1/64); ``lmvic eval`` then measures again instead of reusing its results.
+ENCODER_REVISION = 3
 MODEL_IDS = tuple(f"joint{variant}-{size}" for variant in ("", "-concat") for size in SIZES)
 RANGE_STREAM = "scene.depth_range"
 INTRA_STREAM = "image.intra"  # the view's image coded by the single-view backbone alone
@@ -394,7 +394,7 @@ def choose_modes(order: Sequence[int], costs: dict[int, dict[bool, float]], dept
     ``depth_bits[i]``: its depth stream's bits, paid only if view i (not first in ``order``) takes
     the joint image codec or its successor does. Dynamic programming along the chain (the state is
     the previous view's mode), exact for these costs."""
-    # best[m]: (cost of the views so far, the depth of the last one not yet counted; their modes)
+    # best[m]: (cost so far with the last view in mode m, its depth not yet counted; the modes so far)
     best = {m: (c, [m]) for m, c in costs[order[0]].items()}
     for rank in range(1, len(order)):
         i, prev = order[rank], order[rank - 1]
