@@ -4,5 +4,8 @@ from lmvic.compat import install as _install_torchvision_hook
 _install_torchvision_hook()
 
 __version__ = "0.1.0"
-#: Bumped whenever any cached or written format changes; caches of another version are re-run.
-FORMAT_VERSION = 1
+#: Version of the scene container (``lmvic.bitstream``): 2 since session 9 (float32 cameras, varint
+#: lengths); files of another version are refused with a clear error.
+FORMAT_VERSION = 2
+#: Version of the stages' cache layout (``pipelines.cache``); caches of another version are re-run.
+CACHE_VERSION = 1

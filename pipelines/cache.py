@@ -7,7 +7,7 @@ by the next run.
 
 Input files are hashed by content (SHA-256 of the whole file) when they are at most
 ``SAMPLE_THRESHOLD`` bytes; larger files by their size, mtime and the SHA-256 of their first and
-last MiB. The stage key combines the lmvic format version, the stage's config (its dataclass as
+last MiB. The stage key combines the cache layout version (``lmvic.CACHE_VERSION``), the stage's config (its dataclass as
 JSON), the input digests and the key of the stage before it, so a change anywhere re-runs that
 stage and every stage after it.
 """
@@ -26,7 +26,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from lmvic import FORMAT_VERSION
+from lmvic import CACHE_VERSION
 from pipelines.errors import LmvicError
 
 SAMPLE_THRESHOLD = 64 << 20
@@ -129,7 +129,7 @@ class StageKey:
 
     @classmethod
     def make(cls, config: Any, inputs: str, upstream: str) -> "StageKey":
-        return cls(FORMAT_VERSION, config_digest(config), inputs, upstream)
+        return cls(CACHE_VERSION, config_digest(config), inputs, upstream)
 
     def why_stale(self, meta: dict) -> str | None:
         """None if ``meta`` (a stage's meta.json) was written under this key, else the reason."""

@@ -139,29 +139,52 @@ def test_wrong_version_and_unknown_model() -> None:
     decode_scene(good, models={"lmvic-cpu", "lmvic-paper"})
 
 
-def one_view_file(record_body: bytes) -> bytes:
-    """A valid one-view container whose record body is replaced by ``record_body``, CRCs fixed.
+def uv(*values: int) -> bytes:
+    """Unsigned LEB128 varints, written independently of the module under test."""
+    out = b""
+    for value in values:
+        while True:
+            low, value = value & 0x7F, value >> 7
+            out += bytes([low | (0x80 if value else 0)])
+            if not value:
+                break
+    return out
 
-    The record table is the last 8 bytes of the header body, so hostile records can be built that
-    pass every checksum and reach the parser.
-    """
+
+def one_view_head(record_length: int) -> bytes:
+    """A valid one-view container's preamble, header and header CRC whose record table (the last
+    varint of the header body: 1 byte for an empty record) says ``record_length``."""
     header, _ = make_scene(1)
     data = encode_scene(header, [{}])
     (header_length,) = struct.unpack_from("<I", data, 6)
-    head = data[:PREAMBLE + header_length - 8] + struct.pack("<Q", len(record_body))
-    return (head + struct.pack("<I", zlib.crc32(head)) + record_body
-            + struct.pack("<I", zlib.crc32(record_body)))
+    body = data[PREAMBLE:PREAMBLE + header_length - 1] + uv(record_length)
+    head = data[:6] + struct.pack("<I", len(body)) + body
+    return head + struct.pack("<I", zlib.crc32(head))
+
+
+def one_view_file(record_body: bytes) -> bytes:
+    """A one-view container whose record body is ``record_body``, CRCs fixed: hostile records that
+    pass every checksum and reach the parser."""
+    return one_view_head(len(record_body)) + record_body + struct.pack("<I", zlib.crc32(record_body))
+
+
+def test_hostile_record_helper_builds_a_valid_file() -> None:
+    record = uv(1) + b"\x01a" + struct.pack("<B", 2) + uv(4, 300) + uv(2, 1) + b"x" + uv(0)
+    _, records = decode_scene(one_view_file(record))
+    assert records == [{"a": LatentStream((b"x", b""), (4, 300))}]
 
 
 @pytest.mark.parametrize("record, message", [
-    (struct.pack("<H", 0xFFFF), "count 65535 exceeds"),  # stream count
-    (struct.pack("<H", 1) + b"\x01a" + struct.pack("<B2II", 2, 4, 4, 0xFFFFFFFF), "count 4294967295"),
-    (struct.pack("<H", 1) + b"\x01a" + struct.pack("<B2III", 2, 4, 4, 1, 0xFFFFFFFF), "runs past"),
-    (struct.pack("<H", 1) + b"\x01a" + struct.pack("<B2II", 2, 0xFFFFFFFF, 4, 0), "out of range"),
-    (struct.pack("<H", 1) + b"\x01a" + struct.pack("<B", 200) + bytes(10), "200-d"),
-    (struct.pack("<H", 1) + b"\xff" + bytes(10), "runs past"),  # name longer than the record
-    (struct.pack("<H", 0) + b"extra", "unexpected bytes"),
-    (struct.pack("<H", 2) + (b"\x01a" + struct.pack("<BI", 0, 0)) * 2, "appears twice"),
+    (uv(0xFFFF), "count 65535 exceeds"),  # stream count
+    (uv(1) + b"\x01a" + struct.pack("<B", 2) + uv(4, 4, 0xFFFFFFFF), "count 4294967295"),  # chunk count
+    (uv(1) + b"\x01a" + struct.pack("<B", 2) + uv(4, 4, 1, 0xFFFFFFFF), "runs past"),  # chunk length
+    (uv(1) + b"\x01a" + struct.pack("<B", 2) + uv(0xFFFFFFFF, 4, 0), "out of range"),
+    (uv(1) + b"\x01a" + struct.pack("<B", 200) + bytes(10), "200-d"),
+    (uv(1) + uv(200) + bytes(10), "runs past"),  # name longer than the record
+    (uv(1) + uv(300) + bytes(300), "a name of 300 bytes"),  # longer than a stream name may be
+    (b"\xff" * 11, "longer than 64 bits"),
+    (uv(0) + b"extra", "unexpected bytes"),
+    (uv(2) + (b"\x01a" + struct.pack("<B", 0) + uv(0)) * 2, "appears twice"),
 ])
 def test_absurd_lengths_fail_fast(record: bytes, message: str) -> None:
     data = one_view_file(record)
@@ -177,12 +200,27 @@ def test_absurd_header_lengths_fail_fast() -> None:
     with pytest.raises(BitstreamError, match="truncated"):
         decode_scene(bytes(data))
     # a record length of 2^64−1 with a valid header checksum
-    header, _ = make_scene(1)
-    good = encode_scene(header, [{}])
-    (header_length,) = struct.unpack_from("<I", good, 6)
-    head = good[:PREAMBLE + header_length - 8] + struct.pack("<Q", 2**64 - 1)
     with pytest.raises(BitstreamError, match="truncated"):
-        decode_scene(head + struct.pack("<I", zlib.crc32(head)))
+        decode_scene(one_view_head(2**64 - 1))
+
+
+def test_cameras_are_stored_at_float32_precision() -> None:
+    """The decoder's cameras are the encoder's ViewInfo cameras bit for bit (both rounded to
+    float32), and a camera whose last row is not that of K or of a rigid transform is refused."""
+    k = np.array([[500.123456789, 0, 320.987654321], [0, 501.1, 240.3], [0, 0, 1]])
+    t = np.eye(4)
+    t[:3, 3] = (0.1, 1e-9, -3.3)
+    view = ViewInfo("v", 8, 8, k, t)
+    assert np.array_equal(view.intrinsics, k.astype(np.float32)) and np.array_equal(view.world_to_camera,
+                                                                                     t.astype(np.float32))
+    got, _ = decode_scene(encode_scene(SceneHeader("single", "m", 0, (view,), (0,), ((),)), [{}]))
+    assert got.views[0].intrinsics.tobytes() == view.intrinsics.tobytes()
+    assert got.views[0].world_to_camera.tobytes() == view.world_to_camera.tobytes()
+    bad_t = t.copy()
+    bad_t[3, 0] = 1e-3
+    for intrinsics, world_to_camera in ((np.ones((3, 3)), t), (k, bad_t)):
+        with pytest.raises(BitstreamError, match="last row"):
+            ViewInfo("v", 8, 8, intrinsics, world_to_camera)
 
 
 def test_inconsistent_scenes_are_refused_on_writing() -> None:
