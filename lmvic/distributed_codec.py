@@ -147,7 +147,7 @@ class DistributedSceneCodec(ContainerEvalCodec):
         sha = weights_sha256(model_id)[:12]
         sides = (f"its {side_views} nearest views in coding order" if isinstance(side_views, int)
                  else f"side views {[list(s) for s in side_views]}")
-        self.description = f"lmvic distributed mode ({model_id} {sha}), views coded alone, each fused at the decoder with {sides}"
+        self.summary = f"lmvic distributed mode ({model_id} {sha}), views coded alone, each fused at the decoder with {sides}"
         self.qualities = tuple(range(1, load_model(model_id).backbone.num_qualities + 1))
 
     def encode_file(self, path, views, images, quality):

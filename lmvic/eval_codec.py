@@ -24,8 +24,15 @@ class ContainerEvalCodec:
     are the views' names and cameras in coding order."""
 
     name: str
-    description: str
+    summary: str  #: what the codec is; ``description`` adds the container format
     qualities: Sequence[int]
+
+    @property
+    def description(self) -> str:
+        """``summary`` and the container format (results of another format are measured again)."""
+        from lmvic import FORMAT_VERSION
+
+        return f"{self.summary}; container format {FORMAT_VERSION}"
 
     def __init__(self, names: Sequence[str], K: np.ndarray, T: np.ndarray):
         self.names, self.K, self.T = list(names), K, T
@@ -78,7 +85,7 @@ class JointEvalCodec(ContainerEvalCodec):
             raise LmvicError(f"joint mode is not available: {exc}") from exc
         alignment = "ICT" if self.codec.aligned else "ICT without alignment: the Concatenation ablation"
         label = model_id if codec is not None else f"{model_id} {weights_sha256(model_id)[:12]}"
-        self.description = (f"lmvic joint mode ({label}): depth codec "
+        self.summary = (f"lmvic joint mode ({label}): depth codec "
                             f"(CVDP + DCI, depth at 1/{DEPTH_FACTOR}) and image codec ({alignment}, QPEM) over 3DGS depth, "
                             "intra/inter RD decision per view, depth coded only where the reference path uses it "
                             f"(encoder revision {ENCODER_REVISION})")

@@ -94,7 +94,7 @@ class SeparateCodec(ContainerEvalCodec):
     def __init__(self, names: Sequence[str], K: np.ndarray, T: np.ndarray, model_id: str = "single_view_cpu"):
         super().__init__(names, K, T)
         self.model_id = model_id
-        self.description = f"lmvic single-view codec ({model_id} {weights_sha256(model_id)[:12]}), each view alone (Separate)"
+        self.summary = f"lmvic single-view codec ({model_id} {weights_sha256(model_id)[:12]}), each view alone (Separate)"
         self.qualities = tuple(range(1, load_model(model_id).num_qualities + 1))
 
     def encode_file(self, path, views, images, quality):

@@ -182,7 +182,7 @@ def test_eval_command_end_to_end(tmp_path):
         assert [set(v) for v in point["streams"]] == [{"image"}] * 3
         assert all(0 < sum(v.values()) < b for v, b in zip(point["streams"], point["bytes"]))
         overhead = [b - sum(v.values()) for v, b in zip(point["streams"], point["bytes"])]
-        assert overhead[1] == overhead[2] < 64 < overhead[0]  # a record's length fields; the header counts with view 0
+        assert max(overhead[1:]) < 32 and overhead[0] > 64  # a record's varint fields and CRC; the header counts with view 0
 
 
 def test_eval_command_errors(tmp_path, capsys):
