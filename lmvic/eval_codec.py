@@ -15,6 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
+from lmvic import FORMAT_VERSION
 from lmvic.bitstream import SceneReader, ViewInfo
 from lmvic.scene_codec import DecodedScene, JointCodec
 
@@ -30,8 +31,6 @@ class ContainerEvalCodec:
     @property
     def description(self) -> str:
         """``summary`` and the container format (results of another format are measured again)."""
-        from lmvic import FORMAT_VERSION
-
         return f"{self.summary}; container format {FORMAT_VERSION}"
 
     def __init__(self, names: Sequence[str], K: np.ndarray, T: np.ndarray):
