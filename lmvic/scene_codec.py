@@ -68,7 +68,8 @@ from pipelines.errors import LmvicError
 PAD = 64
 WEIGHT_FORMAT = 2  # 2: depth coded at 1/DEPTH_FACTOR, aligned-latent QPEM context
 # 8 until session 5: on full fox frames 1/16 cut the depth stream 4.6x, image bytes -0.6 %; 16 until session 9:
-# on the first 6 views of fox and sceaux_castle at q1, 1/64 cut it 3.9x and 2.5x, image bytes +0.3 % and -0.1 %, same PSNR
+# on the first 6 views of fox and sceaux_castle at q1, 1/64 cut it 3.9x and 2.5x, image bytes +0.3 % and -0.1 %,
+# same PSNR
 DEPTH_FACTOR = 64
 DEPTH_QUALITY = 1
 #: Changes when the encoder codes the same input differently (2: unused depth streams dropped; 3: depth
@@ -524,7 +525,8 @@ def decode_scene_file(source: str | Path, codec: JointCodec | None = None,
             decoded[i] = codec.decode_view(reader.read_view(i), K, T, size, header.quality, depth_range, ref)
     output = _output(header, decoded)
     keep = [n for n in names if n in wanted]
-    return DecodedScene(header, {n: output.images[n] for n in keep}, {n: output.depths[n] for n in keep if n in output.depths})
+    return DecodedScene(header, {n: output.images[n] for n in keep},
+                        {n: output.depths[n] for n in keep if n in output.depths})
 
 
 # ---- models and weights -------------------------------------------------------------------------
