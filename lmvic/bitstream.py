@@ -9,6 +9,8 @@ Layout (fixed-width integers little-endian; ``uv`` = unsigned LEB128 varint, at 
     header body:
         mode           u8       0 joint, 1 distributed, 2 single
         model_id       str      (< 256 bytes)
+        weights        8 bytes  the first 8 bytes of the SHA-256 of the weight file that coded it
+                                (all zero: weights that were never shipped, e.g. a training snapshot)
         quality        uv
         view_count     uv       (≥ 1)
         per view:      name str (< 65536 bytes), height uv, width uv,
@@ -28,6 +30,8 @@ Layout (fixed-width integers little-endian; ``uv`` = unsigned LEB128 varint, at 
 Cameras are held at float32 precision (``ViewInfo`` rounds them), what the codecs compute with, so
 the encoder's cameras are the decoder's bit for bit. Version 1 stored them as float64 and every
 count and length at a fixed width: about 330 bytes per view, 6 % of a fox view at the lowest rate.
+Version 3 added the weights digest: re-trained weights keep their model id, and a file coded with
+other weights than the decoder's is refused instead of decoding to wrong pixels.
 
 The header CRC covers the record table, so a reader can seek to any view's record, check its own
 CRC and decode it without reading the other records (distributed mode decodes any subset). The file
@@ -92,12 +96,23 @@ class ViewInfo:
             object.__setattr__(self, field, value)
 
 
+_WEIGHTS_BYTES = 8
+#: ``SceneHeader.weights`` of weights that were never shipped.
+UNSHIPPED = "00" * _WEIGHTS_BYTES
+
+
+def weights_digest(sha256: str) -> str:
+    """The header's identification of weights whose file has the hex SHA-256 ``sha256``."""
+    return sha256[: 2 * _WEIGHTS_BYTES]
+
+
 @dataclass(frozen=True, eq=False)
 class SceneHeader:
     """Everything but the coded bytes: mode, model, views, coding order and references.
 
     ``references[i]`` are the views whose decoded data view ``i`` uses (for ``joint`` they must
-    come before ``i`` in ``order``).
+    come before ``i`` in ``order``). ``weights``: hex digest prefix of the weights that coded the
+    file (:func:`weights_digest`; ``UNSHIPPED`` for weights that were never shipped).
     """
 
     mode: str
@@ -106,6 +121,13 @@ class SceneHeader:
     views: tuple[ViewInfo, ...]
     order: tuple[int, ...]
     references: tuple[tuple[int, ...], ...]
+    weights: str = UNSHIPPED
+
+    def check_weights(self, digest: str) -> None:
+        """``BitstreamError`` unless the file was coded with the weights of ``digest`` (or with unshipped ones)."""
+        if self.weights not in (UNSHIPPED, digest):
+            raise BitstreamError(f"file was coded with other {self.model_id!r} weights ({self.weights}) than this "
+                                 f"build's ({digest}): decode it with the lmvic version that wrote it")
 
 
 @dataclass(frozen=True)
@@ -140,6 +162,8 @@ def _check_header(header: SceneHeader, models: Collection[str] | None = None) ->
         raise BitstreamError(f"unknown mode {header.mode!r} (expected one of {', '.join(MODES)})")
     if models is not None and header.model_id not in models:
         raise BitstreamError(f"unknown model {header.model_id!r} (known: {', '.join(sorted(models)) or 'none'})")
+    if len(header.weights) != 2 * _WEIGHTS_BYTES or header.weights.strip("0123456789abcdef"):
+        raise BitstreamError(f"weights digest {header.weights!r}: expected {2 * _WEIGHTS_BYTES} lower-case hex digits")
     if not 0 <= header.quality < 1 << 16:
         raise BitstreamError(f"quality {header.quality} out of range")
     count = len(header.views)
@@ -213,7 +237,7 @@ def encode_scene(header: SceneHeader, records: Sequence[ViewRecord]) -> bytes:
         raise BitstreamError(f"{len(records)} view records for {len(header.views)} views")
     bodies = [_encode_record(record) for record in records]
     parts = [struct.pack("<B", MODES.index(header.mode)), _str(header.model_id, _MODEL_ID_LIMIT),
-             _uv(header.quality, len(header.views))]
+             bytes.fromhex(header.weights), _uv(header.quality, len(header.views))]
     for view in header.views:
         parts += [_str(view.name, _VIEW_NAME_LIMIT), _uv(view.height, view.width),
                   view.intrinsics[:2].astype("<f4").tobytes(), view.world_to_camera[:3].astype("<f4").tobytes()]
@@ -295,6 +319,7 @@ def _parse_header(body: bytes) -> tuple[SceneHeader, tuple[int, ...]]:
     if mode >= len(MODES):
         raise BitstreamError(f"corrupt header: unknown mode code {mode}")
     model_id = cur.text(_MODEL_ID_LIMIT)
+    weights = cur.take(_WEIGHTS_BYTES).hex()
     quality = cur.varint()
     count = cur.count(3 + _K_BYTES + _T_BYTES)
     views = []
@@ -310,7 +335,7 @@ def _parse_header(body: bytes) -> tuple[SceneHeader, tuple[int, ...]]:
     references = tuple(tuple(cur.varint() for _ in range(cur.count(1))) for _ in range(count))
     lengths = tuple(cur.varint() for _ in range(count))
     cur.done()
-    return SceneHeader(MODES[mode], model_id, quality, tuple(views), order, references), lengths
+    return SceneHeader(MODES[mode], model_id, quality, tuple(views), order, references, weights), lengths
 
 
 def _parse_record(body: bytes, name: str) -> dict[str, LatentStream]:

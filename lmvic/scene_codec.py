@@ -55,14 +55,15 @@ import lmvic  # noqa: F401  (torchvision shim before compressai)
 from compressai.models import CompressionModel
 
 from geometry.warp import multiscale, relate
-from lmvic.bitstream import (BitstreamError, LatentStream, SceneHeader, SceneReader, ViewInfo, ViewRecord,
-                             write_scene)
+from lmvic.bitstream import (UNSHIPPED, BitstreamError, LatentStream, SceneHeader, SceneReader, ViewInfo, ViewRecord,
+                             weights_digest, write_scene)
 from lmvic.models.depth_codec import DepthCodec, DepthRange, build_depth_codec, cross_view_prediction
 from lmvic.models.joint import JointImageCodec, Side, build_joint_image
 from lmvic.exact import EXACT_THREADS, fixed_threads
 from lmvic.models.single_view import DEFAULT_LAMBDAS, SIZES, SingleViewCodec, build_recorded
 from lmvic.precision import float32
-from lmvic.zoo import WEIGHTS_DIR, WeightsError, base_reference, load_base, load_named, read_weights, write_weights
+from lmvic.zoo import (WEIGHTS_DIR, WeightsError, base_reference, load_base, load_named, read_weights, weights_sha256,
+                       write_weights)
 from pipelines.errors import LmvicError
 
 PAD = 64
@@ -112,6 +113,7 @@ class JointCodec(CompressionModel):
         if image.num_qualities != depth.num_qualities:
             raise ValueError("image and depth codecs must have the same quality levels")
         self.image, self.depth, self.size, self.aligned = image, depth, size, aligned
+        self.weights = UNSHIPPED  # the container's digest of these weights (``load_joint_file`` sets it)
 
     @property
     def model_id(self) -> str:
@@ -370,7 +372,8 @@ def encode_scene(codec: JointCodec, scene: SceneInput, order: Sequence[int], qua
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8 or depth.shape != image.shape[:2]:
             raise LmvicError(f"view {name!r}: need uint8 (H, W, 3) image and (H, W) depth of the same size")
         views.append(ViewInfo(name, image.shape[0], image.shape[1], K, T))
-    header = SceneHeader("joint", codec.model_id, quality, tuple(views), tuple(order), references_of(order))
+    header = SceneHeader("joint", codec.model_id, quality, tuple(views), tuple(order), references_of(order),
+                         codec.weights)
     try:
         depth_range = DepthRange.of(torch.cat([torch.as_tensor(d, dtype=torch.float32).flatten() for d in scene.depths]))
     except ValueError as exc:
@@ -506,6 +509,7 @@ def decode_scene_file(source: str | Path, codec: JointCodec | None = None,
             codec = load_named(header.model_id, MODEL_IDS, load_joint, "joint")
         if codec.model_id != header.model_id:
             raise BitstreamError(f"file was coded with model {header.model_id!r}, decoder has {codec.model_id!r}")
+        header.check_weights(codec.weights)
         if not 1 <= header.quality <= codec.num_qualities:
             raise BitstreamError(f"quality {header.quality} is not a level of model {header.model_id!r}")
         names = [v.name for v in header.views]
@@ -566,18 +570,22 @@ def save_joint(codec: JointCodec, path: Path, base: str | None = None, half: boo
 
 
 def load_joint_file(path: Path) -> JointCodec:
-    """A codec written by ``save_joint`` (eval mode, CDFs ready); ``WeightsError`` if missing or corrupt."""
+    """A codec written by ``save_joint`` (eval mode, CDFs ready, ``weights`` the file's digest);
+    ``WeightsError`` if missing or corrupt."""
+    path = Path(path)
     ck = read_weights(path, WEIGHT_FORMAT, "joint weights")
     aligned = ck.get("aligned", True)
     if "base" not in ck:
         codec = build_joint(ck["size"], backbone=build_recorded(ck), aligned=aligned)
         codec.load_state_dict(ck["state_dict"])
-        return codec.eval()
-    codec = build_joint(ck["size"], backbone=load_base(ck, f"joint weights {path.name}", path.parent), aligned=aligned)
-    try:
-        JointPart(codec).load_state_dict(ck["state_dict"])
-    except RuntimeError as exc:
-        raise WeightsError(f"{path.name} does not fit the joint architecture: {exc}") from exc
+    else:
+        codec = build_joint(ck["size"], backbone=load_base(ck, f"joint weights {path.name}", path.parent),
+                            aligned=aligned)
+        try:
+            JointPart(codec).load_state_dict(ck["state_dict"])
+        except RuntimeError as exc:
+            raise WeightsError(f"{path.name} does not fit the joint architecture: {exc}") from exc
+    codec.weights = weights_digest(weights_sha256(path.stem, path.parent))
     return codec.eval()
 
 

@@ -9,13 +9,14 @@ import subprocess
 import sys
 import time
 import zlib
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import lmvic
-from lmvic.bitstream import (BitstreamError, LatentStream, SceneHeader, SceneReader, ViewInfo,
+from lmvic.bitstream import (UNSHIPPED, BitstreamError, LatentStream, SceneHeader, SceneReader, ViewInfo,
                              decode_scene, encode_scene, read_scene, write_scene)
 from pipelines.errors import LmvicError
 
@@ -42,12 +43,12 @@ def make_scene(views: int = 3, mode: str = "joint", seed: int = 0) -> tuple[Scen
             "image.y": LatentStream((rng.bytes(90 + 3 * i), b""), (30, 40)),
             "image.z": LatentStream((rng.bytes(11 + i),), (8, 10)),
         })
-    return SceneHeader(mode, "lmvic-cpu", 3, tuple(infos), order, refs), records
+    return SceneHeader(mode, "lmvic-cpu", 3, tuple(infos), order, refs, "0123456789abcdef"), records
 
 
 def assert_same_scene(a: SceneHeader, b: SceneHeader) -> None:
-    assert (a.mode, a.model_id, a.quality, a.order, a.references) == (b.mode, b.model_id, b.quality,
-                                                                       b.order, b.references)
+    assert (a.mode, a.model_id, a.weights, a.quality, a.order, a.references) == (
+        b.mode, b.model_id, b.weights, b.quality, b.order, b.references)
     assert len(a.views) == len(b.views)
     for va, vb in zip(a.views, b.views):
         assert (va.name, va.height, va.width) == (vb.name, vb.height, vb.width)
@@ -223,6 +224,15 @@ def test_cameras_are_stored_at_float32_precision() -> None:
             ViewInfo("v", 8, 8, intrinsics, world_to_camera)
 
 
+def test_a_file_of_other_weights_is_refused() -> None:
+    header, _ = make_scene(2)
+    header.check_weights("0123456789abcdef")
+    with pytest.raises(BitstreamError, match=r"other 'lmvic-cpu' weights \(0123456789abcdef\) than this build's "
+                                             r"\(fedcba9876543210\)"):
+        header.check_weights("fedcba9876543210")
+    replace(header, weights=UNSHIPPED).check_weights("fedcba9876543210")  # weights that were never shipped
+
+
 def test_inconsistent_scenes_are_refused_on_writing() -> None:
     header, records = make_scene(3)
     bad = [
@@ -232,6 +242,8 @@ def test_inconsistent_scenes_are_refused_on_writing() -> None:
         SceneHeader("joint", header.model_id, 1, header.views, (0, 1, 2), ((), (1,), ())),  # self
         SceneHeader("joint", header.model_id, 1, header.views[:1] * 3, header.order, header.references),
         SceneHeader("joint", header.model_id, 1 << 16, header.views, header.order, header.references),
+        SceneHeader("joint", header.model_id, 1, header.views, header.order, header.references, "0123"),
+        SceneHeader("joint", header.model_id, 1, header.views, header.order, header.references, "0123456789ABCDEF"),
     ]
     for h in bad:
         with pytest.raises(BitstreamError):

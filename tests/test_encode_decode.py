@@ -2,10 +2,13 @@
 file to exactly the pixels the encoder reconstructed; corrupt files get a one-line error."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from PIL import Image
 
+from lmvic.bitstream import encode_scene, read_scene
 from pipelines.codec_io import encode, view_summary
 from conftest import run_lmvic
 
@@ -57,11 +60,14 @@ def test_any_subset_decodes(coded, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"{n.rsplit('.', 1)[0]}.png" for n in names[:4:3])
 
 
-@pytest.mark.parametrize("damage", ["truncate", "flip", "version"])
+@pytest.mark.parametrize("damage", ["truncate", "flip", "version", "weights"])
 def test_corrupt_files_are_refused_with_one_line(coded, tmp_path, damage):
     path, _, _ = coded
     data = bytearray(path.read_bytes())
-    if damage == "truncate":
+    if damage == "weights":  # a valid file, but coded with other weights of the same model id
+        header, records = read_scene(path)
+        data = bytearray(encode_scene(replace(header, weights="f" * 16), records))
+    elif damage == "truncate":
         data = data[: len(data) * 2 // 3]
     elif damage == "flip":
         data[len(data) // 2] ^= 0x10
@@ -73,4 +79,5 @@ def test_corrupt_files_are_refused_with_one_line(coded, tmp_path, damage):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("lmvic: error:"), result.stderr
+    assert damage != "weights" or "other 'single_view_cpu' weights (ffffffffffffffff)" in lines[0]
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

@@ -17,7 +17,7 @@ import torch
 
 import lmvic  # noqa: F401
 from geometry.warp import multiscale
-from lmvic.bitstream import BitstreamError, SceneHeader, read_scene, write_scene
+from lmvic.bitstream import UNSHIPPED, BitstreamError, SceneHeader, read_scene, write_scene
 from lmvic.models.joint import JointImageCodec
 from lmvic.exact import fixed_threads
 from lmvic.models.single_view import build_single_view
@@ -25,7 +25,7 @@ from lmvic.models.depth_codec import DepthRange
 from lmvic.scene_codec import (INTRA_STREAM, SceneInput, build_joint, decode_scene_file, encode_scene,
                                encode_scene_file, load_joint_file, pad, save_joint)
 from pipelines.errors import LmvicError
-from lmvic.zoo import WeightsError
+from lmvic.zoo import WeightsError, load_single_view
 from scenes.synthetic import ArcCameras, SceneSpec, SolidNoise, render_view
 
 QUALITY = 3
@@ -89,8 +89,8 @@ def test_zero_initialised_reference_path_equals_single_view() -> None:
     x = torch.rand(1, 3, 64, 64)
     ref = torch.rand(1, 3, 64, 64)
     ref_feats = joint(ref, QUALITY)["features"]
-    rel = multiscale(torch.randn(1, 2, 64, 64) * 4, torch.rand(1, 64, 64) > 0.3, (1, 2, 4, 8, 16))
-    side = joint.reference_side(ref, ref_feats, rel)
+    untrusted = multiscale(torch.randn(1, 2, 64, 64) * 4, torch.zeros(1, 64, 64, dtype=torch.bool), (1, 2, 4, 8, 16))
+    side = joint.reference_side(ref, ref_feats, untrusted)  # a reference, but no pixel of it trusted
     expected = single(x, QUALITY)
     for s in (None, side):
         out = joint(x, QUALITY, s)
@@ -115,6 +115,32 @@ def test_aligned_latent_of_a_perfectly_aligned_reference_is_the_target_latent() 
         context = codec.qpem_context(side, level)
     torch.testing.assert_close(context[:, -codec.backbone.M:], y, rtol=1e-5, atol=1e-5)
     assert torch.equal(context[:, codec.backbone.N], torch.ones_like(context[:, 0]))  # the mask channel
+
+
+def test_a_perfectly_aligned_trusted_reference_predicts_every_latent_symbol() -> None:
+    """Reference = target, zero disparity, all trusted, fresh codec: the reference prior puts the means on
+    y itself, so every coded symbol is 0, ŷ = y exactly, and the latent costs less than without reference
+    (on the shipped single-view weights: a fresh backbone's latent is nearly all zeros anyway)."""
+    torch.manual_seed(5)
+    codec = JointImageCodec(load_single_view("single_view_cpu")).eval()
+    codec.update(force=True)
+    x = torch.rand(1, 3, 64, 128)
+    feats = codec(x, QUALITY)["features"]
+    side = codec.reference_side(x, feats, multiscale(torch.zeros(1, 2, 64, 128), torch.ones(1, 64, 128, dtype=torch.bool),
+                                                     (1, 2, 4, 8, 16)))
+    with torch.no_grad():
+        y = codec.backbone.gain(codec.analyse(x, None), codec.backbone.levels(QUALITY, 1))
+    strings, shape, y_hat = codec.encode(x, QUALITY, side)
+    assert torch.equal(y_hat, y.double())
+    assert torch.equal(codec.decode_latent(strings, shape, QUALITY, side), y_hat)
+    bits = {s is None: -codec(x, QUALITY, s)["likelihoods"]["y"].log2().sum() for s in (None, side)}
+    assert bits[False] < 0.5 * bits[True]
+    # every other column trusted: half of each latent pixel, so the means move half-way to y
+    half = multiscale(torch.zeros(1, 2, 64, 128), torch.arange(128).expand(1, 64, 128) % 2 == 0, (1, 2, 4, 8, 16))
+    side = codec.reference_side(x, feats, half)
+    torch.testing.assert_close(side.trust, torch.full_like(side.trust, 0.5))
+    means = torch.randn_like(y)
+    torch.testing.assert_close(codec.reference_prior(means, side, codec.backbone.levels(QUALITY, 1)), (means + y) / 2)
 
 
 def test_cvdp_at_the_depth_codec_resolution_moves_a_plane_by_its_coarse_disparity() -> None:
@@ -284,11 +310,13 @@ def test_corrupt_containers_are_refused(coded_scene, tmp_path) -> None:
         with pytest.raises(BitstreamError):
             decode_scene_file(bad, codec)
     header, records = read_scene(path)
+    assert header.weights == codec.weights != UNSHIPPED  # the weights file it was coded with
     assert any("depth" in r for r in records)
     image = {r_i: ("image" if "image" in r else INTRA_STREAM) for r_i, r in enumerate(records)}
     for label, (hdr, recs) in {
         "unknown model": (replace(header, model_id="joint-huge"), records),
         "other model": (replace(header, model_id="joint-paper"), records),
+        "other weights": (replace(header, weights="f" * 16), records),
         "missing stream": (header, [{k: v for k, v in r.items() if k != image[i]} for i, r in enumerate(records)]),
         "both image modes": (header, [{**r, "image": r[image[i]], INTRA_STREAM: r[image[i]]}
                                       for i, r in enumerate(records)]),
