@@ -1,0 +1,90 @@
+"""How well the depth-warped reference predicts a view's latent, and how much of that the codec uses.
+
+For each consecutive pair of the first views of a scene's coding order (the reference decoded by the
+joint codec without reference, the stage-one median depth of both views, whole views as ``lmvic
+eval`` crops them), at every quality:
+
+- ``trusted``: the share of the latent (1/16) whose pixels the trust mask covers entirely, and the
+  PSNR of the warped decoded reference against the view over the trusted pixels;
+- ``rms y-mu``: RMS, over the trusted latent, of the view's latent minus the hyperprior's means, and
+  ``rms y-L`` minus the aligned reference latent L (the backbone's analysis of the warped decoded
+  reference, what the entropy model's reference prior and context receive);
+- ``ref/noref``: the joint image codec's estimated bits of the view (likelihoods of y and z) with
+  its reference over without it.
+
+The RMS pair says how much the reference could save; the last column how much the codec saves.
+
+    python benchmarks/reference_latent.py /work/runs/fox [--views 6] [--weights joint-cpu|FILE.pt] [--depth coarse]
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from geometry.warp import backward_warp, multiscale, relate
+from joint_steps import first_views
+from lmvic.models.depth_codec import DepthRange
+from lmvic.scene_codec import DecodedView, load_joint, load_joint_file, pad, padded_image
+
+TRUSTED = 0.99  # a latent pixel is trusted if this share of its 16×16 pixels is
+
+
+def bits(out: dict) -> float:
+    """Estimated bits of a codec output (its likelihoods of y and z)."""
+    return float(sum(-torch.log2(lik).sum() for lik in out["likelihoods"].values()))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("work_dir", type=Path, help="a scene's work folder (geometry and relations stages run)")
+    ap.add_argument("--views", type=int, default=6)
+    ap.add_argument("--weights", default="joint-cpu", help="a shipped joint model id or a joint weight file")
+    ap.add_argument("--depth", choices=("full", "coarse"), default="coarse",
+                    help="coarse: the depth at the resolution the depth codec codes it (uncoded); full: as rendered")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    codec = (load_joint_file(Path(args.weights)) if args.weights.endswith(".pt") else load_joint(args.weights)).eval()
+    image, backbone = codec.image, codec.image.backbone
+    names, images, depths, K, T = first_views(args.work_dir, args.views, 0)
+    x = [padded_image(im) for im in images]
+    d = [pad(torch.as_tensor(dm, dtype=torch.float32)[None]) for dm in depths]
+    if args.depth == "coarse":
+        scale = DepthRange.of(torch.cat([v.flatten() for v in d]))
+        d = [scale.denormalise(codec.fine_depth(codec.coarse_depth(scale.normalise(v)), tuple(v.shape[-2:]))) for v in d]
+    K, T = torch.as_tensor(K, dtype=torch.float32), torch.as_tensor(T, dtype=torch.float32)
+    print(f"{args.work_dir.name}: {len(names) - 1} pairs, {args.depth} depth, weights {args.weights}")
+    with torch.no_grad():
+        for q in range(1, codec.num_qualities + 1):
+            level = backbone.levels(q, 1)
+            trusted, psnr, err_mu, err_ref, count, with_ref, without = [], [], 0.0, 0.0, 0, 0.0, 0.0
+            for t in range(1, len(x)):
+                r = t - 1
+                ref_out = image(x[r], q, None)
+                ref = DecodedView(ref_out["x_hat"].clamp(0, 1), ref_out["features"], d[r], K[r:r + 1], T[r:r + 1])
+                relation = relate(d[t], K[t:t + 1], T[t:t + 1], d[r], K[r:r + 1], T[r:r + 1])
+                rel = multiscale(relation.disparity, relation.mask)
+                warped = backward_warp(ref.image, rel[1][0])
+                pixels = rel[1][1] > TRUSTED
+                psnr.append(float(-10 * torch.log10(((warped - x[t]) ** 2).mean(1, keepdim=True)[pixels].mean())))
+                mask = (rel[16][1] > TRUSTED).expand(-1, backbone.M, -1, -1)
+                trusted.append(float(mask.float().mean()))
+                y = backbone.gain(image.analyse(x[t], None), level)
+                aligned = backbone.gain(image.analyse(warped, None), level)
+                z = backbone.hyper_analysis(y)
+                medians = backbone.entropy_bottleneck._get_medians().reshape(1, -1, 1, 1)
+                _, means = backbone.gaussian_params(torch.round(z - medians) + medians)
+                err_mu += float(((y - means) ** 2)[mask].sum())
+                err_ref += float(((y - aligned) ** 2)[mask].sum())
+                count += int(mask.sum())
+                with_ref += bits(image(x[t], q, codec.image_side(ref, d[t], K[t:t + 1], T[t:t + 1])))
+                without += bits(image(x[t], q, None))
+            print(f"q{q}: trusted {np.mean(trusted):.2f} (warp PSNR {np.mean(psnr):.2f} dB)  "
+                  f"rms y-mu {np.sqrt(err_mu / count):.3f}  rms y-L {np.sqrt(err_ref / count):.3f}  "
+                  f"ref/noref {with_ref / without:.3f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
