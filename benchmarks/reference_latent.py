@@ -42,8 +42,10 @@ def main() -> None:
     ap.add_argument("work_dir", type=Path, help="a scene's work folder (geometry and relations stages run)")
     ap.add_argument("--views", type=int, default=6)
     ap.add_argument("--weights", default="joint-cpu", help="a shipped joint model id or a joint weight file")
-    ap.add_argument("--depth", choices=("full", "coarse"), default="coarse",
-                    help="coarse: the depth at the resolution the depth codec codes it (uncoded); full: as rendered")
+    ap.add_argument("--depth", choices=("coded", "coarse", "full"), default="coded",
+                    help="coded: decoded by the depth codec as ``lmvic encode`` codes it (each view's depth predicted "
+                         "from the previous one's); coarse: at the resolution the depth codec codes it, uncoded; "
+                         "full: the stage-one depth")
     args = ap.parse_args()
     torch.set_num_threads(1)
     codec = (load_joint_file(Path(args.weights)) if args.weights.endswith(".pt") else load_joint(args.weights)).eval()
@@ -51,10 +53,16 @@ def main() -> None:
     names, images, depths, K, T = first_views(args.work_dir, args.views, 0)
     x = [padded_image(im) for im in images]
     d = [pad(torch.as_tensor(dm, dtype=torch.float32)[None]) for dm in depths]
-    if args.depth == "coarse":
-        scale = DepthRange.of(torch.cat([v.flatten() for v in d]))
-        d = [scale.denormalise(codec.fine_depth(codec.coarse_depth(scale.normalise(v)), tuple(v.shape[-2:]))) for v in d]
     K, T = torch.as_tensor(K, dtype=torch.float32), torch.as_tensor(T, dtype=torch.float32)
+    scale = DepthRange.of(torch.cat([v.flatten() for v in d]))
+    if args.depth == "coarse":
+        d = [scale.denormalise(codec.fine_depth(codec.coarse_depth(scale.normalise(v)), tuple(v.shape[-2:]))) for v in d]
+    elif args.depth == "coded":
+        coded = []
+        for i, v in enumerate(d):
+            prev = DecodedView(None, None, coded[-1], K[i - 1:i], T[i - 1:i]) if coded else None
+            coded.append(codec.encode_depth(v, K[i:i + 1], T[i:i + 1], scale, prev)[1])
+        d = coded
     print(f"{args.work_dir.name}: {len(names) - 1} pairs, {args.depth} depth, weights {args.weights}")
     with torch.no_grad():
         for q in range(1, codec.num_qualities + 1):
