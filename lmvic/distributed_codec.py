@@ -18,13 +18,13 @@ from typing import Collection, Sequence
 import numpy as np
 import torch
 
-from lmvic.bitstream import (BitstreamError, LatentStream, SceneHeader, SceneReader, ViewInfo, weights_digest,
+from lmvic.bitstream import (BitstreamError, LatentStream, SceneHeader, SceneReader, ViewInfo,
                              write_scene)
 from lmvic.eval_codec import ContainerEvalCodec
 from lmvic.models.distributed import DistributedCodec, load_distributed
 from lmvic.scene_codec import DecodedScene, padded_image, to_uint8
 from lmvic.separate_codec import STREAM, read_stream
-from lmvic.zoo import WeightsError, check_quality, load_named, weights_sha256
+from lmvic.zoo import WeightsError, check_quality, load_named, weights_id, weights_sha256
 from pipelines.errors import LmvicError
 
 #: Shipped models: OPAM + PMIFM fusion, and the average-pooling comparison point.
@@ -65,7 +65,7 @@ def write_distributed_file(path: str | Path, model_id: str, quality: int, views:
     references = (neighbours_in_order(order, side_views) if isinstance(side_views, int)
                   else tuple(tuple(s) for s in side_views))
     header = SceneHeader("distributed", model_id, quality, tuple(views), tuple(order), references,
-                         weights_digest(weights_sha256(model_id)))
+                         weights_id(model_id))
     return write_scene(path, header, [{STREAM: s} for s in streams])
 
 
@@ -119,7 +119,7 @@ def decode_distributed_file(source: str | Path, views: Collection[str] | None = 
         if header.mode != "distributed":
             raise BitstreamError(f"this is a {header.mode}-mode file; the distributed decoder reads distributed mode")
         model = load_model(header.model_id)
-        header.check_weights(weights_digest(weights_sha256(header.model_id)))
+        header.check_weights(weights_id(header.model_id))
         if not 1 <= header.quality <= model.backbone.num_qualities:
             raise BitstreamError(f"quality {header.quality} is not a level of model {header.model_id!r}")
         names = [v.name for v in header.views]

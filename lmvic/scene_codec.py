@@ -56,13 +56,13 @@ from compressai.models import CompressionModel
 
 from geometry.warp import multiscale, relate
 from lmvic.bitstream import (UNSHIPPED, BitstreamError, LatentStream, SceneHeader, SceneReader, ViewInfo, ViewRecord,
-                             weights_digest, write_scene)
+                             write_scene)
 from lmvic.models.depth_codec import DepthCodec, DepthRange, build_depth_codec, cross_view_prediction
 from lmvic.models.joint import JointImageCodec, Side, build_joint_image
 from lmvic.exact import EXACT_THREADS, fixed_threads
 from lmvic.models.single_view import DEFAULT_LAMBDAS, SIZES, SingleViewCodec, build_recorded
 from lmvic.precision import float32
-from lmvic.zoo import (WEIGHTS_DIR, WeightsError, base_reference, load_base, load_named, read_weights, weights_sha256,
+from lmvic.zoo import (WEIGHTS_DIR, WeightsError, base_reference, load_base, load_named, read_weights, weights_id,
                        write_weights)
 from pipelines.errors import LmvicError
 
@@ -585,7 +585,7 @@ def load_joint_file(path: Path) -> JointCodec:
             JointPart(codec).load_state_dict(ck["state_dict"])
         except RuntimeError as exc:
             raise WeightsError(f"{path.name} does not fit the joint architecture: {exc}") from exc
-    codec.weights = weights_digest(weights_sha256(path.stem, path.parent))
+    codec.weights = weights_id(path.stem, path.parent)
     return codec.eval()
 
 

@@ -13,12 +13,12 @@ from typing import Collection, Sequence
 import numpy as np
 import torch
 
-from lmvic.bitstream import (BitstreamError, LatentStream, SceneHeader, SceneReader, ViewInfo, weights_digest,
+from lmvic.bitstream import (BitstreamError, LatentStream, SceneHeader, SceneReader, ViewInfo,
                              write_scene)
 from lmvic.eval_codec import ContainerEvalCodec
 from lmvic.models.single_view import SingleViewCodec
 from lmvic.scene_codec import DecodedScene, padded_image, to_uint8
-from lmvic.zoo import WeightsError, check_quality, load_named, load_single_view, weights_sha256
+from lmvic.zoo import WeightsError, check_quality, load_named, load_single_view, weights_id, weights_sha256
 from pipelines.errors import LmvicError
 
 MODEL_IDS = ("single_view_cpu",)
@@ -46,7 +46,7 @@ def encode_separate_file(path: str | Path, model_id: str, views: Sequence[ViewIn
         x_hat = model.decompress(out["strings"], out["shape"], quality)["x_hat"]
         decoded[info.name] = to_uint8(x_hat, info.height, info.width)
     header = SceneHeader("single", model_id, quality, tuple(views), tuple(order), tuple(() for _ in views),
-                         weights_digest(weights_sha256(model_id)))
+                         weights_id(model_id))
     return write_scene(path, header, records), DecodedScene(header, decoded, {})
 
 
@@ -72,7 +72,7 @@ def decode_separate_file(source: str | Path, views: Collection[str] | None = Non
         if header.mode != "single":
             raise BitstreamError(f"this is a {header.mode}-mode file; the single-view decoder reads single mode")
         model = load_model(header.model_id)
-        header.check_weights(weights_digest(weights_sha256(header.model_id)))
+        header.check_weights(weights_id(header.model_id))
         if not 1 <= header.quality <= model.num_qualities:
             raise BitstreamError(f"quality {header.quality} is not a level of model {header.model_id!r}")
         names = [v.name for v in header.views]

@@ -146,6 +146,13 @@ def weights_sha256(name: str, directory: Path = WEIGHTS_DIR) -> str:
     return json.loads(meta.read_text())["sha256"]
 
 
+def weights_id(name: str, directory: Path = WEIGHTS_DIR) -> str:
+    """The scene container's digest of the shipped weights ``name`` (``lmvic.bitstream.weights_digest``)."""
+    from lmvic.bitstream import weights_digest
+
+    return weights_digest(weights_sha256(name, directory))
+
+
 def base_reference(base: str, directory: Path = WEIGHTS_DIR) -> dict:
     """``{"base", "base_sha256"}`` of the shipped single-view weights a model was trained on top of
     (the model's file then stores only what it adds)."""
