@@ -65,30 +65,31 @@ def main() -> None:
         d = coded
     print(f"{args.work_dir.name}: {len(names) - 1} pairs, {args.depth} depth, weights {args.weights}")
     with torch.no_grad():
+        pairs = range(1, len(x))  # (reference t - 1, target t)
+        relations = [relate(d[t], K[t:t + 1], T[t:t + 1], d[t - 1], K[t - 1:t], T[t - 1:t]) for t in pairs]
+        rels = [multiscale(relation.disparity, relation.mask) for relation in relations]
+        pixels = [rel[1][1] > TRUSTED for rel in rels]
+        masks = [(rel[16][1] > TRUSTED).expand(-1, backbone.M, -1, -1) for rel in rels]
+        trusted = [float(mask.float().mean()) for mask in masks]
+        medians = backbone.entropy_bottleneck._get_medians().reshape(1, -1, 1, 1)
         for q in range(1, codec.num_qualities + 1):
             level = backbone.levels(q, 1)
-            trusted, psnr, err_mu, err_ref, count, with_ref, without = [], [], 0.0, 0.0, 0, 0.0, 0.0
-            for t in range(1, len(x)):
+            alone = [image(v, q, None) for v in x]  # each view without reference: the next view's reference
+            psnr, err_mu, err_ref, count, with_ref, without = [], 0.0, 0.0, 0, 0.0, 0.0
+            for t, rel, good, mask in zip(pairs, rels, pixels, masks):
                 r = t - 1
-                ref_out = image(x[r], q, None)
-                ref = DecodedView(ref_out["x_hat"].clamp(0, 1), ref_out["features"], d[r], K[r:r + 1], T[r:r + 1])
-                relation = relate(d[t], K[t:t + 1], T[t:t + 1], d[r], K[r:r + 1], T[r:r + 1])
-                rel = multiscale(relation.disparity, relation.mask)
+                ref = DecodedView(alone[r]["x_hat"].clamp(0, 1), alone[r]["features"], d[r], K[r:r + 1], T[r:r + 1])
                 warped = backward_warp(ref.image, rel[1][0])
-                pixels = rel[1][1] > TRUSTED
-                psnr.append(float(-10 * torch.log10(((warped - x[t]) ** 2).mean(1, keepdim=True)[pixels].mean())))
-                mask = (rel[16][1] > TRUSTED).expand(-1, backbone.M, -1, -1)
-                trusted.append(float(mask.float().mean()))
+                psnr.append(float(-10 * torch.log10(((warped - x[t]) ** 2).mean(1, keepdim=True)[good].mean())))
                 y = backbone.gain(image.analyse(x[t], None), level)
                 aligned = backbone.gain(image.analyse(warped, None), level)
                 z = backbone.hyper_analysis(y)
-                medians = backbone.entropy_bottleneck._get_medians().reshape(1, -1, 1, 1)
                 _, means = backbone.gaussian_params(torch.round(z - medians) + medians)
                 err_mu += float(((y - means) ** 2)[mask].sum())
                 err_ref += float(((y - aligned) ** 2)[mask].sum())
                 count += int(mask.sum())
                 with_ref += bits(image(x[t], q, codec.image_side(ref, d[t], K[t:t + 1], T[t:t + 1])))
-                without += bits(image(x[t], q, None))
+                without += bits(alone[t])
             print(f"q{q}: trusted {np.mean(trusted):.2f} (warp PSNR {np.mean(psnr):.2f} dB)  "
                   f"rms y-mu {np.sqrt(err_mu / count):.3f}  rms y-L {np.sqrt(err_ref / count):.3f}  "
                   f"ref/noref {with_ref / without:.3f}", flush=True)
