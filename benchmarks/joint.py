@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lmvic.scene_codec import PRIOR_STREAM
 from lmvic.zoo import WEIGHTS_DIR
 from pipelines.rd import curve_bd_rates, from_compressai_json
 
@@ -42,8 +43,10 @@ def main() -> None:
             if point.streams is None:
                 continue  # measured before the eval recorded streams
             inter = sum("image" in v for v in point.streams[1:])  # the first view has no reference
+            prior = sum(PRIOR_STREAM in v for v in point.streams[1:])
             depths = [v["depth"] for v in point.streams if "depth" in v]
-            print(f"  q{point.quality}: {inter} of the {len(point.streams) - 1} views with a reference coded inter; "
+            print(f"  q{point.quality}: of the {len(point.streams) - 1} views with a reference {inter} coded inter, "
+                  f"{prior} with the reference in the entropy model only; "
                   f"depth streams in {len(depths)} views, {sum(depths)} B, "
                   f"{100 * sum(depths) / sum(point.num_bytes):.1f} % of the file")
         for name, anchor in curves.items():

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from joint_steps import first_views
-from lmvic.scene_codec import INTRA_STREAM, SceneInput, encode_scene, load_joint, padded_image, to_uint8
+from lmvic.scene_codec import IMAGE_STREAMS, SceneInput, encode_scene, load_joint, padded_image, to_uint8
 from lmvic.zoo import load_single_view
 from pipelines.metrics import psnr
 from pipelines.rd import bd_rate
@@ -52,10 +52,10 @@ def main() -> None:
             quality["single"].append(psnr(image, to_uint8(single.decompress(coded["strings"], coded["shape"], q)["x_hat"], h, w)))
             alone = SceneInput([name], [image], [depths[i]], K[i:i + 1], T[i:i + 1])
             _, records, out = encode_scene(joint, alone, [0], q)  # no reference, hence no depth stream
-            size["noref"] += sum(s.nbytes for key, s in records[0].items() if key in ("image", INTRA_STREAM))
+            size["noref"] += sum(s.nbytes for key, s in records[0].items() if key in IMAGE_STREAMS.values())
             quality["noref"].append(psnr(image, out.images[name]))
         _, records, out = encode_scene(joint, SceneInput(names, images, depths, K, T), range(len(names)), q)
-        size["ref"] = sum(s.nbytes for r in records for name, s in r.items() if name in ("image", INTRA_STREAM))
+        size["ref"] = sum(s.nbytes for r in records for name, s in r.items() if name in IMAGE_STREAMS.values())
         depth_bytes = sum(r["depth"].nbytes for r in records if "depth" in r)
         quality["ref"] = [psnr(image, out.images[n]) for n, image in zip(names, images)]
         for key in curves:

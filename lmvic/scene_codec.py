@@ -13,14 +13,17 @@ For view i with reference r (the previous view in the coding order; none for the
    uncoded stage-one depth instead of the decoded one, the image stream was no smaller (session-3
    measurement), so finer depth would only cost bits;
 2. image: disparity and trust mask from the *decoded* depths D̂_i and D̂_r
-   (``geometry.warp.relate`` then ``multiscale`` at 1/2…1/16); the image codec codes x_i with the
-   decoded reference image, its decoder features and that relation (``lmvic.models.joint``).
-   The encoder also codes x_i as the single-view backbone alone would (its own entropy model,
-   no reference), and chooses every view's mode, as a video encoder decides between intra and
-   inter, for the lowest RD cost of the scene: bits + λ_q·255²·SSE (``rd_cost``) summed over the
-   views, the depth streams only the reference path needs included (``choose_modes``). The record
-   says which by the name of its image stream (``image`` or ``image.intra``), so a view the
-   reference path would make worse is never coded worse than the single-view codec codes it;
+   (``geometry.warp.relate`` with ``TRUST_TOLERANCE``, then ``multiscale`` at 1/2…1/16); the image
+   codec codes x_i with the decoded reference image, its decoder features and that relation
+   (``lmvic.models.joint``). The encoder also codes x_i with the reference in the entropy model
+   only (no ICT fusion: the backbone's latent and reconstruction, made cheaper by the reference
+   prior; on fox at q5 ICT cost 0.9 dB for 6 % fewer bits than this, session 11) and as the
+   single-view backbone alone would (its own entropy model, no reference), and chooses every view's
+   mode, as a video encoder decides between intra and inter, for the lowest RD cost of the scene:
+   bits + λ_q·255²·SSE (``rd_cost``) summed over the views, the depth streams only the reference
+   path needs included (``choose_modes``). The record says which by the name of its image stream
+   (``IMAGE_STREAMS``: ``image``, ``image.prior`` or ``image.intra``), so a view the reference path
+   would make worse is never coded worse than the single-view codec codes it;
 3. depth streams nobody uses are dropped: a view keeps its depth only if its image or its
    successor's is coded with the reference (``encode_scene``'s second pass). A view whose
    reference has no depth codes its depth with CVDP off, as the first view does.
@@ -32,9 +35,9 @@ not move — and cropped back after decoding.
 
 Streams per view (``lmvic.bitstream.LatentStream``): ``depth`` (if kept) and ``image``, each with five
 chunks — the range-coded QPEM steps y0…y3 and the hyper-latent z — and the shape of z ((H/64, W/64)
-for the image; for the depth that of its padded 1/64-resolution map), or ``image.intra`` instead of
-``image``: the backbone's own strings (its y parts and z, ``SingleViewCodec.num_strings``); the first
-coded view also holds ``scene.depth_range`` (two float64 and a u16: near, far, ``DEPTH_FACTOR``).
+for the image; for the depth that of its padded 1/64-resolution map; ``image.prior`` alike), or
+``image.intra`` instead of ``image``: the backbone's own strings (its y parts and z,
+``SingleViewCodec.num_strings``); the first coded view also holds ``scene.depth_range`` (two float64 and a u16: near, far, ``DEPTH_FACTOR``).
 Two streams per view keep the container's per-stream overhead small.
 
 Model ids are ``joint-<size>``; weights are ``lmvic/weights/<model id>.pt`` with a SHA-256 sidecar.
@@ -75,10 +78,19 @@ DEPTH_FACTOR = 64
 DEPTH_QUALITY = 1
 #: Changes when the encoder codes the same input differently (2: unused depth streams dropped; 3: depth
 #: at 1/64); ``lmvic eval`` then measures again instead of reusing its results.
-ENCODER_REVISION = 3
+ENCODER_REVISION = 4
+#: Relative occlusion tolerance τ of the codec's trust mask on *decoded* depths (``geometry.warp.relate``).
+#: The relations stage's 0.02 suits the stage-one depth; the depth codec's 1/64 maps are off by ~7 % (median,
+#: fox) and τ = 0.02 trusted 66 % of fox's latent against 91 % with the same maps uncoded. τ = 0.15: 95 %,
+#: estimated image bits with/without reference 0.742 → 0.679 (q1), 0.826 → 0.795 (q6); 0.4 gained nothing more
+#: (session 11, ``benchmarks/reference_latent.py``).
+TRUST_TOLERANCE = 0.15
 MODEL_IDS = tuple(f"joint{variant}-{size}" for variant in ("", "-concat") for size in SIZES)
 RANGE_STREAM = "scene.depth_range"
 INTRA_STREAM = "image.intra"  # the view's image coded by the single-view backbone alone
+PRIOR_STREAM = "image.prior"  # coded with the reference in the entropy model only (no ICT fusion)
+#: The image stream of each image mode (``JointCodec.encode_image``).
+IMAGE_STREAMS = {"inter": "image", "prior": PRIOR_STREAM, "intra": INTRA_STREAM}
 _RANGE = struct.Struct("<2dH")  # near, far, DEPTH_FACTOR
 _RELATION_FACTORS = (1, 2, 4, 8, 16)
 
@@ -150,7 +162,7 @@ class JointCodec(CompressionModel):
         """ICT side information from the decoded depths of both views (None without reference)."""
         if ref is None:
             return None
-        rel = float32(relate)(depth_hat, K, T, ref.depth, ref.K, ref.T)  # pixel coordinates: never bf16
+        rel = float32(relate)(depth_hat, K, T, ref.depth, ref.K, ref.T, TRUST_TOLERANCE)  # pixel coordinates: never bf16
         disparity = rel.disparity if self.aligned else torch.zeros_like(rel.disparity)
         return self.image.reference_side(ref.image, ref.features,
                                          multiscale(disparity, rel.mask, _RELATION_FACTORS))
@@ -199,19 +211,27 @@ class JointCodec(CompressionModel):
         return LatentStream.coded(strings, shape), self._decoded_depth(y_hat, d_side, tuple(depth.shape[-2:]),
                                                                        depth_range)
 
-    def encode_image(self, image: Tensor, quality: int, inter: bool, ref: DecodedView | None,
+    def encode_image(self, image: Tensor, quality: int, mode: str, ref: DecodedView | None,
                      depth_hat: Tensor | None, K: Tensor, T: Tensor) -> tuple[LatentStream, DecodedView]:
         """Code one padded image (1, 3, H, W) → (stream, the decoder's DecodedView with depth ``depth_hat``).
 
-        ``inter``: the joint image codec with ``ref`` (stream ``image``; with a reference it needs the
-        decoded depths of both views); otherwise the backbone alone (stream ``image.intra``)."""
-        if not inter:
+        ``mode`` (stream ``IMAGE_STREAMS[mode]``): ``inter`` the joint image codec with ``ref`` (ICT and
+        entropy model; with a reference it needs the decoded depths of both views); ``prior`` the same
+        reference for the entropy model only (``Side.entropy_only``: the backbone's latent and
+        reconstruction, made cheaper); ``intra`` the backbone alone."""
+        if mode == "intra":
             with torch.no_grad():
                 strings, shape, y_hat = self.image.backbone.encode_latent(image, quality)
             return LatentStream.coded(strings, shape), self._decoded(y_hat, quality, None, depth_hat, K, T)
-        i_side = _exact(self.image_side, ref, depth_hat, K, T)
+        i_side = self._image_side_of(mode, ref, depth_hat, K, T)
         strings, shape, y_hat = self.image.encode(image, quality, i_side)
         return LatentStream.coded(strings, shape), self._decoded(y_hat, quality, i_side, depth_hat, K, T)
+
+    def _image_side_of(self, mode: str, ref: DecodedView | None, depth_hat: Tensor | None, K: Tensor,
+                       T: Tensor) -> Side | None:
+        """The image codec's side information in mode ``inter`` or ``prior`` (None without reference)."""
+        side = _exact(self.image_side, ref, depth_hat, K, T)
+        return side.entropy_only() if mode == "prior" and side is not None else side
 
     def rd_cost(self, nbytes: int, decoded: Tensor, image: Tensor, quality: int) -> float:
         """The training loss's RD cost of coding ``image`` (1, 3, H, W) in ``nbytes`` bytes decoding
@@ -229,16 +249,18 @@ class JointCodec(CompressionModel):
             d_side = _exact(self.depth_side, ref, K, T, coarse, depth_range)
             y_hat = self.depth.decode_latent(*_strings(streams, "depth", coarse), DEPTH_QUALITY, d_side)
             depth_hat = self._decoded_depth(y_hat, d_side, size, depth_range)
-        if ("image" in streams) == (INTRA_STREAM in streams):
-            raise BitstreamError(f"a view record must hold exactly one of the streams 'image' and {INTRA_STREAM!r}")
-        if INTRA_STREAM in streams:
+        modes = [mode for mode, name in IMAGE_STREAMS.items() if name in streams]
+        if len(modes) != 1:
+            raise BitstreamError("a view record must hold exactly one of the streams "
+                                 + ", ".join(map(repr, IMAGE_STREAMS.values())))
+        if modes == ["intra"]:
             backbone = self.image.backbone
             y_hat = backbone.decode_latent(*_strings(streams, INTRA_STREAM, size, backbone.num_strings), quality)
             return self._decoded(y_hat, quality, None, depth_hat, K, T)
         if ref is not None and (depth_hat is None or ref.depth is None):
             raise BitstreamError("a view coded with its reference needs the depth streams of both views")
-        i_side = _exact(self.image_side, ref, depth_hat, K, T)
-        y_hat = self.image.decode_latent(*_strings(streams, "image", size), quality, i_side)
+        i_side = self._image_side_of(modes[0], ref, depth_hat, K, T)
+        y_hat = self.image.decode_latent(*_strings(streams, IMAGE_STREAMS[modes[0]], size), quality, i_side)
         return self._decoded(y_hat, quality, i_side, depth_hat, K, T)
 
     def _decoded_depth(self, y_hat: Tensor, side: Side | None, size: tuple[int, int],
@@ -342,21 +364,25 @@ def references_of(order: Sequence[int]) -> tuple[tuple[int, ...], ...]:
     return tuple(refs)
 
 
-CODING_MODES = ("rd", "inter", "intra")
+CODING_MODES = ("rd", "inter", "prior", "intra")
+_CANDIDATES = {"rd": ("inter", "prior", "intra"), "inter": ("inter",), "prior": ("prior",), "intra": ("intra",)}
 
 
 def encode_scene(codec: JointCodec, scene: SceneInput, order: Sequence[int], quality: int,
                  modes: str | Sequence[str] = "rd") -> tuple[SceneHeader, list[dict[str, LatentStream]], DecodedScene]:
     """Code every view in ``order`` → (header, records in view-index order, the decoder's output).
 
-    ``modes``, one for every view or one per view (view-index order): ``"rd"`` the mode of lower RD
-    cost, ``"inter"`` the joint image codec, ``"intra"`` the backbone alone (see ``JointCodec.encode_image``).
-    A first pass codes every view's depth and both image modes of every ``"rd"`` view, carrying the
-    one of lower image RD cost to the next view; the modes are then chosen for the whole chain
-    (``choose_modes``), counting a view's depth stream only where the reference path needs it:
-    for its own image or its successor's. If that drops depths or changes modes, a second pass codes
-    the kept depths again (CVDP from the reference only where its depth is kept) and the images in the
-    chosen modes, reusing the first pass's image streams that depend on no depth.
+    ``modes``, one for every view or one per view (view-index order): ``"rd"`` the mode of lowest RD
+    cost, or one image mode of ``JointCodec.encode_image``: ``"inter"`` the joint image codec,
+    ``"prior"`` the reference in its entropy model only, ``"intra"`` the backbone alone.
+    A first pass codes every view's depth and every image mode of every ``"rd"`` view, carrying the
+    one of lowest image RD cost to the next view; whether each view uses its reference is then chosen
+    for the whole chain (``choose_modes``, a reference mode costing its cheaper one), counting a
+    view's depth stream only where the reference path needs it: for its own image or its successor's.
+    If that drops depths or changes modes, a second pass codes the kept depths again (CVDP from the
+    reference only where its depth is kept) and the images in the chosen modes (the cheaper
+    reference mode again where the reference is used), reusing the first pass's image streams that
+    depend on no depth.
     """
     if not 1 <= quality <= codec.num_qualities:
         raise LmvicError(f"quality {quality} not available: the model has levels 1..{codec.num_qualities}")
@@ -380,11 +406,12 @@ def encode_scene(codec: JointCodec, scene: SceneInput, order: Sequence[int], qua
         raise LmvicError(f"cannot code the scene's depth: {exc}") from exc
     codec.eval()
     coder = _SceneCoder(codec, scene, views, order, quality, depth_range)
-    records, decoded, costs, reusable = coder.run(plan, depth_views=range(count))
+    records, decoded, costs, reusable = coder.run([_CANDIDATES[p] for p in plan], depth_views=range(count))
     inter = choose_modes(order, costs, {i: 8 * r["depth"].nbytes for i, r in enumerate(records)})
     needed = {j for rank, i in enumerate(order) if rank and inter[i] for j in (i, order[rank - 1])}
-    if len(needed) < count or any(inter[i] != ("image" in records[i]) for i in range(count)):
-        records, decoded, _, _ = coder.run(["inter" if inter[i] else "intra" for i in range(count)], needed, reusable)
+    if len(needed) < count or any(inter[i] == (INTRA_STREAM in records[i]) for i in range(count)):
+        again = [tuple(m for m in _CANDIDATES[plan[i]] if (m != "intra") == inter[i]) for i in range(count)]
+        records, decoded, _, _ = coder.run(again, needed, reusable)
     range_bytes = _RANGE.pack(depth_range.near, depth_range.far, DEPTH_FACTOR)
     records[order[0]][RANGE_STREAM] = LatentStream((range_bytes,), (3,))
     return header, records, _output(header, decoded)
@@ -422,19 +449,20 @@ class _SceneCoder:
     quality: int
     depth_range: DepthRange
 
-    def run(self, plan: Sequence[str], depth_views: Collection[int],
-            reuse: dict[tuple[int, bool], tuple[LatentStream, DecodedView]] | None = None
+    def run(self, plan: Sequence[Sequence[str]], depth_views: Collection[int],
+            reuse: dict[tuple[int, str], tuple[LatentStream, DecodedView]] | None = None
             ) -> tuple[list[dict[str, LatentStream]], dict[int, DecodedView], dict[int, dict[bool, float]],
-                       dict[tuple[int, bool], tuple[LatentStream, DecodedView]]]:
-        """Code each view in order: its depth if in ``depth_views``, its image in each mode ``plan``
-        allows (``"rd"``: both), keeping the one of lower RD cost; ``reuse[(view, inter)]``: image
-        codings that depend on no depth, taken instead of coding again (with the new depth) →
-        (records in view-index order, decoded views, RD costs per view and mode, the codings that
+                       dict[tuple[int, str], tuple[LatentStream, DecodedView]]]:
+        """Code each view in order: its depth if in ``depth_views``, its image in each mode ``plan[view]``
+        lists (without a reference ``prior`` is ``inter``: it is coded only if listed alone), keeping
+        the one of lowest RD cost; ``reuse[(view, mode)]``: image codings that depend on no depth, taken
+        instead of coding again (with the new depth) → (records in view-index order, decoded views, RD
+        costs per view with and without its reference (the cheaper reference mode), the codings that
         depend on no depth)."""
         records: list[dict[str, LatentStream]] = [{} for _ in self.views]
         decoded: dict[int, DecodedView] = {}
         costs: dict[int, dict[bool, float]] = {}
-        independent: dict[tuple[int, bool], tuple[LatentStream, DecodedView]] = {}
+        independent: dict[tuple[int, str], tuple[LatentStream, DecodedView]] = {}
         for rank, i in enumerate(self.order):
             ref = decoded[self.order[rank - 1]] if rank else None
             image = padded_image(self.scene.images[i])
@@ -443,20 +471,25 @@ class _SceneCoder:
             if i in depth_views:
                 depth = pad(torch.as_tensor(self.scene.depths[i], dtype=torch.float32)[None])
                 records[i]["depth"], depth_hat = self.codec.encode_depth(depth, K, T, self.depth_range, ref)
-            options: dict[bool, tuple[LatentStream, DecodedView]] = {}
-            for inter in ((True, False) if plan[i] == "rd" else (plan[i] == "inter",)):
-                if reuse is not None and (i, inter) in reuse:
-                    stream, view = reuse[i, inter]
-                    options[inter] = stream, replace(view, depth=depth_hat)
+            candidates = [m for m in plan[i] if rank or m != "prior" or "inter" not in plan[i]]
+            options: dict[str, tuple[LatentStream, DecodedView]] = {}
+            for mode in candidates:
+                if reuse is not None and (i, mode) in reuse:
+                    stream, view = reuse[i, mode]
+                    options[mode] = stream, replace(view, depth=depth_hat)
                 else:
-                    options[inter] = self.codec.encode_image(image, self.quality, inter, ref, depth_hat, K, T)
-                if not inter or not rank:
-                    independent[i, inter] = options[inter]
-            costs[i] = {inter: self.codec.rd_cost(stream.nbytes, view.image, image, self.quality)
-                        for inter, (stream, view) in options.items()}
-            inter = min(costs[i], key=costs[i].get)
-            stream, decoded[i] = options[inter]
-            records[i]["image" if inter else INTRA_STREAM] = stream
+                    options[mode] = self.codec.encode_image(image, self.quality, mode, ref, depth_hat, K, T)
+                if mode == "intra" or not rank:
+                    independent[i, mode] = options[mode]
+            mode_costs = {mode: self.codec.rd_cost(stream.nbytes, view.image, image, self.quality)
+                          for mode, (stream, view) in options.items()}
+            costs[i] = {}
+            for mode, cost in mode_costs.items():
+                uses_ref = mode != "intra"
+                costs[i][uses_ref] = min(cost, costs[i].get(uses_ref, cost))
+            mode = min(mode_costs, key=mode_costs.get)
+            stream, decoded[i] = options[mode]
+            records[i][IMAGE_STREAMS[mode]] = stream
         return records, decoded, costs, independent
 
 

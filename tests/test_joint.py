@@ -143,6 +143,29 @@ def test_a_perfectly_aligned_trusted_reference_predicts_every_latent_symbol() ->
     torch.testing.assert_close(codec.reference_prior(means, side, codec.backbone.levels(QUALITY, 1)), (means + y) / 2)
 
 
+def test_an_entropy_only_side_keeps_the_backbone_transforms_and_conditions_the_entropy_model() -> None:
+    """``Side.entropy_only``: with the fusions active, the latent and the reconstruction are those of no
+    reference at all, while a perfectly aligned trusted reference still makes every symbol 0 (ŷ = y)."""
+    torch.manual_seed(6)
+    codec = JointImageCodec(load_single_view("single_view_cpu")).eval()
+    activate(codec.enc_fusions)
+    activate(codec.dec_fusions)  # QPEM left at zero corrections: the means are the aligned latent
+    codec.update(force=True)
+    x = torch.rand(1, 3, 64, 128)
+    feats = codec(x, QUALITY)["features"]
+    side = codec.reference_side(x, feats, multiscale(torch.zeros(1, 2, 64, 128), torch.ones(1, 64, 128, dtype=torch.bool),
+                                                     (1, 2, 4, 8, 16)))
+    prior = side.entropy_only()
+    with torch.no_grad():
+        assert torch.equal(codec.analyse(x, prior), codec.analyse(x, None))
+        assert not torch.equal(codec.analyse(x, side), codec.analyse(x, None))  # the fusions really act
+        y = codec.backbone.gain(codec.analyse(x, None), codec.backbone.levels(QUALITY, 1))
+    _, _, y_hat = codec.encode(x, QUALITY, prior)
+    assert torch.equal(y_hat, y.double())
+    assert torch.equal(codec.reconstruct(y_hat, QUALITY, prior)[-1], codec.reconstruct(y_hat, QUALITY, None)[-1])
+    assert not torch.equal(codec.reconstruct(y_hat, QUALITY, side)[-1], codec.reconstruct(y_hat, QUALITY, None)[-1])
+
+
 def test_cvdp_at_the_depth_codec_resolution_moves_a_plane_by_its_coarse_disparity() -> None:
     """Plane at z = 2 seen by a camera moved along x by b: at full resolution (f = 128) the disparity
     is 64·b px; b is chosen for 2·DEPTH_FACTOR px, so on the 1/DEPTH_FACTOR map every column moves by
@@ -281,6 +304,26 @@ def test_mode_choice_is_the_cheapest_of_all_mode_assignments() -> None:
         assert total(order, chosen, costs, depth) == pytest.approx(best)
 
 
+def test_a_scene_coded_with_the_reference_in_the_entropy_model_only_decodes_bit_exactly(coded_scene, tmp_path) -> None:
+    """Mode ``prior`` for the views with a reference: stream ``image.prior``, each view's pixels those of
+    the backbone alone (the reference changes only the bits), decoded by another process exactly."""
+    from lmvic.scene_codec import PRIOR_STREAM
+
+    codec, weights, scene, _, _, _ = coded_scene
+    path = tmp_path / "prior.lmv"
+    header, records, output = encode_scene(codec, scene, [1, 0, 2], QUALITY, modes=["prior", "intra", "prior"])
+    write_scene(path, header, records)
+    assert [sorted(k for k in r if k.startswith("image")) for r in records] == [[PRIOR_STREAM], [INTRA_STREAM],
+                                                                                [PRIOR_STREAM]]
+    _, intra, alone = encode_scene(codec, scene, [1, 0, 2], QUALITY, modes="intra")
+    for i, name in enumerate(scene.names):
+        assert np.array_equal(output.images[name], alone.images[name])
+    assert records[0][PRIOR_STREAM].nbytes != intra[0][INTRA_STREAM].nbytes
+    decoded = decode_in_another_process(path, weights, tmp_path)
+    for name in scene.names:
+        assert np.array_equal(decoded[f"i_{name}"], output.images[name])
+
+
 def test_reference_changes_the_coding(coded_scene) -> None:
     codec, _, scene, _, _, _ = coded_scene
     _, records, _ = encode_scene(codec, scene, [1, 0, 2], QUALITY, modes="inter")
@@ -320,6 +363,8 @@ def test_corrupt_containers_are_refused(coded_scene, tmp_path) -> None:
         "missing stream": (header, [{k: v for k, v in r.items() if k != image[i]} for i, r in enumerate(records)]),
         "both image modes": (header, [{**r, "image": r[image[i]], INTRA_STREAM: r[image[i]]}
                                       for i, r in enumerate(records)]),
+        "three image modes": (header, [{**r, "image": r[image[i]], "image.prior": r[image[i]],
+                                        INTRA_STREAM: r[image[i]]} for i, r in enumerate(records)]),
         "missing chunk": (header, [{**r, "depth": replace(r["depth"], chunks=r["depth"].chunks[:4])}
                                    if "depth" in r else r for r in records]),
         "wrong latent shape": (header, [{**r, image[i]: replace(r[image[i]], shape=(1, 1))}
@@ -614,7 +659,7 @@ def test_concatenation_ablation_feeds_the_reference_unwarped(tmp_path) -> None:
     computed with zero disparity and the same trust mask; the flag survives saving, and the model id
     keeps its files apart from the joint codec's."""
     from geometry.warp import relate
-    from lmvic.scene_codec import DecodedView
+    from lmvic.scene_codec import TRUST_TOLERANCE, DecodedView
 
     torch.manual_seed(0)
     aligned, concat = build_joint("cpu"), build_joint("cpu", aligned=False)
@@ -626,7 +671,7 @@ def test_concatenation_ablation_feeds_the_reference_unwarped(tmp_path) -> None:
     (x0, d0, K0, T0), (_, d1, K1, T1) = as_tensors(scene, 0), as_tensors(scene, 1)
     out = aligned.image(x0, 3.0)
     ref = DecodedView(out["x_hat"], out["features"], d0, K0, T0)
-    rel = relate(d1, K1, T1, d0, K0, T0)
+    rel = relate(d1, K1, T1, d0, K0, T0, TRUST_TOLERANCE)  # the codec's trust mask on decoded depths
     assert rel.mask.float().mean() > 0.3 and rel.disparity[rel.mask[:, None].expand_as(rel.disparity)].abs().max() > 2
     unwarped = aligned.image.reference_side(ref.image, ref.features,
                                             multiscale(torch.zeros_like(rel.disparity), rel.mask, (1, 2, 4, 8, 16)))

@@ -36,7 +36,7 @@ parameters are float64 (see ``lmvic.qpem`` and ``lmvic.models.single_view``).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import torch
@@ -76,6 +76,11 @@ class Side:
     context: Tensor
     latent: Tensor | None = None
     trust: Tensor | None = None
+
+    def entropy_only(self) -> "Side":
+        """The same reference for the entropy model only: no fusion runs in the transforms, so the
+        latent and the reconstruction are the backbone's and the reference only makes them cheaper."""
+        return replace(self, enc=(), dec=())
 
 
 def zero_conv(in_ch: int, out_ch: int, kernel: int = 1) -> nn.Conv2d:
@@ -134,7 +139,7 @@ class ConditionalCodec(CompressionModel):
         """x (B, C, H, W) → y (B, M, H/16, W/16), before the gain."""
         for k, stage in enumerate(self.backbone.analysis):
             x = stage(x)
-            if side is not None and k < len(self.enc_fusions):
+            if side is not None and k < len(side.enc):
                 x = self.enc_fusions[k](x, *side.enc[k])
         return x
 
@@ -143,7 +148,7 @@ class ConditionalCodec(CompressionModel):
         feats = []
         for k, stage in enumerate(self.backbone.synthesis):
             y_hat = stage(y_hat)
-            if side is not None and k < len(self.dec_fusions):
+            if side is not None and k < len(side.dec):
                 y_hat = self.dec_fusions[k](y_hat, *side.dec[k])
             feats.append(y_hat)
         return feats
