@@ -17,7 +17,7 @@ For view i with reference r (the previous view in the coding order; none for the
    codec codes x_i with the decoded reference image, its decoder features and that relation
    (``lmvic.models.joint``). The encoder also codes x_i with the reference in the entropy model
    only (no ICT fusion: the backbone's latent and reconstruction, made cheaper by the reference
-   prior; on fox at q5 ICT cost 0.9 dB for 6 % fewer bits than this, session 11) and as the
+   prior; on fox at q5 ICT cost 1.0 dB for 7 % fewer bits than this, session 11) and as the
    single-view backbone alone would (its own entropy model, no reference), and chooses every view's
    mode, as a video encoder decides between intra and inter, for the lowest RD cost of the scene:
    bits + λ_q·255²·SSE (``rd_cost``) summed over the views, the depth streams only the reference
@@ -37,7 +37,8 @@ Streams per view (``lmvic.bitstream.LatentStream``): ``depth`` (if kept) and ``i
 chunks — the range-coded QPEM steps y0…y3 and the hyper-latent z — and the shape of z ((H/64, W/64)
 for the image; for the depth that of its padded 1/64-resolution map; ``image.prior`` alike), or
 ``image.intra`` instead of ``image``: the backbone's own strings (its y parts and z,
-``SingleViewCodec.num_strings``); the first coded view also holds ``scene.depth_range`` (two float64 and a u16: near, far, ``DEPTH_FACTOR``).
+``SingleViewCodec.num_strings``); the first coded view also holds ``scene.depth_range`` (two float64
+and a u16: near, far, ``DEPTH_FACTOR``).
 Two streams per view keep the container's per-stream overhead small.
 
 Model ids are ``joint-<size>``; weights are ``lmvic/weights/<model id>.pt`` with a SHA-256 sidecar.
@@ -162,7 +163,8 @@ class JointCodec(CompressionModel):
         """ICT side information from the decoded depths of both views (None without reference)."""
         if ref is None:
             return None
-        rel = float32(relate)(depth_hat, K, T, ref.depth, ref.K, ref.T, TRUST_TOLERANCE)  # pixel coordinates: never bf16
+        # pixel coordinates: never bf16
+        rel = float32(relate)(depth_hat, K, T, ref.depth, ref.K, ref.T, TRUST_TOLERANCE)
         disparity = rel.disparity if self.aligned else torch.zeros_like(rel.disparity)
         return self.image.reference_side(ref.image, ref.features,
                                          multiscale(disparity, rel.mask, _RELATION_FACTORS))

@@ -316,7 +316,7 @@ def test_a_scene_coded_with_the_reference_in_the_entropy_model_only_decodes_bit_
     assert [sorted(k for k in r if k.startswith("image")) for r in records] == [[PRIOR_STREAM], [INTRA_STREAM],
                                                                                 [PRIOR_STREAM]]
     _, intra, alone = encode_scene(codec, scene, [1, 0, 2], QUALITY, modes="intra")
-    for i, name in enumerate(scene.names):
+    for name in scene.names:
         assert np.array_equal(output.images[name], alone.images[name])
     assert records[0][PRIOR_STREAM].nbytes != intra[0][INTRA_STREAM].nbytes
     decoded = decode_in_another_process(path, weights, tmp_path)
