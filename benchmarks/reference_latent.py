@@ -24,10 +24,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from geometry.warp import backward_warp, multiscale, relate
+from geometry.warp import backward_warp, multiscale
 from joint_steps import first_views
 from lmvic.models.depth_codec import DepthRange
-from lmvic.scene_codec import TRUST_TOLERANCE, DecodedView, load_joint, load_joint_file, pad, padded_image
+from lmvic.scene_codec import DecodedView, load_joint, load_joint_file, pad, padded_image
 
 TRUSTED = 0.99  # a latent pixel is trusted if this share of its 16×16 pixels is
 
@@ -66,8 +66,8 @@ def main() -> None:
     print(f"{args.work_dir.name}: {len(names) - 1} pairs, {args.depth} depth, weights {args.weights}")
     with torch.no_grad():
         pairs = range(1, len(x))  # (reference t - 1, target t)
-        relations = [relate(d[t], K[t:t + 1], T[t:t + 1], d[t - 1], K[t - 1:t], T[t - 1:t], TRUST_TOLERANCE)
-                     for t in pairs]  # the codec's trust mask
+        relations = [codec.relation(DecodedView(None, None, d[t - 1], K[t - 1:t], T[t - 1:t]), d[t], K[t:t + 1],
+                                    T[t:t + 1]) for t in pairs]
         rels = [multiscale(relation.disparity, relation.mask) for relation in relations]
         pixels = [rel[1][1] > TRUSTED for rel in rels]
         masks = [(rel[16][1] > TRUSTED).expand(-1, backbone.M, -1, -1) for rel in rels]

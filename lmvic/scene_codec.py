@@ -58,7 +58,7 @@ from torch import Tensor
 import lmvic  # noqa: F401  (torchvision shim before compressai)
 from compressai.models import CompressionModel
 
-from geometry.warp import multiscale, relate
+from geometry.warp import Relation, multiscale, relate
 from lmvic.bitstream import (UNSHIPPED, BitstreamError, LatentStream, SceneHeader, SceneReader, ViewInfo, ViewRecord,
                              write_scene)
 from lmvic.models.depth_codec import DepthCodec, DepthRange, build_depth_codec, cross_view_prediction
@@ -159,12 +159,17 @@ class JointCodec(CompressionModel):
         prediction, hit = float32(cross_view_prediction)(ref.depth, ref.K, ref.T, coarse_intrinsics(K), T, size, depth_range)
         return self.depth.prediction_side(prediction, hit)
 
+    def relation(self, ref: DecodedView, depth_hat: Tensor, K: Tensor, T: Tensor) -> Relation:
+        """Disparity to the reference and the codec's trust mask (``TRUST_TOLERANCE``) from the decoded
+        depths of both views: ``depth_hat`` (B, H, W) and ``ref.depth``."""
+        # pixel coordinates: never bf16
+        return float32(relate)(depth_hat, K, T, ref.depth, ref.K, ref.T, TRUST_TOLERANCE)
+
     def image_side(self, ref: DecodedView | None, depth_hat: Tensor, K: Tensor, T: Tensor) -> Side | None:
         """ICT side information from the decoded depths of both views (None without reference)."""
         if ref is None:
             return None
-        # pixel coordinates: never bf16
-        rel = float32(relate)(depth_hat, K, T, ref.depth, ref.K, ref.T, TRUST_TOLERANCE)
+        rel = self.relation(ref, depth_hat, K, T)
         disparity = rel.disparity if self.aligned else torch.zeros_like(rel.disparity)
         return self.image.reference_side(ref.image, ref.features,
                                          multiscale(disparity, rel.mask, _RELATION_FACTORS))
@@ -213,27 +218,21 @@ class JointCodec(CompressionModel):
         return LatentStream.coded(strings, shape), self._decoded_depth(y_hat, d_side, tuple(depth.shape[-2:]),
                                                                        depth_range)
 
-    def encode_image(self, image: Tensor, quality: int, mode: str, ref: DecodedView | None,
+    def encode_image(self, image: Tensor, quality: int, mode: str, side: Side | None,
                      depth_hat: Tensor | None, K: Tensor, T: Tensor) -> tuple[LatentStream, DecodedView]:
         """Code one padded image (1, 3, H, W) → (stream, the decoder's DecodedView with depth ``depth_hat``).
 
-        ``mode`` (stream ``IMAGE_STREAMS[mode]``): ``inter`` the joint image codec with ``ref`` (ICT and
-        entropy model; with a reference it needs the decoded depths of both views); ``prior`` the same
-        reference for the entropy model only (``Side.entropy_only``: the backbone's latent and
-        reconstruction, made cheaper); ``intra`` the backbone alone."""
+        ``side``: ``image_side`` of the view's reference (computed by ``_exact``; None without one).
+        ``mode`` (stream ``IMAGE_STREAMS[mode]``): ``inter`` the joint image codec with ``side`` (ICT and
+        entropy model); ``prior`` the same reference for the entropy model only (``Side.entropy_only``:
+        the backbone's latent and reconstruction, made cheaper); ``intra`` the backbone alone."""
         if mode == "intra":
             with torch.no_grad():
                 strings, shape, y_hat = self.image.backbone.encode_latent(image, quality)
             return LatentStream.coded(strings, shape), self._decoded(y_hat, quality, None, depth_hat, K, T)
-        i_side = self._image_side_of(mode, ref, depth_hat, K, T)
+        i_side = _side_of(mode, side)
         strings, shape, y_hat = self.image.encode(image, quality, i_side)
         return LatentStream.coded(strings, shape), self._decoded(y_hat, quality, i_side, depth_hat, K, T)
-
-    def _image_side_of(self, mode: str, ref: DecodedView | None, depth_hat: Tensor | None, K: Tensor,
-                       T: Tensor) -> Side | None:
-        """The image codec's side information in mode ``inter`` or ``prior`` (None without reference)."""
-        side = _exact(self.image_side, ref, depth_hat, K, T)
-        return side.entropy_only() if mode == "prior" and side is not None else side
 
     def rd_cost(self, nbytes: int, decoded: Tensor, image: Tensor, quality: int) -> float:
         """The training loss's RD cost of coding ``image`` (1, 3, H, W) in ``nbytes`` bytes decoding
@@ -261,7 +260,7 @@ class JointCodec(CompressionModel):
             return self._decoded(y_hat, quality, None, depth_hat, K, T)
         if ref is not None and (depth_hat is None or ref.depth is None):
             raise BitstreamError("a view coded with its reference needs the depth streams of both views")
-        i_side = self._image_side_of(modes[0], ref, depth_hat, K, T)
+        i_side = _side_of(modes[0], _exact(self.image_side, ref, depth_hat, K, T))
         y_hat = self.image.decode_latent(*_strings(streams, IMAGE_STREAMS[modes[0]], size), quality, i_side)
         return self._decoded(y_hat, quality, i_side, depth_hat, K, T)
 
@@ -276,6 +275,11 @@ class JointCodec(CompressionModel):
                  K: Tensor, T: Tensor) -> DecodedView:
         feats = self.image.reconstruct(y_hat, quality, side)
         return DecodedView(feats[-1].clamp(0, 1), feats[:-1], depth_hat, K, T)
+
+
+def _side_of(mode: str, side: Side | None) -> Side | None:
+    """The image codec's side information in mode ``inter`` (``side``) or ``prior`` (its entropy part)."""
+    return side.entropy_only() if mode == "prior" and side is not None else side
 
 
 def _exact(fn: Callable, *args: object) -> object:
@@ -474,13 +478,16 @@ class _SceneCoder:
                 depth = pad(torch.as_tensor(self.scene.depths[i], dtype=torch.float32)[None])
                 records[i]["depth"], depth_hat = self.codec.encode_depth(depth, K, T, self.depth_range, ref)
             candidates = [m for m in plan[i] if rank or m != "prior" or "inter" not in plan[i]]
+            side = None  # the reference's side information, shared by the modes that use it
             options: dict[str, tuple[LatentStream, DecodedView]] = {}
             for mode in candidates:
                 if reuse is not None and (i, mode) in reuse:
                     stream, view = reuse[i, mode]
                     options[mode] = stream, replace(view, depth=depth_hat)
                 else:
-                    options[mode] = self.codec.encode_image(image, self.quality, mode, ref, depth_hat, K, T)
+                    if mode != "intra" and side is None and ref is not None:
+                        side = _exact(self.codec.image_side, ref, depth_hat, K, T)
+                    options[mode] = self.codec.encode_image(image, self.quality, mode, side, depth_hat, K, T)
                 if mode == "intra" or not rank:
                     independent[i, mode] = options[mode]
             mode_costs = {mode: self.codec.rd_cost(stream.nbytes, view.image, image, self.quality)
