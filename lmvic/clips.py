@@ -4,7 +4,10 @@ A :class:`ViewSequence` holds one scene's views already in coding order (images,
 z, intrinsics, world-to-camera). :class:`ClipSampler` draws a sequence (weighted by its number of
 clips), a run of ``length`` consecutive views and one crop window shared by the run; each view's
 principal point is shifted by the crop offset (``geometry.cameras.crop_intrinsics``), so the
-geometry of the crop stays exact. No flips: a flip would need mirrored cameras too.
+geometry of the crop stays exact. No flips: a flip would need mirrored cameras too. Crop ``0``
+takes whole views, cut to multiples of ``WHOLE_MULTIPLE`` (the scene codec's padding) at a random
+offset: what the depth codec sees when it codes (its 1/64 map of a crop would be a few pixels), one
+sequence per batch so that the views stack.
 
 Sources (:func:`load_sequence`): a scene made by ``scenes.synthetic.generate`` (exact depth and
 poses; its arc order is the coding order), or a real scene's work folder: its stage-one outputs
@@ -22,6 +25,8 @@ import torch
 
 from geometry.cameras import crop_intrinsics
 from lmvic.models.depth_codec import DepthRange
+
+WHOLE_MULTIPLE = 64
 
 
 @dataclass(frozen=True)
@@ -90,33 +95,40 @@ class Clip:
 
 
 class ClipSampler:
-    """Random clips of ``length`` consecutive views cropped to ``crop`` × ``crop``."""
+    """Random clips of ``length`` consecutive views cropped to ``crop`` × ``crop`` (0: whole views)."""
 
     def __init__(self, sequences: Sequence[ViewSequence], length: int = 4, crop: int = 128, seed: int = 0):
+        least = crop or WHOLE_MULTIPLE
         self.sequences = [s for s in sequences
-                          if len(s.depths) >= length and min(s.depths.shape[1:]) >= crop]
+                          if len(s.depths) >= length and min(s.depths.shape[1:]) >= least]
         if not self.sequences:
-            raise ValueError(f"no sequence has {length} views of at least {crop} px")
+            raise ValueError(f"no sequence has {length} views of at least {least} px")
         self.length, self.crop = length, crop
         counts = np.array([len(s.depths) - length + 1 for s in self.sequences], dtype=np.float64)
         self.weights = counts / counts.sum()
         self.rng = np.random.default_rng(seed)
 
-    def one(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, tuple[float, float]]:
-        """(images (L, c, c, 3), depths (L, c, c), K (L, 3, 3) with shifted principal point, T (L, 4, 4),
-        (near, far) of the sequence)."""
-        seq = self.sequences[int(self.rng.choice(len(self.sequences), p=self.weights))]
+    def sequence(self) -> ViewSequence:
+        """A random sequence, weighted by its number of clips."""
+        return self.sequences[int(self.rng.choice(len(self.sequences), p=self.weights))]
+
+    def one(self, seq: ViewSequence) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, tuple[float, float]]:
+        """A clip of ``seq``: (images (L, h, w, 3), depths (L, h, w), K (L, 3, 3) with shifted principal
+        point, T (L, 4, 4), (near, far) of the sequence); h = w = crop, or the whole view's size."""
         start = int(self.rng.integers(0, len(seq.depths) - self.length + 1))
         views = slice(start, start + self.length)
         h, w = seq.depths.shape[1:]
-        y0 = int(self.rng.integers(0, h - self.crop + 1))
-        x0 = int(self.rng.integers(0, w - self.crop + 1))
-        window = (views, slice(y0, y0 + self.crop), slice(x0, x0 + self.crop))
+        ch, cw = (self.crop, self.crop) if self.crop else (h - h % WHOLE_MULTIPLE, w - w % WHOLE_MULTIPLE)
+        y0 = int(self.rng.integers(0, h - ch + 1))
+        x0 = int(self.rng.integers(0, w - cw + 1))
+        window = (views, slice(y0, y0 + ch), slice(x0, x0 + cw))
         return (seq.images[window], seq.depths[window], crop_intrinsics(seq.intrinsics[views], x0, y0),
                 seq.world_to_camera[views], (seq.depth_range.near, seq.depth_range.far))
 
     def batch(self, size: int) -> Clip:
-        images, depths, K, T, bounds = (np.stack(parts) for parts in zip(*(self.one() for _ in range(size))))
+        whole = self.sequence() if not self.crop else None  # whole views: one sequence, one size
+        clips = (self.one(whole or self.sequence()) for _ in range(size))
+        images, depths, K, T, bounds = (np.stack(parts) for parts in zip(*clips))
         return Clip(torch.from_numpy(images).permute(0, 1, 4, 2, 3).float().div_(255),
                     torch.from_numpy(depths).float(), torch.from_numpy(K).float(), torch.from_numpy(T).float(),
                     DepthRange(torch.from_numpy(bounds[:, 0]), torch.from_numpy(bounds[:, 1])))

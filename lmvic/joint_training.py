@@ -101,6 +101,7 @@ class JointTrainConfig:
     batch: int = 2
     crop: int = 128
     depth_weight: float = 1.0
+    view_weights: tuple[float, ...] = VIEW_WEIGHTS  # w_t of the views of a clip (their count is the clip length)
     schedule: Schedule = field(default_factory=lambda: Schedule(peak_lr=1e-4, warmup_steps=20))
     aux_lr: float = 1e-3
     clip: float = 1.0
@@ -200,7 +201,7 @@ def train_joint(cfg: JointTrainConfig, resume: bool = False, log=print) -> Joint
         log(f"resumed at step {step}")
     elif rank == 0:
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
-    sampler = ClipSampler([load_sequence(s) for s in cfg.scenes], len(VIEW_WEIGHTS), cfg.crop,
+    sampler = ClipSampler([load_sequence(s) for s in cfg.scenes], len(cfg.view_weights), cfg.crop,
                           seed=cfg.seed * 1000 + rank + 7919 * step)
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank + 7919 * step)
     net = DistributedDataParallel(codec) if world > 1 else codec
@@ -222,7 +223,7 @@ def train_joint(cfg: JointTrainConfig, resume: bool = False, log=print) -> Joint
         quality = torch.randint(1, codec.num_qualities + 1, (cfg.batch,), generator=gen).float()
         with mixed_precision(cfg.precision):
             loss, stats = clip_loss(net, codec, sampler.batch(cfg.batch), quality, cfg.depth_weight,
-                                    with_image=cfg.parts != "depth", metric=cfg.metric)
+                                    cfg.view_weights, with_image=cfg.parts != "depth", metric=cfg.metric)
         applied = optimisation_step(loss, opt, main, cfg.clip, codec.aux_loss(), aux_opt)
         step += 1
         for k, v in {"loss": loss.item(), **stats, "skipped": float(not applied)}.items():

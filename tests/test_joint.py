@@ -486,7 +486,7 @@ def test_clip_crops_keep_the_geometry_exact() -> None:
     assert clip.images.shape == (3, 4, 3, 64, 64) and clip.depths.shape == (3, 4, 64, 64)
     assert clip.K.shape == (3, 4, 3, 3) and clip.T.shape == (3, 4, 4, 4)
     sampler.rng = np.random.default_rng(1)
-    images, depths, K, T, bounds = sampler.one()
+    images, depths, K, T, bounds = sampler.one(seq)
     assert bounds == (seq.depth_range.near, seq.depth_range.far)  # the sequence's range, not the crop's
     assert clip.depth_range.near.shape == (3,)
     start = next(s for s in range(2) if np.array_equal(seq.world_to_camera[s], T[0]))
@@ -501,6 +501,26 @@ def test_clip_crops_keep_the_geometry_exact() -> None:
     assert torch.allclose(crop.disparity, full.disparity[(slice(None), slice(None)) + window[1:]], atol=1e-3)
     # the crop sees less of the reference: its mask is the full mask minus points leaving the window
     assert bool((crop.mask <= full.mask[window]).all()) and crop.mask.float().mean() > 0.5
+
+
+def test_whole_view_clips_cut_views_to_multiples_of_64() -> None:
+    """Crop 0: whole views cut to multiples of 64 at an offset the principal point follows; one sequence
+    (one size) per batch."""
+    from lmvic.clips import ClipSampler, ViewSequence
+
+    small, large = render(5, 96, 80, arc=30.0), render(4, 140, 200, arc=30.0)
+    seqs = [ViewSequence(np.stack(s.images), np.stack(s.depths), s.intrinsics, s.world_to_camera) for s in (small, large)]
+    sampler = ClipSampler(seqs, length=4, crop=0, seed=3)
+    sizes = set()
+    for _ in range(8):
+        clip = sampler.batch(3)
+        sizes.add(tuple(clip.depths.shape[-2:]))
+        seq = seqs[0] if clip.depths.shape[-1] == 64 else seqs[1]
+        dx, dy = (seq.intrinsics[0, :2, 2] - clip.K[0, 0, :2, 2].numpy()).round().astype(int)
+        start = next(s for s in range(len(seq.depths)) if np.allclose(seq.world_to_camera[s], clip.T[0, 0].numpy()))
+        h, w = clip.depths.shape[-2:]
+        assert np.array_equal(clip.depths[0, 0].numpy(), seq.depths[start, dy:dy + h, dx:dx + w])
+    assert sizes == {(64, 64), (192, 128)}
 
 
 def test_paper_size_builds_and_runs() -> None:
@@ -596,7 +616,9 @@ def test_staged_parts_train_only_their_codec_and_start_from_a_previous_run(tmp_p
     depth = train_joint(replace(depth_cfg, steps=0), log=lambda _: None)
     assert all(torch.equal(v, params(first.image)[k]) for k, v in params(depth.image).items())
     assert all(torch.equal(v, params(first.depth)[k]) for k, v in params(depth.depth).items())
-    trained = train_joint(replace(depth_cfg, out_dir=str(tmp_path / "depth2")), log=lambda _: None)
+    # (as the depth codec is trained: whole views, every view of the clip weighted alike)
+    trained = train_joint(replace(depth_cfg, out_dir=str(tmp_path / "depth2"), crop=0, view_weights=(1.0,) * 4),
+                          log=lambda _: None)
     assert all(torch.equal(v, params(first.image)[k]) for k, v in params(trained.image).items())
     assert any(not torch.equal(v, params(first.depth)[k]) for k, v in params(trained.depth).items())
     rows = (tmp_path / "depth2" / "train.csv").read_text().splitlines()

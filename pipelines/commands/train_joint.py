@@ -21,7 +21,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "real scenes whose geometry and relations stages have run")
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--crop", type=int, default=128)
+    p.add_argument("--crop", type=int, default=128, help="square crop side; 0: whole views cut to multiples of "
+                   "64 (what the depth codec codes: its 1/64 map of a crop is a few pixels)")
     p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (cosine schedule, 20 warm-up steps)")
     p.add_argument("--init-single-view", default="", help="single-view weights for the image backbone "
                    "(a shipped name such as single_view_cpu, or a .pt path); default: a fresh backbone")
@@ -37,6 +38,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "or all but the ICT fusions (the reference only conditions the entropy model)")
     p.add_argument("--depth-weight", type=float, default=1.0, help="the depth codec (which codes at its lowest "
                    "rate point) weighs its distortion by DEPTH_WEIGHT·λ_1: below 1 is cheaper, coarser depth")
+    p.add_argument("--view-weights", default="", help="comma-separated loss weights w_t of a clip's views (their "
+                   "count is the clip length); default the paper's 0.5,1.2,0.5,0.9")
     p.add_argument("--resume", action="store_true", help="continue RUN_DIR/checkpoint.pt")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--metric", choices=["mse", "ms-ssim"], default="mse",
@@ -51,7 +54,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from lmvic.joint_training import JointTrainConfig, shipped_base, train_joint
+    from lmvic.joint_training import VIEW_WEIGHTS, JointTrainConfig, shipped_base, train_joint
     from lmvic.scene_codec import save_joint
     from lmvic.training.loop import check_metric, dist_info
     from lmvic.training.schedule import Schedule
@@ -63,13 +66,17 @@ def run(args: argparse.Namespace) -> None:
         check_metric(args.metric, args.crop)
     except ValueError as exc:
         raise LmvicError(f"--metric: {exc}") from exc
+    try:
+        view_weights = tuple(float(w) for w in args.view_weights.split(",")) if args.view_weights else VIEW_WEIGHTS
+    except ValueError as exc:
+        raise LmvicError(f"--view-weights: {args.view_weights!r} is not a comma-separated list of numbers") from exc
     if args.resume and not (args.run_dir / "checkpoint.pt").exists():
         raise LmvicError(f"--resume: no checkpoint at {args.run_dir / 'checkpoint.pt'}")
     config = JointTrainConfig(str(args.run_dir), tuple(str(s) for s in args.scenes), steps=args.steps,
                               batch=args.batch, crop=args.crop, init_single_view=args.init_single_view,
                               init_joint=args.init_joint, init_parts=tuple(args.init_parts.split(",")),
                               freeze_backbone=args.freeze_backbone, aligned=not args.no_alignment,
-                              parts=args.parts, depth_weight=args.depth_weight, threads=args.threads,
+                              parts=args.parts, depth_weight=args.depth_weight, view_weights=view_weights, threads=args.threads,
                               precision=args.precision, metric=args.metric,
                               deadline=utc_deadline(args.until),
                               schedule=Schedule(peak_lr=args.lr, warmup_steps=20))

@@ -1,0 +1,97 @@
+"""Fidelity of the joint mode's depth codec on held-out scenes, as ``lmvic encode`` codes the depth.
+
+The first views of a scene's coding order (whole views as ``lmvic eval`` crops them), their stage-one
+median depth normalised with the views' common ``DepthRange``, coded in a chain (each view predicted
+by CVDP from the previous view's *decoded* depth, the first without reference). Over the pixels with
+a valid stage-one depth it prints, per view and in total: the stream's bytes, the median and 90th
+percentile of the relative depth error |D̂ − D| / D, and the share within the codec's trust tolerance
+(``TRUST_TOLERANCE``: what the trust mask can accept). The same figures for the map uncoded at the
+codec's resolution (``coarse``) are the floor the resolution sets. ``constant``: the mean absolute
+error, in normalised units, of a first view whose map is one value (a codec that cannot code a
+constant has collapsed to a fixed output).
+
+    python benchmarks/depth_codec.py /work/runs/fox /work/runs/sceaux [--views 6] [--weights joint-cpu|FILE.pt|RUN/checkpoint.pt]
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from joint_steps import first_views
+from lmvic.joint_training import checkpoint_codec
+from lmvic.models.depth_codec import DepthRange
+from lmvic.scene_codec import (DEPTH_QUALITY, TRUST_TOLERANCE, DecodedView, JointCodec, load_joint,
+                               load_joint_file, pad)
+
+CONSTANTS = (0.2, 0.5, 0.8)
+
+
+def load_codec(weights: str) -> JointCodec:
+    """A shipped model id, an exported joint weight file, or a training run's checkpoint."""
+    path = Path(weights)
+    if path.name.startswith("checkpoint"):
+        return checkpoint_codec(path)
+    return (load_joint_file(path) if path.suffix == ".pt" else load_joint(weights)).eval()
+
+
+def errors(decoded: torch.Tensor, truth: torch.Tensor) -> np.ndarray:
+    """Relative depth errors over the valid pixels of ``truth`` (both (1, H, W) metric)."""
+    valid = torch.isfinite(truth) & (truth > 0)
+    return ((decoded - truth).abs() / truth)[valid].numpy()
+
+
+def summary(err: np.ndarray) -> str:
+    return (f"median {100 * np.median(err):5.1f} %  p90 {100 * np.quantile(err, 0.9):6.1f} %  "
+            f"within tau {np.mean(err <= TRUST_TOLERANCE):.2f}")
+
+
+def scene_fidelity(codec: JointCodec, work: Path, views: int) -> None:
+    _, _, depths, K, T = first_views(work, views, 0)
+    d = [pad(torch.as_tensor(dm, dtype=torch.float32)[None]) for dm in depths]
+    K, T = torch.as_tensor(K, dtype=torch.float32), torch.as_tensor(T, dtype=torch.float32)
+    scale = DepthRange.of(torch.cat([v.flatten() for v in d]))
+    print(f"{work.name}: {len(d)} views, near {scale.near:.3g}, far {scale.far:.3g}")
+    coded, coded_err, coarse_err, total = [], [], [], 0
+    for i, v in enumerate(d):
+        prev = DecodedView(None, None, coded[-1], K[i - 1:i], T[i - 1:i]) if coded else None
+        stream, depth_hat = codec.encode_depth(v, K[i:i + 1], T[i:i + 1], scale, prev)
+        coded.append(depth_hat)
+        coarse = scale.denormalise(codec.fine_depth(codec.coarse_depth(scale.normalise(v)), tuple(v.shape[-2:])))
+        coded_err.append(errors(depth_hat, v))
+        coarse_err.append(errors(coarse, v))
+        total += stream.nbytes
+        print(f"  view {i}: {stream.nbytes:5d} B  coded {summary(coded_err[-1])}   coarse {summary(coarse_err[-1])}")
+    print(f"  all    : {total:5d} B  coded {summary(np.concatenate(coded_err))}   "
+          f"coarse {summary(np.concatenate(coarse_err))}")
+
+
+def constant_errors(codec: JointCodec) -> str:
+    """Mean absolute error of a constant normalised 64×64 map coded as a first view."""
+    out = []
+    with torch.no_grad():
+        for c in CONSTANTS:
+            x = torch.full((1, 1, 64, 64), c)
+            x_hat = codec.depth(x, DEPTH_QUALITY, None)["x_hat"]
+            out.append(f"{c}: {float((x_hat - x).abs().mean()):.3f}")
+    return "  ".join(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("work_dirs", type=Path, nargs="+", help="scene work folders (geometry and relations run)")
+    ap.add_argument("--views", type=int, default=6)
+    ap.add_argument("--weights", default="joint-cpu",
+                    help="a shipped joint model id, a joint weight file or a train-joint checkpoint.pt")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    codec = load_codec(args.weights)
+    print(f"weights {args.weights}; constant maps (mean abs error): {constant_errors(codec)}")
+    for work in args.work_dirs:
+        scene_fidelity(codec, work, args.views)
+
+
+if __name__ == "__main__":
+    main()
