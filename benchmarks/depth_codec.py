@@ -37,6 +37,24 @@ def load_codec(weights: str) -> JointCodec:
     return (load_joint_file(path) if path.suffix == ".pt" else load_joint(weights)).eval()
 
 
+def coded_chain(codec: JointCodec, depths: list[torch.Tensor], K: torch.Tensor, T: torch.Tensor,
+                scale: DepthRange) -> tuple[list[int], list[torch.Tensor]]:
+    """Code padded depths (1, H, W) in order as ``lmvic encode`` does (each predicted from the previous
+    view's decoded depth): the streams' bytes and the decoded metric depths."""
+    nbytes, coded = [], []
+    for i, v in enumerate(depths):
+        prev = DecodedView(None, None, coded[-1], K[i - 1:i], T[i - 1:i]) if coded else None
+        stream, depth_hat = codec.encode_depth(v, K[i:i + 1], T[i:i + 1], scale, prev)
+        nbytes.append(stream.nbytes)
+        coded.append(depth_hat)
+    return nbytes, coded
+
+
+def coarse(codec: JointCodec, depth: torch.Tensor, scale: DepthRange) -> torch.Tensor:
+    """A padded depth (1, H, W) at the depth codec's resolution, uncoded, back at (1, H, W)."""
+    return scale.denormalise(codec.fine_depth(codec.coarse_depth(scale.normalise(depth)), tuple(depth.shape[-2:])))
+
+
 def errors(decoded: torch.Tensor, truth: torch.Tensor) -> np.ndarray:
     """Relative depth errors over the valid pixels of ``truth`` (both (1, H, W) metric)."""
     valid = torch.isfinite(truth) & (truth > 0)
@@ -54,17 +72,12 @@ def scene_fidelity(codec: JointCodec, work: Path, views: int) -> None:
     K, T = torch.as_tensor(K, dtype=torch.float32), torch.as_tensor(T, dtype=torch.float32)
     scale = DepthRange.of(torch.cat([v.flatten() for v in d]))
     print(f"{work.name}: {len(d)} views, near {scale.near:.3g}, far {scale.far:.3g}")
-    coded, coded_err, coarse_err, total = [], [], [], 0
-    for i, v in enumerate(d):
-        prev = DecodedView(None, None, coded[-1], K[i - 1:i], T[i - 1:i]) if coded else None
-        stream, depth_hat = codec.encode_depth(v, K[i:i + 1], T[i:i + 1], scale, prev)
-        coded.append(depth_hat)
-        coarse = scale.denormalise(codec.fine_depth(codec.coarse_depth(scale.normalise(v)), tuple(v.shape[-2:])))
-        coded_err.append(errors(depth_hat, v))
-        coarse_err.append(errors(coarse, v))
-        total += stream.nbytes
-        print(f"  view {i}: {stream.nbytes:5d} B  coded {summary(coded_err[-1])}   coarse {summary(coarse_err[-1])}")
-    print(f"  all    : {total:5d} B  coded {summary(np.concatenate(coded_err))}   "
+    nbytes, coded = coded_chain(codec, d, K, T, scale)
+    coded_err = [errors(depth_hat, v) for depth_hat, v in zip(coded, d)]
+    coarse_err = [errors(coarse(codec, v, scale), v) for v in d]
+    for i, n in enumerate(nbytes):
+        print(f"  view {i}: {n:5d} B  coded {summary(coded_err[i])}   coarse {summary(coarse_err[i])}")
+    print(f"  all    : {sum(nbytes):5d} B  coded {summary(np.concatenate(coded_err))}   "
           f"coarse {summary(np.concatenate(coarse_err))}")
 
 

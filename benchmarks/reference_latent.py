@@ -25,9 +25,10 @@ import numpy as np
 import torch
 
 from geometry.warp import backward_warp, multiscale
+from depth_codec import coarse, coded_chain, load_codec
 from joint_steps import first_views
 from lmvic.models.depth_codec import DepthRange
-from lmvic.scene_codec import DecodedView, load_joint, load_joint_file, pad, padded_image
+from lmvic.scene_codec import DecodedView, pad, padded_image
 
 TRUSTED = 0.99  # a latent pixel is trusted if this share of its 16×16 pixels is
 
@@ -41,14 +42,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("work_dir", type=Path, help="a scene's work folder (geometry and relations stages run)")
     ap.add_argument("--views", type=int, default=6)
-    ap.add_argument("--weights", default="joint-cpu", help="a shipped joint model id or a joint weight file")
+    ap.add_argument("--weights", default="joint-cpu", help="a shipped joint model id, a joint weight file or a train-joint checkpoint.pt")
     ap.add_argument("--depth", choices=("coded", "coarse", "full"), default="coded",
                     help="coded: decoded by the depth codec as ``lmvic encode`` codes it (each view's depth predicted "
                          "from the previous one's); coarse: at the resolution the depth codec codes it, uncoded; "
                          "full: the stage-one depth")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    codec = (load_joint_file(Path(args.weights)) if args.weights.endswith(".pt") else load_joint(args.weights)).eval()
+    codec = load_codec(args.weights)
     image, backbone = codec.image, codec.image.backbone
     names, images, depths, K, T = first_views(args.work_dir, args.views, 0)
     x = [padded_image(im) for im in images]
@@ -56,13 +57,9 @@ def main() -> None:
     K, T = torch.as_tensor(K, dtype=torch.float32), torch.as_tensor(T, dtype=torch.float32)
     scale = DepthRange.of(torch.cat([v.flatten() for v in d]))
     if args.depth == "coarse":
-        d = [scale.denormalise(codec.fine_depth(codec.coarse_depth(scale.normalise(v)), tuple(v.shape[-2:]))) for v in d]
+        d = [coarse(codec, v, scale) for v in d]
     elif args.depth == "coded":
-        coded = []
-        for i, v in enumerate(d):
-            prev = DecodedView(None, None, coded[-1], K[i - 1:i], T[i - 1:i]) if coded else None
-            coded.append(codec.encode_depth(v, K[i:i + 1], T[i:i + 1], scale, prev)[1])
-        d = coded
+        d = coded_chain(codec, d, K, T, scale)[1]
     print(f"{args.work_dir.name}: {len(names) - 1} pairs, {args.depth} depth, weights {args.weights}")
     with torch.no_grad():
         pairs = range(1, len(x))  # (reference t - 1, target t)

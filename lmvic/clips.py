@@ -5,7 +5,7 @@ z, intrinsics, world-to-camera). :class:`ClipSampler` draws a sequence (weighted
 clips), a run of ``length`` consecutive views and one crop window shared by the run; each view's
 principal point is shifted by the crop offset (``geometry.cameras.crop_intrinsics``), so the
 geometry of the crop stays exact. No flips: a flip would need mirrored cameras too. Crop ``0``
-takes whole views, cut to multiples of ``WHOLE_MULTIPLE`` (the scene codec's padding) at a random
+takes whole views, cut to multiples of the scene codec's padding ``PAD`` at a random
 offset: what the depth codec sees when it codes (its 1/64 map of a crop would be a few pixels), one
 sequence per batch so that the views stack.
 
@@ -25,8 +25,7 @@ import torch
 
 from geometry.cameras import crop_intrinsics
 from lmvic.models.depth_codec import DepthRange
-
-WHOLE_MULTIPLE = 64
+from lmvic.scene_codec import PAD
 
 
 @dataclass(frozen=True)
@@ -98,7 +97,7 @@ class ClipSampler:
     """Random clips of ``length`` consecutive views cropped to ``crop`` × ``crop`` (0: whole views)."""
 
     def __init__(self, sequences: Sequence[ViewSequence], length: int = 4, crop: int = 128, seed: int = 0):
-        least = crop or WHOLE_MULTIPLE
+        least = crop or PAD
         self.sequences = [s for s in sequences
                           if len(s.depths) >= length and min(s.depths.shape[1:]) >= least]
         if not self.sequences:
@@ -118,7 +117,7 @@ class ClipSampler:
         start = int(self.rng.integers(0, len(seq.depths) - self.length + 1))
         views = slice(start, start + self.length)
         h, w = seq.depths.shape[1:]
-        ch, cw = (self.crop, self.crop) if self.crop else (h - h % WHOLE_MULTIPLE, w - w % WHOLE_MULTIPLE)
+        ch, cw = (self.crop, self.crop) if self.crop else (h - h % PAD, w - w % PAD)
         y0 = int(self.rng.integers(0, h - ch + 1))
         x0 = int(self.rng.integers(0, w - cw + 1))
         window = (views, slice(y0, y0 + ch), slice(x0, x0 + cw))
@@ -126,9 +125,9 @@ class ClipSampler:
                 seq.world_to_camera[views], (seq.depth_range.near, seq.depth_range.far))
 
     def batch(self, size: int) -> Clip:
-        whole = self.sequence() if not self.crop else None  # whole views: one sequence, one size
-        clips = (self.one(whole or self.sequence()) for _ in range(size))
-        images, depths, K, T, bounds = (np.stack(parts) for parts in zip(*clips))
+        # whole views: one sequence (one size) for the batch
+        seqs = [self.sequence() for _ in range(size)] if self.crop else [self.sequence()] * size
+        images, depths, K, T, bounds = (np.stack(parts) for parts in zip(*(self.one(seq) for seq in seqs)))
         return Clip(torch.from_numpy(images).permute(0, 1, 4, 2, 3).float().div_(255),
                     torch.from_numpy(depths).float(), torch.from_numpy(K).float(), torch.from_numpy(T).float(),
                     DepthRange(torch.from_numpy(bounds[:, 0]), torch.from_numpy(bounds[:, 1])))

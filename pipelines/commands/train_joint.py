@@ -76,7 +76,8 @@ def run(args: argparse.Namespace) -> None:
                               batch=args.batch, crop=args.crop, init_single_view=args.init_single_view,
                               init_joint=args.init_joint, init_parts=tuple(args.init_parts.split(",")),
                               freeze_backbone=args.freeze_backbone, aligned=not args.no_alignment,
-                              parts=args.parts, depth_weight=args.depth_weight, view_weights=view_weights, threads=args.threads,
+                              parts=args.parts, depth_weight=args.depth_weight, view_weights=view_weights,
+                              threads=args.threads,
                               precision=args.precision, metric=args.metric,
                               deadline=utc_deadline(args.until),
                               schedule=Schedule(peak_lr=args.lr, warmup_steps=20))
