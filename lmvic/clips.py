@@ -9,6 +9,12 @@ takes whole views, cut to multiples of the scene codec's padding ``PAD`` at a ra
 offset: what the depth codec sees when it codes (its 1/64 map of a crop would be a few pixels), one
 sequence per batch so that the views stack.
 
+``range_jitter`` j > 0 narrows each clip's normalisation range in inverse depth:
+``1/near' = 1/far + (1/near - 1/far) * u`` with ``u ~ U(1 - j, 1)``. A scene's normalised inverse
+depth sits mostly near 0 (far content dominates), so without it the depth codec only ever sees the
+low end of [0, 1] and codes nearer held-out content badly; with it the same maps are stretched
+toward 1 (content nearer than ``near'`` saturates at 1, as the codec's clamp codes it).
+
 Sources (:func:`load_sequence`): a scene made by ``scenes.synthetic.generate`` (exact depth and
 poses; its arc order is the coding order), or a real scene's work folder: its stage-one outputs
 (working images, median depth, cameras) in the coding order of its relations stage.
@@ -94,15 +100,19 @@ class Clip:
 
 
 class ClipSampler:
-    """Random clips of ``length`` consecutive views cropped to ``crop`` × ``crop`` (0: whole views)."""
+    """Random clips of ``length`` consecutive views cropped to ``crop`` × ``crop`` (0: whole views),
+    normalised with the sequence's depth range narrowed by up to ``range_jitter`` (module docstring)."""
 
-    def __init__(self, sequences: Sequence[ViewSequence], length: int = 4, crop: int = 128, seed: int = 0):
+    def __init__(self, sequences: Sequence[ViewSequence], length: int = 4, crop: int = 128, seed: int = 0,
+                 range_jitter: float = 0.0):
+        if not 0.0 <= range_jitter < 1.0:
+            raise ValueError(f"range_jitter must be in [0, 1), got {range_jitter}")
         least = crop or PAD
         self.sequences = [s for s in sequences
                           if len(s.depths) >= length and min(s.depths.shape[1:]) >= least]
         if not self.sequences:
             raise ValueError(f"no sequence has {length} views of at least {least} px")
-        self.length, self.crop = length, crop
+        self.length, self.crop, self.range_jitter = length, crop, range_jitter
         counts = np.array([len(s.depths) - length + 1 for s in self.sequences], dtype=np.float64)
         self.weights = counts / counts.sum()
         self.rng = np.random.default_rng(seed)
@@ -113,7 +123,8 @@ class ClipSampler:
 
     def one(self, seq: ViewSequence) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, tuple[float, float]]:
         """A clip of ``seq``: (images (L, h, w, 3), depths (L, h, w), K (L, 3, 3) with shifted principal
-        point, T (L, 4, 4), (near, far) of the sequence); h = w = crop, or the whole view's size."""
+        point, T (L, 4, 4), (near, far) of the sequence, near jittered); h = w = crop, or the whole
+        view's size."""
         start = int(self.rng.integers(0, len(seq.depths) - self.length + 1))
         views = slice(start, start + self.length)
         h, w = seq.depths.shape[1:]
@@ -121,8 +132,12 @@ class ClipSampler:
         y0 = int(self.rng.integers(0, h - ch + 1))
         x0 = int(self.rng.integers(0, w - cw + 1))
         window = (views, slice(y0, y0 + ch), slice(x0, x0 + cw))
+        near, far = seq.depth_range.near, seq.depth_range.far
+        if self.range_jitter:
+            u = self.rng.uniform(1.0 - self.range_jitter, 1.0)
+            near = 1.0 / (1.0 / far + (1.0 / near - 1.0 / far) * u)
         return (seq.images[window], seq.depths[window], crop_intrinsics(seq.intrinsics[views], x0, y0),
-                seq.world_to_camera[views], (seq.depth_range.near, seq.depth_range.far))
+                seq.world_to_camera[views], (near, far))
 
     def batch(self, size: int) -> Clip:
         # whole views: one sequence (one size) for the batch

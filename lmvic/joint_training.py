@@ -100,6 +100,7 @@ class JointTrainConfig:
     steps: int = 1000
     batch: int = 2
     crop: int = 128
+    range_jitter: float = 0.0  # narrow each clip's depth range in inverse depth by up to this share (lmvic.clips)
     depth_weight: float = 1.0
     view_weights: tuple[float, ...] = VIEW_WEIGHTS  # w_t of the views of a clip (their count is the clip length)
     schedule: Schedule = field(default_factory=lambda: Schedule(peak_lr=1e-4, warmup_steps=20))
@@ -202,7 +203,7 @@ def train_joint(cfg: JointTrainConfig, resume: bool = False, log=print) -> Joint
     elif rank == 0:
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
     sampler = ClipSampler([load_sequence(s) for s in cfg.scenes], len(cfg.view_weights), cfg.crop,
-                          seed=cfg.seed * 1000 + rank + 7919 * step)
+                          seed=cfg.seed * 1000 + rank + 7919 * step, range_jitter=cfg.range_jitter)
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank + 7919 * step)
     net = DistributedDataParallel(codec) if world > 1 else codec
 

@@ -523,6 +523,28 @@ def test_whole_view_clips_cut_views_to_multiples_of_64() -> None:
     assert sizes == {(64, 64), (192, 128)}
 
 
+def test_range_jitter_narrows_the_inverse_depth_span_within_its_bound() -> None:
+    """range_jitter j: each clip's far is the sequence's, its inverse-depth span (1/near - 1/far) a share in
+    [1 - j, 1] of the sequence's, so near < near' < far and the normalised maps move up toward 1."""
+    from lmvic.clips import ClipSampler, ViewSequence
+
+    scene = render(6, 96, 80, arc=30.0)
+    seq = ViewSequence(np.stack(scene.images), np.stack(scene.depths), scene.intrinsics, scene.world_to_camera)
+    near, far = seq.depth_range.near, seq.depth_range.far
+    plain = ClipSampler([seq], length=4, crop=64, seed=1).batch(16)
+    assert np.allclose(plain.depth_range.near.numpy(), near) and np.allclose(plain.depth_range.far.numpy(), far)
+    clip = ClipSampler([seq], length=4, crop=64, seed=1, range_jitter=0.75).batch(16)
+    jn, jf = clip.depth_range.near.double().numpy(), clip.depth_range.far.double().numpy()
+    share = (1 / jn - 1 / far) / (1 / near - 1 / far)
+    assert np.allclose(jf, far) and (jn < jf).all() and (jn >= near * (1 - 1e-9)).all()
+    assert (share >= 0.25 - 1e-9).all() and (share <= 1 + 1e-9).all() and share.std() > 0.05
+    plain_mean, jittered_mean = (float(torch.stack([c.depth_range.normalise(c.depths[:, t]) for t in range(4)]).mean())
+                                 for c in (plain, clip))
+    assert jittered_mean > 1.2 * plain_mean
+    with pytest.raises(ValueError, match="range_jitter"):
+        ClipSampler([seq], range_jitter=1.0)
+
+
 def test_paper_size_builds_and_runs() -> None:
     from lmvic.models.depth_codec import DepthRange
 

@@ -23,6 +23,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--crop", type=int, default=128, help="square crop side; 0: whole views cut to multiples of "
                    "64 (what the depth codec codes: its 1/64 map of a crop is a few pixels)")
+    p.add_argument("--range-jitter", type=float, default=0.0, help="narrow each clip's depth range in inverse "
+                   "depth by a random share up to this (0 to <1), so that the depth codec sees normalised maps over "
+                   "all of [0, 1] and not only the low end a scene's far content puts them at")
     p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (cosine schedule, 20 warm-up steps)")
     p.add_argument("--init-single-view", default="", help="single-view weights for the image backbone "
                    "(a shipped name such as single_view_cpu, or a .pt path); default: a fresh backbone")
@@ -70,10 +73,13 @@ def run(args: argparse.Namespace) -> None:
         view_weights = tuple(float(w) for w in args.view_weights.split(",")) if args.view_weights else VIEW_WEIGHTS
     except ValueError as exc:
         raise LmvicError(f"--view-weights: {args.view_weights!r} is not a comma-separated list of numbers") from exc
+    if not 0.0 <= args.range_jitter < 1.0:
+        raise LmvicError(f"--range-jitter: {args.range_jitter} is not in [0, 1)")
     if args.resume and not (args.run_dir / "checkpoint.pt").exists():
         raise LmvicError(f"--resume: no checkpoint at {args.run_dir / 'checkpoint.pt'}")
     config = JointTrainConfig(str(args.run_dir), tuple(str(s) for s in args.scenes), steps=args.steps,
-                              batch=args.batch, crop=args.crop, init_single_view=args.init_single_view,
+                              batch=args.batch, crop=args.crop, range_jitter=args.range_jitter,
+                              init_single_view=args.init_single_view,
                               init_joint=args.init_joint, init_parts=tuple(args.init_parts.split(",")),
                               freeze_backbone=args.freeze_backbone, aligned=not args.no_alignment,
                               parts=args.parts, depth_weight=args.depth_weight, view_weights=view_weights,
