@@ -3,12 +3,15 @@
 Loss of a clip of L views in coding order (each view coded with the previous one's *decoded*
 image, features and depth as reference, the same chain as coding)::
 
-    Σ_t w_t (255²·(λ·MSE(x_t, x̂_t) + depth_weight·λ_1·MSE(d_t, d̂_t)) + bpp_img,t + bpp_depth,t)
+    Σ_t w_t (255²·(λ·MSE(x_t, x̂_t) + depth_weight·λ_1·D(d_t, d̂_t)) + bpp_img,t + bpp_depth,t)
 
 with ``w = (0.5, 1.2, 0.5, 0.9)``, depths in the normalised inverse-depth domain of the clip's
 sequence ``DepthRange`` (as the scene codec normalises), λ the quality's λ of the variable-rate
 backbone (a random quality per sample) and λ_1 that of ``DEPTH_QUALITY``, the one rate point the
-depth codec codes at.
+depth codec codes at. The depth distortion D (``depth_metric``) is ``"mse"``, the MSE of the decoded
+map upsampled to the image size (which includes what the 1/64 resolution loses at every edge), or
+``"relative"`` (:func:`relative_depth_error`): the squared relative inverse-depth error of the map the
+codec codes, what the trust mask tests, with far content weighed like near.
 The aux loss of the entropy bottlenecks is optimised alongside. ``freeze_backbone`` trains only
 the reference path, QPEM and the depth codec (stage two of a staged training on top of shipped
 single-view weights). ``parts`` stages it further: ``"depth"`` trains the depth codec alone (the
@@ -37,9 +40,10 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
 from lmvic.clips import Clip, ClipSampler, load_sequence
+from lmvic.models.depth_codec import DepthRange
 from lmvic.models.single_view import bits_per_pixel
 from lmvic.precision import mixed_precision
-from lmvic.scene_codec import DEPTH_QUALITY, JointCodec, JointPart, build_joint, load_joint_file
+from lmvic.scene_codec import DEPTH_FACTOR, DEPTH_QUALITY, JointCodec, JointPart, build_joint, load_joint_file
 from lmvic.training.loop import (_save_atomic, budget_progress, check_replicas_equal, dist_info, distortion, log_row,
                                 optimisation_step, psnr_from_mse)
 from lmvic.training.schedule import Schedule
@@ -47,17 +51,35 @@ from lmvic.zoo import ship_ready, single_view_from
 
 VIEW_WEIGHTS = (0.5, 1.2, 0.5, 0.9)
 PARTS = ("all", "depth", "image", "context")
+DEPTH_METRICS = ("mse", "relative")
+
+
+def relative_depth_error(coarse_hat: Tensor, coarse: Tensor, depth_range: DepthRange,
+                         size: tuple[int, int]) -> Tensor:
+    """Mean squared relative inverse-depth error (B,) of a decoded coarse map (B, 1, h, w) against the
+    coded one (normalised inverse depth, padded) over the samples of an image of ``size`` with depth
+    (``coarse`` > 0): ``(x̂ - x) / (x + 1/(far·(1/near - 1/far)))``, i.e. Δ(1/d) / (1/d) ≈ Δd / d."""
+    inv_near, inv_far = (1.0 / torch.as_tensor(v, dtype=coarse.dtype).reshape(-1, 1, 1, 1)
+                         for v in (depth_range.near, depth_range.far))
+    window = (..., slice(0, size[0] // DEPTH_FACTOR), slice(0, size[1] // DEPTH_FACTOR))
+    x, x_hat = coarse[window], coarse_hat[window]
+    valid = (x > 0).to(x.dtype)
+    err = (x_hat - x) / (x + inv_far / (inv_near - inv_far)) * valid
+    return err.square().flatten(1).sum(1) / valid.flatten(1).sum(1).clamp_min(1)
 
 
 def clip_loss(net: torch.nn.Module, codec: JointCodec, clip: Clip, quality: Tensor, depth_weight: float = 1.0,
               weights: tuple[float, ...] = VIEW_WEIGHTS, with_image: bool = True,
-              metric: str = "mse") -> tuple[Tensor, dict[str, float]]:
+              metric: str = "mse", depth_metric: str = "mse") -> tuple[Tensor, dict[str, float]]:
     """Weighted RD loss of a clip batch; stats are per-view means of bpp and PSNR (image, depth).
 
     ``net`` runs the forward (``codec`` itself or its DDP wrapper, which averages the gradients).
     ``with_image=False``: the depth codec alone (image terms 0). ``metric``: the image distortion
-    (``lmvic.training.loop.distortion``); the depth's is always MSE.
+    (``lmvic.training.loop.distortion``); ``depth_metric`` the depth's (module docstring); the stat
+    ``psnr_depth`` is -10·log10 of it.
     """
+    if depth_metric not in DEPTH_METRICS:
+        raise ValueError(f"depth_metric must be one of {DEPTH_METRICS}, got {depth_metric!r}")
     B, L, _, H, W = clip.images.shape
     if len(weights) != L:
         raise ValueError(f"{len(weights)} view weights for clips of {L} views")
@@ -69,7 +91,10 @@ def clip_loss(net: torch.nn.Module, codec: JointCodec, clip: Clip, quality: Tens
     stats = {"bpp_img": 0.0, "bpp_depth": 0.0, "psnr": 0.0, "psnr_depth": 0.0}
     for t, (w, out) in enumerate(zip(weights, outs)):
         x, d = clip.images[:, t], clip.depths[:, t]
-        d_mse = F.mse_loss(out["depth"]["x_hat"], depth_range.normalise(d), reduction="none").flatten(1).mean(1)
+        if depth_metric == "mse":
+            d_mse = F.mse_loss(out["depth"]["x_hat"], depth_range.normalise(d), reduction="none").flatten(1).mean(1)
+        else:
+            d_mse = relative_depth_error(out["depth"]["coarse_hat"], out["depth"]["coarse"], depth_range, (H, W))
         bpp_depth = bits_per_pixel(out["depth"]["likelihoods"], H * W)
         if with_image:
             mse = F.mse_loss(out["image"]["x_hat"], x, reduction="none").flatten(1).mean(1)
@@ -96,6 +121,7 @@ class JointTrainConfig:
     aligned: bool = True  # False: the Concatenation ablation (reference features unwarped)
     precision: str = "fp32"  # "bf16": transforms under bf16 autocast (entropy models, geometry stay fp32)
     metric: str = "mse"  # image distortion of the RD loss: "mse" or "ms-ssim" (crops over 160 px)
+    depth_metric: str = "mse"  # depth distortion: "mse" (upsampled map) or "relative" (coded map, relative)
     parts: str = "all"  # "all", "depth" (the depth codec alone), "image" (depth codec frozen), "context" (no ICT)
     steps: int = 1000
     batch: int = 2
@@ -224,7 +250,8 @@ def train_joint(cfg: JointTrainConfig, resume: bool = False, log=print) -> Joint
         quality = torch.randint(1, codec.num_qualities + 1, (cfg.batch,), generator=gen).float()
         with mixed_precision(cfg.precision):
             loss, stats = clip_loss(net, codec, sampler.batch(cfg.batch), quality, cfg.depth_weight,
-                                    cfg.view_weights, with_image=cfg.parts != "depth", metric=cfg.metric)
+                                    cfg.view_weights, with_image=cfg.parts != "depth", metric=cfg.metric,
+                                    depth_metric=cfg.depth_metric)
         applied = optimisation_step(loss, opt, main, cfg.clip, codec.aux_loss(), aux_opt)
         step += 1
         for k, v in {"loss": loss.item(), **stats, "skipped": float(not applied)}.items():

@@ -181,14 +181,15 @@ class JointCodec(CompressionModel):
         """One view of a clip (B, 3, H, W), depth (B, H, W) → ({"depth": out, "image": out}, DecodedView).
 
         Each ``out`` is the codec's ``forward`` dict; the depth output ``x_hat`` is the decoded
-        normalised depth upsampled to the image size (B, 1, H, W).
+        normalised depth upsampled to the image size (B, 1, H, W), ``coarse`` and ``coarse_hat`` the
+        map the depth codec coded and its decoding (B, 1, h, w), padded.
         ``with_image=False`` runs the depth codec only (its CVDP chain needs only decoded depths):
         the image output and the decoded image are None.
         """
         size = tuple(image.shape[-2:])
         coarse = self.coarse_depth(depth_range.normalise(depth))
         d_out = self.depth(coarse, DEPTH_QUALITY, self.depth_side(ref, K, T, tuple(coarse.shape[-2:]), depth_range))
-        d_out = {**d_out, "x_hat": self.fine_depth(d_out["x_hat"], size)}
+        d_out = {**d_out, "x_hat": self.fine_depth(d_out["x_hat"], size), "coarse": coarse, "coarse_hat": d_out["x_hat"]}
         depth_hat = depth_range.denormalise(d_out["x_hat"])
         if not with_image:
             return {"depth": d_out, "image": None}, DecodedView(None, None, depth_hat, K, T)

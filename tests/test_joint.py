@@ -545,6 +545,22 @@ def test_range_jitter_narrows_the_inverse_depth_span_within_its_bound() -> None:
         ClipSampler([seq], range_jitter=1.0)
 
 
+def test_relative_depth_error_is_the_relative_inverse_depth_error_of_the_coded_window() -> None:
+    """Closed form: a decoding 10 % too far everywhere has relative inverse-depth error 1/1.1 - 1 on every
+    valid sample of the image's window; invalid samples (0) and the padding do not count."""
+    from lmvic.joint_training import relative_depth_error
+    from lmvic.models.depth_codec import DepthRange
+    from lmvic.scene_codec import DEPTH_FACTOR
+
+    rng = DepthRange(torch.tensor([1.0, 2.0]), torch.tensor([10.0, 40.0]))
+    depth = torch.tensor([[[1.5, 3.0, 9.0], [2.0, 5.0, 7.0]], [[2.5, 4.0, 30.0], [6.0, 12.0, 20.0]]])
+    coarse, coarse_hat = torch.rand(2, 1, 64, 64), torch.rand(2, 1, 64, 64)  # padding: anything
+    coarse[..., :2, :3], coarse_hat[..., :2, :3] = rng.normalise(depth), rng.normalise(depth * 1.1)
+    coarse[1, 0, 1, 2] = 0.0  # no depth there: not counted whatever was decoded
+    err = relative_depth_error(coarse_hat, coarse, rng, (2 * DEPTH_FACTOR, 3 * DEPTH_FACTOR))
+    assert torch.allclose(err, torch.full((2,), (1 / 1.1 - 1) ** 2), rtol=1e-4)
+
+
 def test_paper_size_builds_and_runs() -> None:
     from lmvic.models.depth_codec import DepthRange
 
@@ -756,3 +772,30 @@ def test_ms_ssim_option_changes_only_the_image_distortion(tmp_path) -> None:
                                              - 255**2 * (x_hat - x).square().flatten(1).mean(1)).mean()
     assert torch.isfinite(ssim_loss) and abs(ssim_loss.item() - mse_loss.item()) > 1e-3
     assert abs(ssim_loss.item() - expected.item()) < 1e-3 * abs(expected.item())
+
+
+def test_relative_depth_metric_changes_only_the_depth_distortion(tmp_path) -> None:
+    from lmvic.clips import ClipSampler, load_sequence
+    from lmvic.joint_training import VIEW_WEIGHTS, clip_loss, relative_depth_error
+    from lmvic.scene_codec import DEPTH_QUALITY, load_joint
+    from scenes.synthetic import generate
+
+    scene = generate(tmp_path / "scene", ArcCameras(n_views=5, width=192, height=128, arc_degrees=20.0), seed=4)
+    clip = ClipSampler([load_sequence(scene)], 4, 0, seed=0).batch(1)
+    codec = load_joint("joint-cpu").eval()
+    q = torch.tensor([2.0])
+    with torch.no_grad():
+        mse_loss, _ = clip_loss(codec, codec, clip, q, 0.5)
+        rel_loss, _ = clip_loss(codec, codec, clip, q, 0.5, depth_metric="relative")
+        outs = codec(clip.images, clip.depths, clip.K, clip.T, q, clip.depth_range)
+        lam_depth = codec.depth.backbone.lambda_of(DEPTH_QUALITY, 1) * 255**2
+        expected = mse_loss
+        for t, (w, out) in enumerate(zip(VIEW_WEIGHTS, outs)):  # swap each view's depth MSE for the relative error
+            d = out["depth"]
+            rel = relative_depth_error(d["coarse_hat"], d["coarse"], clip.depth_range, tuple(clip.depths.shape[-2:]))
+            mse = (d["x_hat"] - clip.depth_range.normalise(clip.depths[:, t])).square().flatten(1).mean(1)
+            expected = expected + w * 0.5 * lam_depth * (rel - mse).mean()
+    assert abs(rel_loss.item() - mse_loss.item()) > 1e-4
+    assert abs(rel_loss.item() - expected.item()) < 1e-4 * abs(expected.item())
+    with pytest.raises(ValueError, match="depth_metric"):
+        clip_loss(codec, codec, clip, q, depth_metric="l1")

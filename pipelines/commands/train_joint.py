@@ -41,6 +41,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "or all but the ICT fusions (the reference only conditions the entropy model)")
     p.add_argument("--depth-weight", type=float, default=1.0, help="the depth codec (which codes at its lowest "
                    "rate point) weighs its distortion by DEPTH_WEIGHT·λ_1: below 1 is cheaper, coarser depth")
+    p.add_argument("--depth-metric", choices=("mse", "relative"), default="mse", help="depth distortion: mse of "
+                   "the decoded map upsampled to the image size, or relative: squared relative inverse-depth error "
+                   "of the coded 1/64 map (what the trust mask tests; far content weighs like near)")
     p.add_argument("--view-weights", default="", help="comma-separated loss weights w_t of a clip's views (their "
                    "count is the clip length); default the paper's 0.5,1.2,0.5,0.9")
     p.add_argument("--resume", action="store_true", help="continue RUN_DIR/checkpoint.pt")
@@ -84,7 +87,7 @@ def run(args: argparse.Namespace) -> None:
                               freeze_backbone=args.freeze_backbone, aligned=not args.no_alignment,
                               parts=args.parts, depth_weight=args.depth_weight, view_weights=view_weights,
                               threads=args.threads,
-                              precision=args.precision, metric=args.metric,
+                              precision=args.precision, metric=args.metric, depth_metric=args.depth_metric,
                               deadline=utc_deadline(args.until),
                               schedule=Schedule(peak_lr=args.lr, warmup_steps=20))
     model = train_joint(config, resume=args.resume)
