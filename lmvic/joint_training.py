@@ -92,9 +92,9 @@ def clip_loss(net: torch.nn.Module, codec: JointCodec, clip: Clip, quality: Tens
     for t, (w, out) in enumerate(zip(weights, outs)):
         x, d = clip.images[:, t], clip.depths[:, t]
         if depth_metric == "mse":
-            d_mse = F.mse_loss(out["depth"]["x_hat"], depth_range.normalise(d), reduction="none").flatten(1).mean(1)
+            d_dist = F.mse_loss(out["depth"]["x_hat"], depth_range.normalise(d), reduction="none").flatten(1).mean(1)
         else:
-            d_mse = relative_depth_error(out["depth"]["coarse_hat"], out["depth"]["coarse"], depth_range, (H, W))
+            d_dist = relative_depth_error(out["depth"]["coarse_hat"], out["depth"]["coarse"], depth_range, (H, W))
         bpp_depth = bits_per_pixel(out["depth"]["likelihoods"], H * W)
         if with_image:
             mse = F.mse_loss(out["image"]["x_hat"], x, reduction="none").flatten(1).mean(1)
@@ -102,9 +102,9 @@ def clip_loss(net: torch.nn.Module, codec: JointCodec, clip: Clip, quality: Tens
             bpp_img = bits_per_pixel(out["image"]["likelihoods"], H * W)
         else:  # depth-only stage: no image terms
             mse = d_img = bpp_img = torch.zeros_like(bpp_depth)
-        loss = loss + w * (lam * d_img + depth_weight * lam_depth * d_mse + bpp_img + bpp_depth).mean()
+        loss = loss + w * (lam * d_img + depth_weight * lam_depth * d_dist + bpp_img + bpp_depth).mean()
         for key, value in (("bpp_img", bpp_img.mean()), ("bpp_depth", bpp_depth.mean()),
-                           ("psnr", psnr_from_mse(mse.mean())), ("psnr_depth", psnr_from_mse(d_mse.mean()))):
+                           ("psnr", psnr_from_mse(mse.mean())), ("psnr_depth", psnr_from_mse(d_dist.mean()))):
             stats[key] += float(value.detach()) / L
     return loss, stats
 
