@@ -99,14 +99,19 @@ class Clip:
     depth_range: DepthRange
 
 
+def check_range_jitter(range_jitter: float) -> None:
+    """ValueError unless ``range_jitter`` is in [0, 1) (1 would let near' reach far)."""
+    if not 0.0 <= range_jitter < 1.0:
+        raise ValueError(f"range_jitter must be in [0, 1), got {range_jitter}")
+
+
 class ClipSampler:
     """Random clips of ``length`` consecutive views cropped to ``crop`` × ``crop`` (0: whole views),
     normalised with the sequence's depth range narrowed by up to ``range_jitter`` (module docstring)."""
 
     def __init__(self, sequences: Sequence[ViewSequence], length: int = 4, crop: int = 128, seed: int = 0,
                  range_jitter: float = 0.0):
-        if not 0.0 <= range_jitter < 1.0:
-            raise ValueError(f"range_jitter must be in [0, 1), got {range_jitter}")
+        check_range_jitter(range_jitter)
         least = crop or PAD
         self.sequences = [s for s in sequences
                           if len(s.depths) >= length and min(s.depths.shape[1:]) >= least]

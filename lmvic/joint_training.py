@@ -43,7 +43,7 @@ from lmvic.clips import Clip, ClipSampler, load_sequence
 from lmvic.models.depth_codec import DepthRange
 from lmvic.models.single_view import bits_per_pixel
 from lmvic.precision import mixed_precision
-from lmvic.scene_codec import DEPTH_FACTOR, DEPTH_QUALITY, JointCodec, JointPart, build_joint, load_joint_file
+from lmvic.scene_codec import DEPTH_QUALITY, JointCodec, JointPart, build_joint, load_joint_file
 from lmvic.training.loop import (_save_atomic, budget_progress, check_replicas_equal, dist_info, distortion, log_row,
                                 optimisation_step, psnr_from_mse)
 from lmvic.training.schedule import Schedule
@@ -61,8 +61,7 @@ def relative_depth_error(coarse_hat: Tensor, coarse: Tensor, depth_range: DepthR
     (``coarse`` > 0): ``(x̂ - x) / (x + 1/(far·(1/near - 1/far)))``, i.e. Δ(1/d) / (1/d) ≈ Δd / d."""
     inv_near, inv_far = (1.0 / torch.as_tensor(v, dtype=coarse.dtype).reshape(-1, 1, 1, 1)
                          for v in (depth_range.near, depth_range.far))
-    window = (..., slice(0, size[0] // DEPTH_FACTOR), slice(0, size[1] // DEPTH_FACTOR))
-    x, x_hat = coarse[window], coarse_hat[window]
+    x, x_hat = JointCodec.unpadded(coarse, size), JointCodec.unpadded(coarse_hat, size)
     valid = (x > 0).to(x.dtype)
     err = (x_hat - x) / (x + inv_far / (inv_near - inv_far)) * valid
     return err.square().flatten(1).sum(1) / valid.flatten(1).sum(1).clamp_min(1)

@@ -144,10 +144,14 @@ class JointCodec(CompressionModel):
         return pad(F.avg_pool2d(normalised, DEPTH_FACTOR))
 
     @staticmethod
-    def fine_depth(coded: Tensor, size: tuple[int, int]) -> Tensor:
+    def unpadded(coarse: Tensor, size: tuple[int, int]) -> Tensor:
+        """A coarse map (B, 1, h, w) without its padding: the samples of an image of ``size``."""
+        return coarse[..., : size[0] // DEPTH_FACTOR, : size[1] // DEPTH_FACTOR]
+
+    @classmethod
+    def fine_depth(cls, coded: Tensor, size: tuple[int, int]) -> Tensor:
         """Decoded coarse map (B, 1, h, w) → normalised depth (B, 1, H, W) at the image size."""
-        crop = coded[..., : size[0] // DEPTH_FACTOR, : size[1] // DEPTH_FACTOR]
-        return F.interpolate(crop, size=size, mode="bilinear", align_corners=False)
+        return F.interpolate(cls.unpadded(coded, size), size=size, mode="bilinear", align_corners=False)
 
     # ---- reference path (shared by training and coding) -------------------------------------
     def depth_side(self, ref: DecodedView | None, K: Tensor, T: Tensor, size: tuple[int, int],

@@ -60,6 +60,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    from lmvic.clips import check_range_jitter
     from lmvic.joint_training import VIEW_WEIGHTS, JointTrainConfig, shipped_base, train_joint
     from lmvic.scene_codec import save_joint
     from lmvic.training.loop import check_metric, dist_info
@@ -76,8 +77,10 @@ def run(args: argparse.Namespace) -> None:
         view_weights = tuple(float(w) for w in args.view_weights.split(",")) if args.view_weights else VIEW_WEIGHTS
     except ValueError as exc:
         raise LmvicError(f"--view-weights: {args.view_weights!r} is not a comma-separated list of numbers") from exc
-    if not 0.0 <= args.range_jitter < 1.0:
-        raise LmvicError(f"--range-jitter: {args.range_jitter} is not in [0, 1)")
+    try:
+        check_range_jitter(args.range_jitter)
+    except ValueError as exc:
+        raise LmvicError(f"--range-jitter: {exc}") from exc
     if args.resume and not (args.run_dir / "checkpoint.pt").exists():
         raise LmvicError(f"--resume: no checkpoint at {args.run_dir / 'checkpoint.pt'}")
     config = JointTrainConfig(str(args.run_dir), tuple(str(s) for s in args.scenes), steps=args.steps,
