@@ -6,7 +6,7 @@ clips), a run of ``length`` consecutive views and one crop window shared by the 
 principal point is shifted by the crop offset (``geometry.cameras.crop_intrinsics``), so the
 geometry of the crop stays exact. No flips: a flip would need mirrored cameras too. Crop ``0``
 takes whole views, cut to multiples of the scene codec's padding ``PAD`` at a random
-offset: what the depth codec sees when it codes (its 1/64 map of a crop would be a few pixels), one
+offset: what the depth codec sees when it codes (its coarse map of a crop would be a few pixels), one
 sequence per batch so that the views stack.
 
 ``range_jitter`` j > 0 narrows each clip's normalisation range in inverse depth:

@@ -9,7 +9,7 @@ with ``w = (0.5, 1.2, 0.5, 0.9)``, depths in the normalised inverse-depth domain
 sequence ``DepthRange`` (as the scene codec normalises), λ the quality's λ of the variable-rate
 backbone (a random quality per sample) and λ_1 that of ``DEPTH_QUALITY``, the one rate point the
 depth codec codes at. The depth distortion D (``depth_metric``) is ``"mse"``, the MSE of the decoded
-map upsampled to the image size (which includes what the 1/64 resolution loses at every edge), or
+map upsampled to the image size (which includes what the coarse map's resolution loses at every edge), or
 ``"relative"`` (:func:`relative_depth_error`): the squared relative inverse-depth error of the map the
 codec codes, what the trust mask tests, with far content weighed like near.
 The aux loss of the entropy bottlenecks is optimised alongside. ``freeze_backbone`` trains only

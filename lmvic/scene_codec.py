@@ -3,15 +3,13 @@
 For view i with reference r (the previous view in the coding order; none for the first):
 
 1. depth: CVDP splats the *decoded* reference depth D̂_r into view i; the depth codec codes the
-   normalised depth of view i with that prediction (``lmvic.models.depth_codec``), at 1/64 of the
-   image resolution (``DEPTH_FACTOR``: mean of 64×64 blocks of normalised inverse depth, padded to a
-   multiple of 64; the decoded map is upsampled bilinearly). The image codec uses the reference
-   only at 1/2…1/16 and the entropy context at 1/16, and its bytes hardly depend on the depth's
-   precision: from 1/16 to 1/64 they grew 0.3 % on fox while the depth stream shrank 3.9x (at full
-   resolution the depth stream cost as much as the image stream at low rates). The depth codec
-   always codes at its lowest rate point (``DEPTH_QUALITY``), whatever the image quality: fed the
-   uncoded stage-one depth instead of the decoded one, the image stream was no smaller (session-3
-   measurement), so finer depth would only cost bits;
+   normalised depth of view i with that prediction (``lmvic.models.depth_codec``), at 1/16 of the
+   image resolution (``DEPTH_FACTOR``: mean of 16×16 blocks of normalised inverse depth, edge-padded
+   to a multiple of 64; the decoded map is upsampled bilinearly). The resolution sets how many
+   latent vectors the depth codec's four stride-2 stages give a view: at 1/64 a fox view's map was
+   two, its median depth error 6.7 % (sceaux_castle 22 %, too far off for the trust mask); at 1/16
+   fifteen, and the error falls several-fold for about twice the bytes. The depth codec always
+   codes at its lowest rate point (``DEPTH_QUALITY``), whatever the image quality;
 2. image: disparity and trust mask from the *decoded* depths D̂_i and D̂_r
    (``geometry.warp.relate`` with ``TRUST_TOLERANCE``, then ``multiscale`` at 1/2…1/16); the image
    codec codes x_i with the decoded reference image, its decoder features and that relation
@@ -35,7 +33,7 @@ not move — and cropped back after decoding.
 
 Streams per view (``lmvic.bitstream.LatentStream``): ``depth`` (if kept) and ``image``, each with five
 chunks — the range-coded QPEM steps y0…y3 and the hyper-latent z — and the shape of z ((H/64, W/64)
-for the image; for the depth that of its padded 1/64-resolution map; ``image.prior`` alike), or
+for the image; for the depth that of its padded 1/``DEPTH_FACTOR`` map; ``image.prior`` alike), or
 ``image.intra`` instead of ``image``: the backbone's own strings (its y parts and z,
 ``SingleViewCodec.num_strings``); the first coded view also holds ``scene.depth_range`` (two float64
 and a u16: near, far, ``DEPTH_FACTOR``).
@@ -71,18 +69,20 @@ from lmvic.zoo import (WEIGHTS_DIR, WeightsError, base_reference, load_base, loa
 from pipelines.errors import LmvicError
 
 PAD = 64
-WEIGHT_FORMAT = 2  # 2: depth coded at 1/DEPTH_FACTOR, aligned-latent QPEM context
+WEIGHT_FORMAT = 3  # 2: depth coded at 1/64, aligned-latent QPEM context; 3: depth at 1/16
 # 8 until session 5: on full fox frames 1/16 cut the depth stream 4.6x, image bytes -0.6 %; 16 until session 9:
 # on the first 6 views of fox and sceaux_castle at q1, 1/64 cut it 3.9x and 2.5x, image bytes +0.3 % and -0.1 %,
-# same PSNR
-DEPTH_FACTOR = 64
+# same PSNR (the depth codec of then could not code its maps at any resolution); 64 until session 14: the 4-stage
+# depth codec gave a whole 1/64 map two latent vectors (median depth error fox 6.7 %, sceaux 22 %); at 1/16 it
+# has 15–20 (benchmarks/results/depth_codec.txt)
+DEPTH_FACTOR = 16
 DEPTH_QUALITY = 1
 #: Changes when the encoder codes the same input differently (2: unused depth streams dropped; 3: depth
-#: at 1/64); ``lmvic eval`` then measures again instead of reusing its results.
-ENCODER_REVISION = 4
+#: at 1/64; 5: depth at 1/16); ``lmvic eval`` then measures again instead of reusing its results.
+ENCODER_REVISION = 5
 #: Relative occlusion tolerance τ of the codec's trust mask on *decoded* depths (``geometry.warp.relate``).
-#: The relations stage's 0.02 suits the stage-one depth; the depth codec's 1/64 maps are off by ~7 % (median,
-#: fox) and τ = 0.02 trusted 66 % of fox's latent against 91 % with the same maps uncoded. τ = 0.15: 95 %,
+#: The relations stage's 0.02 suits the stage-one depth; the depth codec's 1/64 maps of session 11 were off by
+#: ~7 % (median, fox) and τ = 0.02 trusted 66 % of fox's latent against 91 % with the same maps uncoded. τ = 0.15: 95 %,
 #: estimated image bits with/without reference 0.742 → 0.679 (q1), 0.826 → 0.795 (q6); 0.4 gained nothing more
 #: (session 11, ``benchmarks/reference_latent.py``).
 TRUST_TOLERANCE = 0.15

@@ -22,7 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--crop", type=int, default=128, help="square crop side; 0: whole views cut to multiples of "
-                   "64 (what the depth codec codes: its 1/64 map of a crop is a few pixels)")
+                   "64 (what the depth codec codes: its coarse map of a crop is a few pixels)")
     p.add_argument("--range-jitter", type=float, default=0.0, help="narrow each clip's depth range in inverse "
                    "depth by a random share up to this (0 to <1), so that the depth codec sees normalised maps over "
                    "all of [0, 1] and not only the low end a scene's far content puts them at")
@@ -43,7 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "rate point) weighs its distortion by DEPTH_WEIGHT·λ_1: below 1 is cheaper, coarser depth")
     p.add_argument("--depth-metric", choices=("mse", "relative"), default="mse", help="depth distortion: mse of "
                    "the decoded map upsampled to the image size, or relative: squared relative inverse-depth error "
-                   "of the coded 1/64 map (what the trust mask tests; far content weighs like near)")
+                   "of the coded coarse map (what the trust mask tests; far content weighs like near)")
     p.add_argument("--view-weights", default="", help="comma-separated loss weights w_t of a clip's views (their "
                    "count is the clip length); default the paper's 0.5,1.2,0.5,0.9")
     p.add_argument("--resume", action="store_true", help="continue RUN_DIR/checkpoint.pt")
