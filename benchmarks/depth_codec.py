@@ -23,8 +23,7 @@ import torch
 from joint_steps import first_views
 from lmvic.joint_training import checkpoint_codec
 from lmvic.models.depth_codec import DepthRange
-from lmvic.scene_codec import (DEPTH_QUALITY, TRUST_TOLERANCE, DecodedView, JointCodec, load_joint,
-                               load_joint_file, pad)
+from lmvic.scene_codec import DEPTH_QUALITY, TRUST_TOLERANCE, JointCodec, load_joint, load_joint_file, pad
 
 CONSTANTS = (0.2, 0.5, 0.8)
 
@@ -35,19 +34,6 @@ def load_codec(weights: str) -> JointCodec:
     if path.name.startswith("checkpoint"):
         return checkpoint_codec(path)
     return (load_joint_file(path) if path.suffix == ".pt" else load_joint(weights)).eval()
-
-
-def coded_chain(codec: JointCodec, depths: list[torch.Tensor], K: torch.Tensor, T: torch.Tensor,
-                scale: DepthRange) -> tuple[list[int], list[torch.Tensor]]:
-    """Code padded depths (1, H, W) in order as ``lmvic encode`` does (each predicted from the previous
-    view's decoded depth): the streams' bytes and the decoded metric depths."""
-    nbytes, coded = [], []
-    for i, v in enumerate(depths):
-        prev = DecodedView(None, None, coded[-1], K[i - 1:i], T[i - 1:i]) if coded else None
-        stream, depth_hat = codec.encode_depth(v, K[i:i + 1], T[i:i + 1], scale, prev)
-        nbytes.append(stream.nbytes)
-        coded.append(depth_hat)
-    return nbytes, coded
 
 
 def coarse(codec: JointCodec, depth: torch.Tensor, scale: DepthRange) -> torch.Tensor:
@@ -72,7 +58,8 @@ def scene_fidelity(codec: JointCodec, work: Path, views: int) -> None:
     K, T = torch.as_tensor(K, dtype=torch.float32), torch.as_tensor(T, dtype=torch.float32)
     scale = DepthRange.of(torch.cat([v.flatten() for v in d]))
     print(f"{work.name}: {len(d)} views, near {scale.near:.3g}, far {scale.far:.3g}")
-    nbytes, coded = coded_chain(codec, d, K, T, scale)
+    streams, coded = codec.encode_depth_chain(d, K, T, scale)
+    nbytes = [stream.nbytes for stream in streams]
     coded_err = [errors(depth_hat, v) for depth_hat, v in zip(coded, d)]
     coarse_err = [errors(coarse(codec, v, scale), v) for v in d]
     for i, n in enumerate(nbytes):

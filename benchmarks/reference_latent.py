@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from geometry.warp import backward_warp, multiscale
-from depth_codec import coarse, coded_chain, load_codec
+from depth_codec import coarse, load_codec
 from joint_steps import first_views
 from lmvic.models.depth_codec import DepthRange
 from lmvic.scene_codec import DecodedView, pad, padded_image
@@ -59,7 +59,7 @@ def main() -> None:
     if args.depth == "coarse":
         d = [coarse(codec, v, scale) for v in d]
     elif args.depth == "coded":
-        d = coded_chain(codec, d, K, T, scale)[1]
+        d = codec.encode_depth_chain(d, K, T, scale)[1]
     print(f"{args.work_dir.name}: {len(names) - 1} pairs, {args.depth} depth, weights {args.weights}")
     with torch.no_grad():
         pairs = range(1, len(x))  # (reference t - 1, target t)

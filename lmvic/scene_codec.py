@@ -78,7 +78,8 @@ WEIGHT_FORMAT = 3  # 2: depth coded at 1/64, aligned-latent QPEM context; 3: dep
 DEPTH_FACTOR = 16
 DEPTH_QUALITY = 1
 #: Changes when the encoder codes the same input differently (2: unused depth streams dropped; 3: depth
-#: at 1/64; 5: depth at 1/16); ``lmvic eval`` then measures again instead of reusing its results.
+#: at 1/64; 4: trust tolerance 0.15 and the prior mode; 5: depth at 1/16); ``lmvic eval`` then measures again
+#: instead of reusing its results.
 ENCODER_REVISION = 5
 #: Relative occlusion tolerance τ of the codec's trust mask on *decoded* depths (``geometry.warp.relate``).
 #: The relations stage's 0.02 suits the stage-one depth; the depth codec's 1/64 maps of session 11 were off by
@@ -222,6 +223,20 @@ class JointCodec(CompressionModel):
         strings, shape, y_hat = self.depth.encode(coarse, DEPTH_QUALITY, d_side)
         return LatentStream.coded(strings, shape), self._decoded_depth(y_hat, d_side, tuple(depth.shape[-2:]),
                                                                        depth_range)
+
+    def encode_depth_chain(self, depths: Sequence[Tensor], K: Tensor, T: Tensor, depth_range: DepthRange
+                           ) -> tuple[list[LatentStream], list[Tensor]]:
+        """Code padded depths (1, H, W) of views in coding order, each predicted by CVDP from the previous
+        view's decoded depth (the first without reference), K (V, 3, 3), T (V, 4, 4) → (streams, the
+        decoder's metric depths (1, H, W)): the depth codec alone, as ``encode_scene`` codes a chain of
+        views that all keep their depth."""
+        streams, decoded = [], []
+        for i, depth in enumerate(depths):
+            ref = DecodedView(None, None, decoded[-1], K[i - 1:i], T[i - 1:i]) if decoded else None
+            stream, depth_hat = self.encode_depth(depth, K[i:i + 1], T[i:i + 1], depth_range, ref)
+            streams.append(stream)
+            decoded.append(depth_hat)
+        return streams, decoded
 
     def encode_image(self, image: Tensor, quality: int, mode: str, side: Side | None,
                      depth_hat: Tensor | None, K: Tensor, T: Tensor) -> tuple[LatentStream, DecodedView]:

@@ -192,18 +192,14 @@ def test_the_shipped_depth_codec_codes_an_unseen_synthetic_scene_close_to_its_tr
     coded in a chain as ``lmvic encode`` codes it (each view predicted by CVDP from the previous decoded
     one): the decoded depth is within 10 % of the truth at the median pixel and within the codec's trust
     tolerance at 75 % of them. The session-13 depth codec (1/64 maps) was 18.6 % and 39 % here."""
-    from lmvic.scene_codec import TRUST_TOLERANCE, DecodedView, load_joint
+    from lmvic.scene_codec import TRUST_TOLERANCE, load_joint
 
-    codec = load_joint("joint-cpu")
     scene = render(4, 384, 256)
-    rng = DepthRange.of(torch.from_numpy(np.stack(scene.depths)))
-    ref, errors = None, []
-    for i in range(4):
-        _, depth, K, T = as_tensors(scene, i)
-        _, depth_hat = codec.encode_depth(depth, K, T, rng, ref)
-        ref = DecodedView(None, None, depth_hat, K, T)
-        errors.append(((depth_hat - depth).abs() / depth)[depth > 0])
-    errors = torch.cat(errors)
+    depths = [torch.from_numpy(d)[None] for d in scene.depths]
+    _, decoded = load_joint("joint-cpu").encode_depth_chain(
+        depths, torch.from_numpy(scene.intrinsics).float(), torch.from_numpy(scene.world_to_camera).float(),
+        DepthRange.of(torch.cat(depths)))
+    errors = torch.cat([((d_hat - d).abs() / d)[d > 0] for d_hat, d in zip(decoded, depths)])
     assert float(errors.median()) < 0.10
     assert float((errors <= TRUST_TOLERANCE).float().mean()) > 0.75
 
