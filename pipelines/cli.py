@@ -15,6 +15,7 @@ import pkgutil
 import sys
 
 import pipelines.commands
+from lmvic.heap import retain_freed_memory
 from pipelines.errors import LmvicError
 
 
@@ -37,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s" if args.verbose else "%(message)s")
+    retain_freed_memory()  # large tensors reuse freed pages (encode/decode ~30 % faster: lmvic.heap)
     try:
         return args.handler(args) or 0
     except LmvicError as exc:
