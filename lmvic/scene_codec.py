@@ -112,6 +112,11 @@ class DecodedView:
     K: Tensor
     T: Tensor
 
+    def without_features(self) -> DecodedView:
+        """The view once no later view takes it as reference: its decoder features (≈ 80 MB for a
+        704×1280 view) dropped, so that coding a scene holds one view's features, not every view's."""
+        return replace(self, features=None)
+
 
 class JointCodec(CompressionModel):
     """The joint-mode pair: ``depth`` (DepthCodec) and ``image`` (JointImageCodec), one model id.
@@ -239,8 +244,9 @@ class JointCodec(CompressionModel):
         return streams, decoded
 
     def encode_image(self, image: Tensor, quality: int, mode: str, side: Side | None,
-                     depth_hat: Tensor | None, K: Tensor, T: Tensor) -> tuple[LatentStream, DecodedView]:
-        """Code one padded image (1, 3, H, W) → (stream, the decoder's DecodedView with depth ``depth_hat``).
+                     depth_hat: Tensor | None, K: Tensor, T: Tensor) -> tuple[LatentStream, DecodedView, Tensor]:
+        """Code one padded image (1, 3, H, W) → (stream, the decoder's DecodedView with depth ``depth_hat``,
+        ŷ: ``decoded_view`` of it with the same side rebuilds that view).
 
         ``side``: ``image_side`` of the view's reference (computed by ``_exact``; None without one).
         ``mode`` (stream ``IMAGE_STREAMS[mode]``): ``inter`` the joint image codec with ``side`` (ICT and
@@ -249,10 +255,10 @@ class JointCodec(CompressionModel):
         if mode == "intra":
             with torch.no_grad():
                 strings, shape, y_hat = self.image.backbone.encode_latent(image, quality)
-            return LatentStream.coded(strings, shape), self._decoded(y_hat, quality, None, depth_hat, K, T)
+            return LatentStream.coded(strings, shape), self.decoded_view(y_hat, quality, None, depth_hat, K, T), y_hat
         i_side = _side_of(mode, side)
         strings, shape, y_hat = self.image.encode(image, quality, i_side)
-        return LatentStream.coded(strings, shape), self._decoded(y_hat, quality, i_side, depth_hat, K, T)
+        return LatentStream.coded(strings, shape), self.decoded_view(y_hat, quality, i_side, depth_hat, K, T), y_hat
 
     def rd_cost(self, nbytes: int, decoded: Tensor, image: Tensor, quality: int) -> float:
         """The training loss's RD cost of coding ``image`` (1, 3, H, W) in ``nbytes`` bytes decoding
@@ -277,12 +283,12 @@ class JointCodec(CompressionModel):
         if modes == ["intra"]:
             backbone = self.image.backbone
             y_hat = backbone.decode_latent(*_strings(streams, INTRA_STREAM, size, backbone.num_strings), quality)
-            return self._decoded(y_hat, quality, None, depth_hat, K, T)
+            return self.decoded_view(y_hat, quality, None, depth_hat, K, T)
         if ref is not None and (depth_hat is None or ref.depth is None):
             raise BitstreamError("a view coded with its reference needs the depth streams of both views")
         i_side = _side_of(modes[0], _exact(self.image_side, ref, depth_hat, K, T))
         y_hat = self.image.decode_latent(*_strings(streams, IMAGE_STREAMS[modes[0]], size), quality, i_side)
-        return self._decoded(y_hat, quality, i_side, depth_hat, K, T)
+        return self.decoded_view(y_hat, quality, i_side, depth_hat, K, T)
 
     def _decoded_depth(self, y_hat: Tensor, side: Side | None, size: tuple[int, int],
                        depth_range: DepthRange) -> Tensor:
@@ -291,8 +297,9 @@ class JointCodec(CompressionModel):
         with fixed_threads(EXACT_THREADS), torch.no_grad():
             return depth_range.denormalise(self.fine_depth(coded, size))
 
-    def _decoded(self, y_hat: Tensor, quality: int, side: Side | None, depth_hat: Tensor | None,
-                 K: Tensor, T: Tensor) -> DecodedView:
+    def decoded_view(self, y_hat: Tensor, quality: int, side: Side | None, depth_hat: Tensor | None,
+                     K: Tensor, T: Tensor) -> DecodedView:
+        """Image latent ŷ (gained, as coded) with ``side`` → the view as the decoder rebuilds it."""
         feats = self.image.reconstruct(y_hat, quality, side)
         return DecodedView(feats[-1].clamp(0, 1), feats[:-1], depth_hat, K, T)
 
@@ -476,19 +483,19 @@ class _SceneCoder:
     depth_range: DepthRange
 
     def run(self, plan: Sequence[Sequence[str]], depth_views: Collection[int],
-            reuse: dict[tuple[int, str], tuple[LatentStream, DecodedView]] | None = None
+            reuse: dict[tuple[int, str], tuple[LatentStream, Tensor]] | None = None
             ) -> tuple[list[dict[str, LatentStream]], dict[int, DecodedView], dict[int, dict[bool, float]],
-                       dict[tuple[int, str], tuple[LatentStream, DecodedView]]]:
+                       dict[tuple[int, str], tuple[LatentStream, Tensor]]]:
         """Code each view in order: its depth if in ``depth_views``, its image in each mode ``plan[view]``
         lists (without a reference ``prior`` is ``inter``: it is coded only if listed alone), keeping
-        the one of lowest RD cost; ``reuse[(view, mode)]``: image codings that depend on no depth, taken
-        instead of coding again (with the new depth) → (records in view-index order, decoded views, RD
-        costs per view with and without its reference (the cheaper reference mode), the codings that
-        depend on no depth)."""
+        the one of lowest RD cost; ``reuse[(view, mode)]``: image codings that depend on no depth (stream
+        and ŷ), taken instead of coding again (with the new depth) → (records in view-index order,
+        decoded views (features only in the last), RD costs per view with and without its reference
+        (the cheaper reference mode), the codings that depend on no depth)."""
         records: list[dict[str, LatentStream]] = [{} for _ in self.views]
         decoded: dict[int, DecodedView] = {}
         costs: dict[int, dict[bool, float]] = {}
-        independent: dict[tuple[int, str], tuple[LatentStream, DecodedView]] = {}
+        independent: dict[tuple[int, str], tuple[LatentStream, Tensor]] = {}
         for rank, i in enumerate(self.order):
             ref = decoded[self.order[rank - 1]] if rank else None
             image = padded_image(self.scene.images[i])
@@ -502,14 +509,15 @@ class _SceneCoder:
             options: dict[str, tuple[LatentStream, DecodedView]] = {}
             for mode in candidates:
                 if reuse is not None and (i, mode) in reuse:
-                    stream, view = reuse[i, mode]
-                    options[mode] = stream, replace(view, depth=depth_hat)
+                    stream, y_hat = reuse[i, mode]
+                    view = self.codec.decoded_view(y_hat, self.quality, None, depth_hat, K, T)
                 else:
                     if mode != "intra" and side is None and ref is not None:
                         side = _exact(self.codec.image_side, ref, depth_hat, K, T)
-                    options[mode] = self.codec.encode_image(image, self.quality, mode, side, depth_hat, K, T)
+                    stream, view, y_hat = self.codec.encode_image(image, self.quality, mode, side, depth_hat, K, T)
+                options[mode] = stream, view
                 if mode == "intra" or not rank:
-                    independent[i, mode] = options[mode]
+                    independent[i, mode] = stream, y_hat
             mode_costs = {mode: self.codec.rd_cost(stream.nbytes, view.image, image, self.quality)
                           for mode, (stream, view) in options.items()}
             costs[i] = {}
@@ -519,6 +527,8 @@ class _SceneCoder:
             mode = min(mode_costs, key=mode_costs.get)
             stream, decoded[i] = options[mode]
             records[i][IMAGE_STREAMS[mode]] = stream
+            if ref is not None:
+                decoded[self.order[rank - 1]] = ref.without_features()
         return records, decoded, costs, independent
 
 
@@ -589,6 +599,8 @@ def decode_scene_file(source: str | Path, codec: JointCodec | None = None,
             K, T = _camera(info)
             ref = decoded[header.order[rank - 1]] if rank else None
             decoded[i] = codec.decode_view(reader.read_view(i), K, T, size, header.quality, depth_range, ref)
+            if ref is not None:
+                decoded[header.order[rank - 1]] = ref.without_features()
     output = _output(header, decoded)
     keep = [n for n in names if n in wanted]
     return DecodedScene(header, {n: output.images[n] for n in keep},
