@@ -8,7 +8,9 @@ percentile of the relative depth error |D̂ − D| / D, and the share within the
 (``TRUST_TOLERANCE``: what the trust mask can accept). The same figures for the map uncoded at the
 codec's resolution (``coarse``) are the floor the resolution sets. ``constant``: the mean absolute
 error, in normalised units, of a first view whose map is one value (a codec that cannot code a
-constant has collapsed to a fixed output).
+constant has collapsed to a fixed output). ``by depth``: the coded errors over the views' pixels split
+into depth quintiles (with the last fifth split again at the 90th and 95th percentiles), with the
+mean normalised value u of the band and the median |û − u|: where in the scene the errors are.
 
     python benchmarks/depth_codec.py /work/runs/fox /work/runs/sceaux [--views 6] [--weights joint-cpu|FILE.pt|RUN/checkpoint.pt]
 """
@@ -47,6 +49,28 @@ def errors(decoded: torch.Tensor, truth: torch.Tensor) -> np.ndarray:
     return ((decoded - truth).abs() / truth)[valid].numpy()
 
 
+#: Quantiles of the true depth bounding the bands of ``by_depth``.
+BANDS = (0.0, 0.2, 0.4, 0.6, 0.8, 0.9, 0.95, 1.0)
+
+
+def by_depth(decoded: list[torch.Tensor], truth: list[torch.Tensor], scale: DepthRange) -> list[str]:
+    """One line per depth band (``BANDS``) of the valid pixels of ``truth`` (views (1, H, W) metric)."""
+    t = torch.cat([v.flatten() for v in truth])
+    h = torch.cat([v.flatten() for v in decoded])
+    valid = torch.isfinite(t) & (t > 0)
+    t, h = t[valid], h[valid]
+    rel = ((h - t).abs() / t).numpy()
+    u, u_hat = (scale.normalise(v[None, None])[0, 0, 0].numpy() for v in (t, h))
+    t = t.numpy()
+    edges = np.quantile(t, BANDS)
+    lines = []
+    for low, high in zip(edges[:-1], edges[1:]):
+        band = (t >= low) & (t <= high)
+        lines.append(f"    depth {low:7.2f}-{high:7.2f}: share {band.mean():.2f}  u {u[band].mean():.3f}  "
+                     f"|du| median {np.median(np.abs(u_hat - u)[band]):.4f}  {summary(rel[band])}")
+    return lines
+
+
 def summary(err: np.ndarray) -> str:
     return (f"median {100 * np.median(err):5.1f} %  p90 {100 * np.quantile(err, 0.9):6.1f} %  "
             f"within tau {np.mean(err <= TRUST_TOLERANCE):.2f}")
@@ -66,6 +90,7 @@ def scene_fidelity(codec: JointCodec, work: Path, views: int) -> None:
         print(f"  view {i}: {n:5d} B  coded {summary(coded_err[i])}   coarse {summary(coarse_err[i])}")
     print(f"  all    : {sum(nbytes):5d} B  coded {summary(np.concatenate(coded_err))}   "
           f"coarse {summary(np.concatenate(coarse_err))}")
+    print("  by depth (coded):", *by_depth(coded, d, scale), sep="\n")
 
 
 def constant_errors(codec: JointCodec) -> str:
