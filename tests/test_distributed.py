@@ -79,6 +79,9 @@ def test_invalid_configurations() -> None:
         build_distributed("cpu", "max")
     with pytest.raises(ValueError, match="feature_fusions"):
         build_distributed("cpu", "pmifm", feature_fusions=4)
+    model = build_distributed("cpu", "pmifm", feature_fusions=1)
+    with pytest.raises(ValueError, match="index of a fusion"):
+        model.synthesise_views(torch.zeros(1, 2, model.backbone.M, 4, 4), stop=2)
 
 
 def _streams(codec, views: torch.Tensor) -> list[tuple]:

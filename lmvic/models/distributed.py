@@ -71,26 +71,39 @@ class DistributedCodec(CompressionModel):
         self.fusions = nn.ModuleList(FUSIONS[fusion](c) for c in widths)
 
     # ---- decoder --------------------------------------------------------------------------
-    def synthesise_views(self, y_hat: Tensor, stop: int | None = None, sides: SideViews = None) -> Tensor:
+    def synthesise_views(self, y_hat: Tensor, stop: int | None = None, sides: SideViews = None,
+                         views_at_once: int | None = None) -> Tensor:
         """Fused synthesis. ``y_hat`` ``(B, V, M, h, w)`` (after the inverse gain) → x̂ ``(B, V, 3, 16h, 16w)``.
 
         Stage ``k`` of the backbone's synthesis maps scale 1/16·2^k to the next; the input of
-        stage ``k`` is fused across views for ``k < len(self.fusions)``. With ``stop = k`` the
-        unfused input of fusion ``k`` is returned instead (``(B, V, C, 2^k h, 2^k w)``). ``sides``:
-        each view's side views (``fuse_views``; default: all the other views).
+        stage ``k`` is fused across views for ``k < len(self.fusions)``. With ``stop = k`` (one of
+        those) the unfused input of fusion ``k`` is returned instead (``(B, V, C, 2^k h, 2^k w)``).
+        ``sides``: each view's side views (``fuse_views``; default: all the other views).
+        ``views_at_once``: the stages after the last fusion (per view, and at the larger scales) run on
+        this many of the B·V views at a time, so that a decoder's memory does not grow with the number
+        of views (default: all at once).
         """
+        fused = len(self.fusions)
+        if stop is not None and not 0 <= stop < fused:
+            raise ValueError(f"stop must be the index of a fusion, 0..{fused - 1}")
         feats = y_hat
-        for k, stage in enumerate(self.backbone.synthesis):
+        for k in range(fused):
             if k == stop:
                 return feats
-            if k < len(self.fusions):
-                feats = fuse_views(self.fusions[k], feats, sides)
-            feats = stage(feats.flatten(0, 1)).unflatten(0, feats.shape[:2])
-        return feats
+            feats = fuse_views(self.fusions[k], feats, sides)
+            feats = self.backbone.synthesis[k](feats.flatten(0, 1)).unflatten(0, feats.shape[:2])
+        flat = feats.flatten(0, 1)
+        parts = []
+        for part in flat.split(views_at_once or len(flat)):
+            for stage in self.backbone.synthesis[fused:]:
+                part = stage(part)
+            parts.append(part)
+        return torch.cat(parts).unflatten(0, feats.shape[:2])
 
     def decode_views(self, streams: Sequence[tuple[list[list[bytes]], tuple[int, int]]],
                      quality: float, stop: int | None = None, sides: SideViews = None) -> Tensor:
-        """Entropy-decode the views' latents and run ``synthesise_views`` (``stop`` as there).
+        """Entropy-decode the views' latents and run ``synthesise_views`` (``stop`` as there; after the
+        last fusion one view at a time).
 
         ``streams``: per view ``(strings, shape)`` from ``compress`` (batch 1 each) → ``(1, V, ...)``.
         """
@@ -103,7 +116,7 @@ class DistributedCodec(CompressionModel):
         y_hat = torch.cat(latents).float()
         level = codec.levels(quality, y_hat.shape[0])
         with fixed_threads(EXACT_THREADS), torch.no_grad():
-            return self.synthesise_views(codec.inverse_gain(y_hat, level)[None], stop, sides)
+            return self.synthesise_views(codec.inverse_gain(y_hat, level)[None], stop, sides, views_at_once=1)
 
     def align_side_image(self, main: Tensor, side: Tensor, quality: float, fusion_index: int | None = None,
                          values: Tensor | None = None) -> tuple[Tensor, Tensor]:
