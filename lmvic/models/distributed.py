@@ -79,31 +79,33 @@ class DistributedCodec(CompressionModel):
         stage ``k`` is fused across views for ``k < len(self.fusions)``. With ``stop = k`` (one of
         those) the unfused input of fusion ``k`` is returned instead (``(B, V, C, 2^k h, 2^k w)``).
         ``sides``: each view's side views (``fuse_views``; default: all the other views).
-        ``views_at_once``: the stages after the last fusion (per view, and at the larger scales) run on
-        this many of the B·V views at a time, so that a decoder's memory does not grow with the number
-        of views (default: all at once).
+        ``views_at_once``: the synthesis stages run on this many of the B·V views at a time (the
+        fusions see all of them), so that a decoder's memory does not grow with the number of views
+        (default: all at once).
         """
         fused = len(self.fusions)
         if stop is not None and not 0 <= stop < fused:
             raise ValueError(f"stop must be the index of a fusion, 0..{fused - 1}")
+
+        def run(stages: Sequence[nn.Module], x: Tensor) -> Tensor:
+            parts = []
+            for part in x.flatten(0, 1).split(views_at_once or x.shape[0] * x.shape[1]):
+                for stage in stages:
+                    part = stage(part)
+                parts.append(part)
+            return torch.cat(parts).unflatten(0, x.shape[:2])
+
         feats = y_hat
         for k in range(fused):
             if k == stop:
                 return feats
-            feats = fuse_views(self.fusions[k], feats, sides)
-            feats = self.backbone.synthesis[k](feats.flatten(0, 1)).unflatten(0, feats.shape[:2])
-        flat = feats.flatten(0, 1)
-        parts = []
-        for part in flat.split(views_at_once or len(flat)):
-            for stage in self.backbone.synthesis[fused:]:
-                part = stage(part)
-            parts.append(part)
-        return torch.cat(parts).unflatten(0, feats.shape[:2])
+            feats = run(self.backbone.synthesis[k:k + 1], fuse_views(self.fusions[k], feats, sides))
+        return run(self.backbone.synthesis[fused:], feats)
 
     def decode_views(self, streams: Sequence[tuple[list[list[bytes]], tuple[int, int]]],
                      quality: float, stop: int | None = None, sides: SideViews = None) -> Tensor:
-        """Entropy-decode the views' latents and run ``synthesise_views`` (``stop`` as there; after the
-        last fusion one view at a time).
+        """Entropy-decode the views' latents and run ``synthesise_views`` (``stop`` as there; the
+        synthesis one view at a time).
 
         ``streams``: per view ``(strings, shape)`` from ``compress`` (batch 1 each) → ``(1, V, ...)``.
         """
