@@ -80,8 +80,8 @@ class DistributedCodec(CompressionModel):
         those) the unfused input of fusion ``k`` is returned instead (``(B, V, C, 2^k h, 2^k w)``).
         ``sides``: each view's side views (``fuse_views``; default: all the other views).
         ``views_at_once``: the synthesis stages run on this many of the B·V views at a time (the
-        fusions see all of them), so that a decoder's memory does not grow with the number of views
-        (default: all at once).
+        fusions see all of them), so that the stages' working memory does not grow with the number of
+        views (default: all at once).
         """
         fused = len(self.fusions)
         if stop is not None and not 0 <= stop < fused:
