@@ -102,8 +102,9 @@ class DecodedView:
     """What a later view needs from a decoded one (padded size H×W).
 
     image (B, 3, H, W) in [0, 1]; features: image decoder features at 1/8, 1/4, 1/2 (both None
-    when only the depth codec runs, in depth-only training); depth (B, H, W) metric (None when the
-    view's depth was not coded); K (B, 3, 3); T (B, 4, 4) world-to-camera.
+    when only the depth codec runs, in depth-only training; features None once no later view takes
+    the view as reference, ``without_features``); depth (B, H, W) metric (None when the view's depth
+    was not coded); K (B, 3, 3); T (B, 4, 4) world-to-camera.
     """
 
     image: Tensor | None
