@@ -43,10 +43,16 @@ def coarse(codec: JointCodec, depth: torch.Tensor, scale: DepthRange) -> torch.T
     return scale.denormalise(codec.fine_depth(codec.coarse_depth(scale.normalise(depth)), tuple(depth.shape[-2:])))
 
 
+def valid_pixels(decoded: torch.Tensor, truth: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both depths (same shape, metric) at the valid pixels of ``truth``, flattened."""
+    valid = torch.isfinite(truth) & (truth > 0)
+    return decoded[valid], truth[valid]
+
+
 def errors(decoded: torch.Tensor, truth: torch.Tensor) -> np.ndarray:
     """Relative depth errors over the valid pixels of ``truth`` (both (1, H, W) metric)."""
-    valid = torch.isfinite(truth) & (truth > 0)
-    return ((decoded - truth).abs() / truth)[valid].numpy()
+    h, t = valid_pixels(decoded, truth)
+    return ((h - t).abs() / t).numpy()
 
 
 #: Quantiles of the true depth bounding the bands of ``by_depth``.
@@ -55,11 +61,8 @@ BANDS = (0.0, 0.2, 0.4, 0.6, 0.8, 0.9, 0.95, 1.0)
 
 def by_depth(decoded: list[torch.Tensor], truth: list[torch.Tensor], scale: DepthRange) -> list[str]:
     """One line per depth band (``BANDS``) of the valid pixels of ``truth`` (views (1, H, W) metric)."""
-    t = torch.cat([v.flatten() for v in truth])
-    h = torch.cat([v.flatten() for v in decoded])
-    valid = torch.isfinite(t) & (t > 0)
-    t, h = t[valid], h[valid]
-    rel = ((h - t).abs() / t).numpy()
+    h, t = valid_pixels(torch.cat([v.flatten() for v in decoded]), torch.cat([v.flatten() for v in truth]))
+    rel = errors(h, t)
     u, u_hat = (scale.normalise(v[None, None])[0, 0, 0].numpy() for v in (t, h))
     t = t.numpy()
     edges = np.quantile(t, BANDS)
