@@ -12,7 +12,8 @@ the file and of the decoded views (the two settings must agree bit for bit).
 Measured (session 15, fox, 4 views, q3, 1 thread, the other core busy with a training): encode
 8.29 → 5.72 s/view (sys 2.26 → 0.13 s), decode 2.74 → 1.96 s/view, peak memory 1.74 → 1.83 GB, the
 same file and views. With 8 views the peak falls from 2.63 to 1.77 GB once a coded view's decoder
-features are dropped when its successor is done; ``benchmarks/results/coding_speed.txt``.
+features are dropped when its successor is done, and to 1.49 GB once only the latest view is held as
+tensors (``DecodedChain``); ``benchmarks/results/coding_speed.txt``.
 """
 from __future__ import annotations
 

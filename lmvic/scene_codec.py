@@ -44,7 +44,7 @@ Model ids are ``joint-<size>``; weights are ``lmvic/weights/<model id>.pt`` with
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Collection, Sequence
 
@@ -102,9 +102,8 @@ class DecodedView:
     """What a later view needs from a decoded one (padded size H×W).
 
     image (B, 3, H, W) in [0, 1]; features: image decoder features at 1/8, 1/4, 1/2 (both None
-    when only the depth codec runs, in depth-only training; features None once no later view takes
-    the view as reference, ``without_features``); depth (B, H, W) metric (None when the view's depth
-    was not coded); K (B, 3, 3); T (B, 4, 4) world-to-camera.
+    when only the depth codec runs, in depth-only training); depth (B, H, W) metric (None when the
+    view's depth was not coded); K (B, 3, 3); T (B, 4, 4) world-to-camera.
     """
 
     image: Tensor | None
@@ -112,11 +111,6 @@ class DecodedView:
     depth: Tensor | None
     K: Tensor
     T: Tensor
-
-    def without_features(self) -> DecodedView:
-        """The view once no later view takes it as reference: its decoder features (≈ 80 MB for a
-        704×1280 view) dropped, so that coding a scene holds one view's features, not every view's."""
-        return replace(self, features=None)
 
 
 class JointCodec(CompressionModel):
@@ -440,15 +434,15 @@ def encode_scene(codec: JointCodec, scene: SceneInput, order: Sequence[int], qua
         raise LmvicError(f"cannot code the scene's depth: {exc}") from exc
     codec.eval()
     coder = _SceneCoder(codec, scene, views, order, quality, depth_range)
-    records, decoded, costs, reusable = coder.run([_CANDIDATES[p] for p in plan], depth_views=range(count))
+    records, chain, costs, reusable = coder.run([_CANDIDATES[p] for p in plan], depth_views=range(count))
     inter = choose_modes(order, costs, {i: 8 * r["depth"].nbytes for i, r in enumerate(records)})
     needed = {j for rank, i in enumerate(order) if rank and inter[i] for j in (i, order[rank - 1])}
     if len(needed) < count or any(inter[i] == (INTRA_STREAM in records[i]) for i in range(count)):
         again = [tuple(m for m in _CANDIDATES[plan[i]] if (m != "intra") == inter[i]) for i in range(count)]
-        records, decoded, _, _ = coder.run(again, needed, reusable)
+        records, chain, _, _ = coder.run(again, needed, reusable)
     range_bytes = _RANGE.pack(depth_range.near, depth_range.far, DEPTH_FACTOR)
     records[order[0]][RANGE_STREAM] = LatentStream((range_bytes,), (3,))
-    return header, records, _output(header, decoded)
+    return header, records, chain.output(header)
 
 
 def choose_modes(order: Sequence[int], costs: dict[int, dict[bool, float]], depth_bits: dict[int, float]
@@ -485,20 +479,20 @@ class _SceneCoder:
 
     def run(self, plan: Sequence[Sequence[str]], depth_views: Collection[int],
             reuse: dict[tuple[int, str], tuple[LatentStream, Tensor]] | None = None
-            ) -> tuple[list[dict[str, LatentStream]], dict[int, DecodedView], dict[int, dict[bool, float]],
+            ) -> tuple[list[dict[str, LatentStream]], DecodedChain, dict[int, dict[bool, float]],
                        dict[tuple[int, str], tuple[LatentStream, Tensor]]]:
         """Code each view in order: its depth if in ``depth_views``, its image in each mode ``plan[view]``
         lists (without a reference ``prior`` is ``inter``: it is coded only if listed alone), keeping
         the one of lowest RD cost; ``reuse[(view, mode)]``: image codings that depend on no depth (stream
         and ŷ), taken instead of coding again (with the new depth) → (records in view-index order,
-        decoded views (features only in the last), RD costs per view with and without its reference
-        (the cheaper reference mode), the codings that depend on no depth)."""
+        the decoded views, RD costs per view with and without its reference (the cheaper reference mode),
+        the codings that depend on no depth)."""
         records: list[dict[str, LatentStream]] = [{} for _ in self.views]
-        decoded: dict[int, DecodedView] = {}
+        chain = DecodedChain(self.views)
         costs: dict[int, dict[bool, float]] = {}
         independent: dict[tuple[int, str], tuple[LatentStream, Tensor]] = {}
         for rank, i in enumerate(self.order):
-            ref = decoded[self.order[rank - 1]] if rank else None
+            ref = chain.latest
             image = padded_image(self.scene.images[i])
             K, T = _camera(self.views[i])
             depth_hat = None
@@ -526,21 +520,43 @@ class _SceneCoder:
                 uses_ref = mode != "intra"
                 costs[i][uses_ref] = min(cost, costs[i].get(uses_ref, cost))
             mode = min(mode_costs, key=mode_costs.get)
-            stream, decoded[i] = options[mode]
+            stream, view = options[mode]
+            chain.push(i, view)
             records[i][IMAGE_STREAMS[mode]] = stream
-            if ref is not None:
-                decoded[self.order[rank - 1]] = ref.without_features()
-        return records, decoded, costs, independent
+        return records, chain, costs, independent
 
 
-def _output(header: SceneHeader, decoded: dict[int, DecodedView]) -> DecodedScene:
-    images, depths = {}, {}
-    for i, view in sorted(decoded.items()):
-        info = header.views[i]
-        images[info.name] = to_uint8(view.image, info.height, info.width)
-        if view.depth is not None:
-            depths[info.name] = view.depth[0, :info.height, :info.width].numpy().astype(np.float32)
-    return DecodedScene(header, images, depths)
+class DecodedChain:
+    """The views of a scene decoded so far, in coding order: the latest one whole (the next view's
+    reference), every earlier one only as the decoder's output (uint8 image and float32 depth at its
+    size), so that coding a scene holds one view's decoder features (≈ 80 MB for a 704×1216 view) and
+    float32 image, not every view's."""
+
+    def __init__(self, views: Sequence[ViewInfo]):
+        self.views = views
+        self.latest: DecodedView | None = None
+        self._latest_index = -1
+        self.images: dict[str, np.ndarray] = {}
+        self.depths: dict[str, np.ndarray] = {}
+
+    def push(self, index: int, view: DecodedView) -> None:
+        """View ``index`` (of ``views``) is decoded: it becomes the latest, the previous one output only."""
+        self._retire()
+        self.latest, self._latest_index = view, index
+
+    def output(self, header: SceneHeader) -> DecodedScene:
+        """Every view pushed, as the decoder outputs it."""
+        self._retire()
+        return DecodedScene(header, dict(self.images), dict(self.depths))
+
+    def _retire(self) -> None:
+        if self.latest is None:
+            return
+        info = self.views[self._latest_index]
+        self.images[info.name] = to_uint8(self.latest.image, info.height, info.width)
+        if self.latest.depth is not None:
+            self.depths[info.name] = self.latest.depth[0, :info.height, :info.width].numpy().astype(np.float32)
+        self.latest = None
 
 
 def encode_scene_file(path: str | Path, codec: JointCodec, scene: SceneInput, order: Sequence[int],
@@ -593,16 +609,14 @@ def decode_scene_file(source: str | Path, codec: JointCodec | None = None,
         last = max(rank for rank, i in enumerate(header.order) if names[i] in wanted)
         codec.eval()
         depth_range = _depth_range(reader.read_view(header.order[0]).get(RANGE_STREAM))
-        decoded: dict[int, DecodedView] = {}
-        for rank, i in enumerate(header.order[: last + 1]):
+        chain = DecodedChain(header.views)
+        for i in header.order[: last + 1]:
             info = header.views[i]
             size = (info.height + -info.height % PAD, info.width + -info.width % PAD)
             K, T = _camera(info)
-            ref = decoded[header.order[rank - 1]] if rank else None
-            decoded[i] = codec.decode_view(reader.read_view(i), K, T, size, header.quality, depth_range, ref)
-            if ref is not None:
-                decoded[header.order[rank - 1]] = ref.without_features()
-    output = _output(header, decoded)
+            chain.push(i, codec.decode_view(reader.read_view(i), K, T, size, header.quality, depth_range,
+                                            chain.latest))
+    output = chain.output(header)
     keep = [n for n in names if n in wanted]
     return DecodedScene(header, {n: output.images[n] for n in keep},
                         {n: output.depths[n] for n in keep if n in output.depths})

@@ -17,13 +17,13 @@ import torch
 
 import lmvic  # noqa: F401
 from geometry.warp import multiscale
-from lmvic.bitstream import UNSHIPPED, BitstreamError, SceneHeader, read_scene, write_scene
+from lmvic.bitstream import UNSHIPPED, BitstreamError, SceneHeader, ViewInfo, read_scene, write_scene
 from lmvic.models.joint import JointImageCodec
 from lmvic.exact import fixed_threads
 from lmvic.models.single_view import build_single_view
 from lmvic.models.depth_codec import DepthRange
-from lmvic.scene_codec import (INTRA_STREAM, SceneInput, build_joint, decode_scene_file, encode_scene,
-                               encode_scene_file, load_joint_file, pad, save_joint)
+from lmvic.scene_codec import (INTRA_STREAM, DecodedChain, DecodedView, SceneInput, build_joint, decode_scene_file,
+                               encode_scene, encode_scene_file, load_joint_file, pad, save_joint)
 from pipelines.errors import LmvicError
 from lmvic.zoo import WeightsError, load_single_view
 from scenes.synthetic import ArcCameras, SceneSpec, SolidNoise, render_view
@@ -736,7 +736,7 @@ def test_concatenation_ablation_feeds_the_reference_unwarped(tmp_path) -> None:
     computed with zero disparity and the same trust mask; the flag survives saving, and the model id
     keeps its files apart from the joint codec's."""
     from geometry.warp import relate
-    from lmvic.scene_codec import TRUST_TOLERANCE, DecodedView
+    from lmvic.scene_codec import TRUST_TOLERANCE
 
     torch.manual_seed(0)
     aligned, concat = build_joint("cpu"), build_joint("cpu", aligned=False)
@@ -816,3 +816,26 @@ def test_relative_depth_metric_changes_only_the_depth_distortion(tmp_path) -> No
     assert abs(rel_loss.item() - expected.item()) < 1e-4 * abs(expected.item())
     with pytest.raises(ValueError, match="depth_metric"):
         clip_loss(codec, codec, clip, q, depth_metric="l1")
+
+
+def test_decoded_chain_holds_the_latest_view_and_outputs_every_view_cropped():
+    """Views pushed in coding order (not index order): the latest is held whole, each earlier one
+    only as its cropped uint8 image and float32 depth, under its own name."""
+    infos = [ViewInfo(f"v{v}", 50 + v, 70 - v, np.eye(3), np.eye(4)) for v in range(3)]
+    g = torch.Generator().manual_seed(0)
+    views = {i: DecodedView(torch.rand(1, 3, 64, 128, generator=g), None,
+                            None if i == 1 else 1 + torch.rand(1, 64, 128, generator=g),
+                            torch.eye(3)[None], torch.eye(4)[None]) for i in range(3)}
+    chain = DecodedChain(infos)
+    assert chain.latest is None
+    for i in (2, 0, 1):
+        chain.push(i, views[i])
+        assert chain.latest is views[i]
+    out = chain.output(SceneHeader("joint", "joint-cpu", 1, tuple(infos), (2, 0, 1), ((), (2,), (0,)), UNSHIPPED))
+    assert sorted(out.images) == ["v0", "v1", "v2"] and sorted(out.depths) == ["v0", "v2"]
+    for i, info in enumerate(infos):
+        expected = (views[i].image[0, :, :info.height, :info.width].permute(1, 2, 0) * 255).round().to(torch.uint8)
+        assert out.images[info.name].dtype == np.uint8 and out.images[info.name].shape == (info.height, info.width, 3)
+        assert np.array_equal(out.images[info.name], expected.numpy())
+        if views[i].depth is not None:
+            assert np.array_equal(out.depths[info.name], views[i].depth[0, :info.height, :info.width].numpy())
