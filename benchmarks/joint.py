@@ -2,9 +2,10 @@
 
 Reads the results of ``lmvic eval SCENE --mode joint`` (``WORK/eval/<codec>.json``, CompressAI
 layout) of each given work folder, and prints per scene the BD-rate (PSNR and MS-SSIM) of
-``lmvic-joint`` against every other codec there, the joint codec's encode and decode seconds per
-view, per rate point how many views it coded inter (with the reference) and what its depth streams
-cost, and the shipped model's size. Run the evaluations first, e.g.::
+``lmvic-joint`` against every other codec there and of x265 all-intra against x265 low-delay P (how
+much the other views give a traditional codec on that scene), the joint codec's encode and decode
+seconds per view, per rate point how many views it coded inter (with the reference) and what its
+depth streams cost, and the shipped model's size. Run the evaluations first, e.g.::
 
     lmvic eval ../shared/scenes/fox --work-dir W/fox --mode joint --max-views 8
     python benchmarks/joint.py W/fox W/sceaux
@@ -22,6 +23,7 @@ from lmvic.zoo import WEIGHTS_DIR
 from pipelines.rd import curve_bd_rates, from_compressai_json
 
 TEST = "lmvic-joint"
+INTRA, LDP = "x265-intra", "x265-ldp"  # all-intra against low-delay P: the scene's inter-view gain for x265
 
 
 def main() -> None:
@@ -49,11 +51,12 @@ def main() -> None:
                   f"{prior} with the reference in the entropy model only; "
                   f"depth streams in {len(depths)} views, {sum(depths)} B, "
                   f"{100 * sum(depths) / sum(point.num_bytes):.1f} % of the file")
-        for name, anchor in curves.items():
-            if name == TEST:
-                continue
-            bd = curve_bd_rates(anchor, test)
-            print(f"  BD-rate of {TEST} vs {name:<18} " + "  ".join(
+        pairs = [(TEST, name) for name in curves if name != TEST]
+        if {INTRA, LDP} <= set(curves):
+            pairs.append((INTRA, LDP))  # what the other views give a traditional codec on this scene
+        for name, anchor in pairs:
+            bd = curve_bd_rates(curves[anchor], curves[name])
+            print(f"  BD-rate of {name} vs {anchor:<18} " + "  ".join(
                 f"{metric}: {value:+.1f} %" if isinstance(value, float) else f"{metric}: n/a ({value})"
                 for metric, value in bd.items()))
 
