@@ -545,9 +545,11 @@ class DecodedChain:
         self.latest, self._latest_index = view, index
 
     def output(self, header: SceneHeader) -> DecodedScene:
-        """Every view pushed, as the decoder outputs it."""
+        """Every view pushed, as the decoder outputs it, in view-index order (as ``header.views``)."""
         self._retire()
-        return DecodedScene(header, dict(self.images), dict(self.depths))
+        names = [v.name for v in self.views]
+        return DecodedScene(header, {n: self.images[n] for n in names if n in self.images},
+                            {n: self.depths[n] for n in names if n in self.depths})
 
     def _retire(self) -> None:
         if self.latest is None:
