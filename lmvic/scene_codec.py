@@ -74,7 +74,9 @@ WEIGHT_FORMAT = 3  # 2: depth coded at 1/64, aligned-latent QPEM context; 3: dep
 # on the first 6 views of fox and sceaux_castle at q1, 1/64 cut it 3.9x and 2.5x, image bytes +0.3 % and -0.1 %,
 # same PSNR (the depth codec of then could not code its maps at any resolution); 64 until session 14: the 4-stage
 # depth codec gave a whole 1/64 map two latent vectors (median depth error fox 6.7 %, sceaux 22 %); at 1/16 it
-# has 15–20 (benchmarks/results/depth_codec.txt)
+# has 15–20 (benchmarks/results/depth_codec.txt). 1/8, retrained in session 16, fixed sceaux_castle's depth (median error 6.1 %
+# → 3.0 %) but the image codec saved ~1 % of fox's image bits for twice its depth bytes (BD-rate vs x265 LDP +97.3 → +101.7 %,
+# sceaux +29.7 → +29.3 %): not shipped
 DEPTH_FACTOR = 16
 DEPTH_QUALITY = 1
 #: Changes when the encoder codes the same input differently (2: unused depth streams dropped; 3: depth
