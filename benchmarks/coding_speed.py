@@ -41,7 +41,6 @@ def _per_view(before: tuple, after: tuple, views: int) -> str:
 
 def run_child(work: Path, views: int, quality: int, threads: int, heap: str) -> None:
     """Code and decode in this process with heap setting ``heap`` and print the figures."""
-    import numpy as np
     import torch
 
     from joint_steps import first_views

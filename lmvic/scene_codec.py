@@ -546,10 +546,11 @@ class DecodedChain:
         self._retire()
         self.latest, self._latest_index = view, index
 
-    def output(self, header: SceneHeader) -> DecodedScene:
-        """Every view pushed, as the decoder outputs it, in view-index order (as ``header.views``)."""
+    def output(self, header: SceneHeader, wanted: Collection[str] | None = None) -> DecodedScene:
+        """The views pushed (those named in ``wanted``; None: all), as the decoder outputs them, in
+        view-index order (as ``header.views``)."""
         self._retire()
-        names = [v.name for v in self.views]
+        names = [v.name for v in self.views if wanted is None or v.name in wanted]
         return DecodedScene(header, {n: self.images[n] for n in names if n in self.images},
                             {n: self.depths[n] for n in names if n in self.depths})
 
@@ -620,10 +621,7 @@ def decode_scene_file(source: str | Path, codec: JointCodec | None = None,
             K, T = _camera(info)
             chain.push(i, codec.decode_view(reader.read_view(i), K, T, size, header.quality, depth_range,
                                             chain.latest))
-    output = chain.output(header)
-    keep = [n for n in names if n in wanted]
-    return DecodedScene(header, {n: output.images[n] for n in keep},
-                        {n: output.depths[n] for n in keep if n in output.depths})
+    return chain.output(header, wanted)
 
 
 # ---- models and weights -------------------------------------------------------------------------
