@@ -20,6 +20,14 @@ from lmvic.bitstream import SceneReader, ViewInfo
 from lmvic.scene_codec import DecodedScene, JointCodec
 
 
+def refined(name: str, summary: str, refine_steps: int) -> tuple[str, str]:
+    """A codec's (name, summary) when its encoder refines latents for ``refine_steps`` steps (unchanged
+    for 0): a refined codec has results of its own, beside the plain one's."""
+    if not refine_steps:
+        return name, summary
+    return f"{name}-refine{refine_steps}", f"{summary}, encoder-side latent refinement ({refine_steps} steps)"
+
+
 class ContainerEvalCodec:
     """Base of the learned codecs in ``lmvic eval``; ``names``, ``K`` (V, 3, 3) and ``T`` (V, 4, 4)
     are the views' names and cameras in coding order."""
@@ -67,34 +75,35 @@ class JointEvalCodec(ContainerEvalCodec):
     ``depths``: the views' median depth (H, W) in camera z, cropped like the images. ``model_id``
     ``joint-concat-cpu`` (named ``lmvic-concat``) is the Concatenation ablation. ``codec``, if given,
     is used instead of the shipped ``model_id`` (e.g. a training snapshot), and ``model_id`` only
-    labels it.
+    labels it. ``refine_steps``: encoder-side latent refinement (``lmvic.refine``).
     """
 
     def __init__(self, names: Sequence[str], K: np.ndarray, T: np.ndarray, depths: Sequence[np.ndarray],
-                 model_id: str = "joint-cpu", name: str = "lmvic-joint", codec: JointCodec | None = None):
+                 model_id: str = "joint-cpu", name: str = "lmvic-joint", codec: JointCodec | None = None,
+                 refine_steps: int = 0):
         from lmvic.scene_codec import DEPTH_FACTOR, ENCODER_REVISION, load_joint
         from lmvic.zoo import WeightsError, weights_sha256
         from pipelines.errors import LmvicError
 
         super().__init__(names, K, T)
-        self.depths, self.name = list(depths), name
+        self.depths, self.refine_steps = list(depths), refine_steps
         try:
             self.codec = codec if codec is not None else load_joint(model_id)
         except WeightsError as exc:
             raise LmvicError(f"joint mode is not available: {exc}") from exc
         alignment = "ICT" if self.codec.aligned else "ICT without alignment: the Concatenation ablation"
         label = model_id if codec is not None else f"{model_id} {weights_sha256(model_id)[:12]}"
-        self.summary = (f"lmvic joint mode ({label}): depth codec "
-                            f"(CVDP + DCI, depth at 1/{DEPTH_FACTOR}) and image codec ({alignment}, QPEM) over 3DGS depth, "
-                            "intra/inter RD decision per view, depth coded only where the reference path uses it "
-                            f"(encoder revision {ENCODER_REVISION})")
+        summary = (f"lmvic joint mode ({label}): depth codec (CVDP + DCI, depth at 1/{DEPTH_FACTOR}) and image "
+                   f"codec ({alignment}, QPEM) over 3DGS depth, intra/inter RD decision per view, depth coded only "
+                   f"where the reference path uses it (encoder revision {ENCODER_REVISION})")
+        self.name, self.summary = refined(name, summary, refine_steps)
         self.qualities = tuple(range(1, self.codec.num_qualities + 1))
 
     def encode_file(self, path, views, images, quality):
         from lmvic.scene_codec import SceneInput, encode_scene_file
 
         scene = SceneInput([v.name for v in views], images, self.depths, self.K, self.T)
-        return encode_scene_file(path, self.codec, scene, range(len(views)), quality)[0]
+        return encode_scene_file(path, self.codec, scene, range(len(views)), quality, self.refine_steps)[0]
 
     def decode_file(self, path):
         from lmvic.scene_codec import decode_scene_file

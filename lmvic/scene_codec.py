@@ -241,20 +241,21 @@ class JointCodec(CompressionModel):
         return streams, decoded
 
     def encode_image(self, image: Tensor, quality: int, mode: str, side: Side | None,
-                     depth_hat: Tensor | None, K: Tensor, T: Tensor) -> tuple[LatentStream, DecodedView, Tensor]:
+                     depth_hat: Tensor | None, K: Tensor, T: Tensor, refine_steps: int = 0,
+                     valid: tuple[int, int] | None = None) -> tuple[LatentStream, DecodedView, Tensor]:
         """Code one padded image (1, 3, H, W) → (stream, the decoder's DecodedView with depth ``depth_hat``,
-        ŷ: ``decoded_view`` of it with the same side rebuilds that view).
+        ŷ: ``decoded_view`` of it with the same side rebuilds that view). ``refine_steps``: encoder-side
+        latent refinement (``lmvic.refine``) of the image's top-left ``valid`` (height, width).
 
         ``side``: ``image_side`` of the view's reference (computed by ``_exact``; None without one).
         ``mode`` (stream ``IMAGE_STREAMS[mode]``): ``inter`` the joint image codec with ``side`` (ICT and
         entropy model); ``prior`` the same reference for the entropy model only (``Side.entropy_only``:
         the backbone's latent and reconstruction, made cheaper); ``intra`` the backbone alone."""
         if mode == "intra":
-            with torch.no_grad():
-                strings, shape, y_hat = self.image.backbone.encode_latent(image, quality)
+            strings, shape, y_hat = self.image.backbone.encode_latent(image, quality, None, refine_steps, valid)
             return LatentStream.coded(strings, shape), self.decoded_view(y_hat, quality, None, depth_hat, K, T), y_hat
         i_side = _side_of(mode, side)
-        strings, shape, y_hat = self.image.encode(image, quality, i_side)
+        strings, shape, y_hat = self.image.encode(image, quality, i_side, refine_steps, valid)
         return LatentStream.coded(strings, shape), self.decoded_view(y_hat, quality, i_side, depth_hat, K, T), y_hat
 
     def rd_cost(self, nbytes: int, decoded: Tensor, image: Tensor, quality: int) -> float:
@@ -399,7 +400,8 @@ _CANDIDATES = {"rd": ("inter", "prior", "intra"), "inter": ("inter",), "prior": 
 
 
 def encode_scene(codec: JointCodec, scene: SceneInput, order: Sequence[int], quality: int,
-                 modes: str | Sequence[str] = "rd") -> tuple[SceneHeader, list[dict[str, LatentStream]], DecodedScene]:
+                 modes: str | Sequence[str] = "rd", refine_steps: int = 0
+                 ) -> tuple[SceneHeader, list[dict[str, LatentStream]], DecodedScene]:
     """Code every view in ``order`` → (header, records in view-index order, the decoder's output).
 
     ``modes``, one for every view or one per view (view-index order): ``"rd"`` the mode of lowest RD
@@ -412,7 +414,8 @@ def encode_scene(codec: JointCodec, scene: SceneInput, order: Sequence[int], qua
     If that drops depths or changes modes, a second pass codes the kept depths again (CVDP from the
     reference only where its depth is kept) and the images in the chosen modes (the cheaper
     reference mode again where the reference is used), reusing the first pass's image streams that
-    depend on no depth.
+    depend on no depth. ``refine_steps``: encoder-side latent refinement of every image coding
+    (``lmvic.refine``; the decoder is the same).
     """
     if not 1 <= quality <= codec.num_qualities:
         raise LmvicError(f"quality {quality} not available: the model has levels 1..{codec.num_qualities}")
@@ -435,7 +438,7 @@ def encode_scene(codec: JointCodec, scene: SceneInput, order: Sequence[int], qua
     except ValueError as exc:
         raise LmvicError(f"cannot code the scene's depth: {exc}") from exc
     codec.eval()
-    coder = _SceneCoder(codec, scene, views, order, quality, depth_range)
+    coder = _SceneCoder(codec, scene, views, order, quality, depth_range, refine_steps)
     records, chain, costs, reusable = coder.run([_CANDIDATES[p] for p in plan], depth_views=range(count))
     inter = choose_modes(order, costs, {i: 8 * r["depth"].nbytes for i, r in enumerate(records)})
     needed = {j for rank, i in enumerate(order) if rank and inter[i] for j in (i, order[rank - 1])}
@@ -478,6 +481,7 @@ class _SceneCoder:
     order: Sequence[int]
     quality: int
     depth_range: DepthRange
+    refine_steps: int = 0
 
     def run(self, plan: Sequence[Sequence[str]], depth_views: Collection[int],
             reuse: dict[tuple[int, str], tuple[LatentStream, Tensor]] | None = None
@@ -511,7 +515,8 @@ class _SceneCoder:
                 else:
                     if mode != "intra" and side is None and ref is not None:
                         side = _exact(self.codec.image_side, ref, depth_hat, K, T)
-                    stream, view, y_hat = self.codec.encode_image(image, self.quality, mode, side, depth_hat, K, T)
+                    stream, view, y_hat = self.codec.encode_image(image, self.quality, mode, side, depth_hat, K, T,
+                                                                  self.refine_steps, self.scene.images[i].shape[:2])
                 options[mode] = stream, view
                 if mode == "intra" or not rank:
                     independent[i, mode] = stream, y_hat
@@ -565,9 +570,9 @@ class DecodedChain:
 
 
 def encode_scene_file(path: str | Path, codec: JointCodec, scene: SceneInput, order: Sequence[int],
-                      quality: int) -> tuple[int, DecodedScene]:
+                      quality: int, refine_steps: int = 0) -> tuple[int, DecodedScene]:
     """``encode_scene`` and write the container atomically → (file bytes, the decoder's output)."""
-    header, records, output = encode_scene(codec, scene, order, quality)
+    header, records, output = encode_scene(codec, scene, order, quality, refine_steps=refine_steps)
     return write_scene(path, header, records), output
 
 

@@ -15,7 +15,7 @@ import torch
 
 from lmvic.bitstream import (BitstreamError, LatentStream, SceneHeader, SceneReader, ViewInfo,
                              write_scene)
-from lmvic.eval_codec import ContainerEvalCodec
+from lmvic.eval_codec import ContainerEvalCodec, refined
 from lmvic.models.single_view import SingleViewCodec
 from lmvic.scene_codec import DecodedScene, padded_image, to_uint8
 from lmvic.zoo import WeightsError, check_quality, load_named, load_single_view, weights_id, weights_sha256
@@ -29,10 +29,10 @@ def load_model(model_id: str) -> SingleViewCodec:
     return load_named(model_id, MODEL_IDS, load_single_view, "single-view")
 
 
-@torch.no_grad()
 def encode_separate_file(path: str | Path, model_id: str, views: Sequence[ViewInfo], images: Sequence[np.ndarray],
-                         order: Sequence[int], quality: int) -> tuple[int, DecodedScene]:
-    """Code each uint8 [H, W, 3] image alone → (file bytes, the images the decoder will output)."""
+                         order: Sequence[int], quality: int, refine_steps: int = 0) -> tuple[int, DecodedScene]:
+    """Code each uint8 [H, W, 3] image alone → (file bytes, the images the decoder will output);
+    ``refine_steps``: encoder-side latent refinement per image (``lmvic.refine``)."""
     model = load_model(model_id)
     try:
         check_quality(model, quality)
@@ -41,9 +41,10 @@ def encode_separate_file(path: str | Path, model_id: str, views: Sequence[ViewIn
     records, decoded = [], {}
     for info, image in zip(views, images):
         x = padded_image(image)
-        out = model.compress(x, quality)
+        out = model.compress(x, quality, refine_steps=refine_steps, valid=image.shape[:2])
         records.append({STREAM: LatentStream.coded(out["strings"], out["shape"])})
-        x_hat = model.decompress(out["strings"], out["shape"], quality)["x_hat"]
+        with torch.no_grad():
+            x_hat = model.decompress(out["strings"], out["shape"], quality)["x_hat"]
         decoded[info.name] = to_uint8(x_hat, info.height, info.width)
     header = SceneHeader("single", model_id, quality, tuple(views), tuple(order), tuple(() for _ in views),
                          weights_id(model_id))
@@ -92,16 +93,17 @@ def decode_separate_file(source: str | Path, views: Collection[str] | None = Non
 class SeparateCodec(ContainerEvalCodec):
     """The single mode as an RD-evaluation codec: every view alone, real container bytes."""
 
-    name = "lmvic-single"
-
-    def __init__(self, names: Sequence[str], K: np.ndarray, T: np.ndarray, model_id: str = "single_view_cpu"):
+    def __init__(self, names: Sequence[str], K: np.ndarray, T: np.ndarray, model_id: str = "single_view_cpu",
+                 refine_steps: int = 0):
         super().__init__(names, K, T)
-        self.model_id = model_id
-        self.summary = f"lmvic single-view codec ({model_id} {weights_sha256(model_id)[:12]}), each view alone (Separate)"
+        self.model_id, self.refine_steps = model_id, refine_steps
+        self.name, self.summary = refined("lmvic-single", f"lmvic single-view codec ({model_id} "
+                                          f"{weights_sha256(model_id)[:12]}), each view alone (Separate)", refine_steps)
         self.qualities = tuple(range(1, load_model(model_id).num_qualities + 1))
 
     def encode_file(self, path, views, images, quality):
-        return encode_separate_file(path, self.model_id, views, images, range(len(views)), quality)[0]
+        return encode_separate_file(path, self.model_id, views, images, range(len(views)), quality,
+                                    self.refine_steps)[0]
 
     def decode_file(self, path):
         return decode_separate_file(path)

@@ -38,8 +38,14 @@ def gather_inputs(work_dir: Path) -> CodedInputs:
     return CodedInputs(cams.names, cams.load_images(), cams.K, cams.T, order)
 
 
-def encode(mode: str, work_dir: Path, out: Path, quality: int):
-    """Code the scene of ``work_dir`` into ``out`` → (file bytes, DecodedScene as the decoder will give it)."""
+def encode(mode: str, work_dir: Path, out: Path, quality: int, refine_steps: int = 0):
+    """Code the scene of ``work_dir`` into ``out`` → (file bytes, DecodedScene as the decoder will give it).
+
+    ``refine_steps``: encoder-side latent refinement per image (``lmvic.refine``), single and joint modes.
+    """
+    if refine_steps < 0 or (refine_steps and mode == "distributed"):
+        raise LmvicError("latent refinement takes a number of steps ≥ 0, in the single and joint modes "
+                         "(a distributed encoder cannot see the views its decoder fuses)")
     inputs = gather_inputs(work_dir)
     if mode in ("single", "distributed"):
         from lmvic.bitstream import ViewInfo
@@ -52,7 +58,7 @@ def encode(mode: str, work_dir: Path, out: Path, quality: int):
             return encode_distributed_file(out, "distributed-cpu", views, inputs.images, inputs.order, quality)
         from lmvic.separate_codec import encode_separate_file
 
-        return encode_separate_file(out, "single_view_cpu", views, inputs.images, inputs.order, quality)
+        return encode_separate_file(out, "single_view_cpu", views, inputs.images, inputs.order, quality, refine_steps)
     if mode == "joint":
         from lmvic.scene_codec import SceneInput, encode_scene_file, load_joint
         from lmvic.zoo import WeightsError
@@ -64,7 +70,7 @@ def encode(mode: str, work_dir: Path, out: Path, quality: int):
             raise LmvicError(f"joint mode is not available: {exc}") from exc
         depths = [load_depth(Path(work_dir) / "depth", "median", n) for n in inputs.names]
         scene = SceneInput(inputs.names, inputs.images, depths, inputs.K, inputs.T)
-        return encode_scene_file(out, codec, scene, inputs.order, quality)
+        return encode_scene_file(out, codec, scene, inputs.order, quality, refine_steps)
     raise LmvicError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
 
 

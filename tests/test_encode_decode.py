@@ -81,3 +81,13 @@ def test_corrupt_files_are_refused_with_one_line(coded, tmp_path, damage):
     assert len(lines) == 1 and lines[0].startswith("lmvic: error:"), result.stderr
     assert damage != "weights" or "other 'single_view_cpu' weights (ffffffffffffffff)" in lines[0]
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_refinement_is_refused_where_the_encoder_cannot_use_it(small_scene_work, tmp_path):
+    """A distributed encoder sees its own view only, and steps are counted from zero: clear errors, no file."""
+    from pipelines.errors import LmvicError
+
+    for mode, steps in (("distributed", 3), ("single", -1)):
+        with pytest.raises(LmvicError, match="refinement"):
+            encode(mode, small_scene_work, tmp_path / "s.lmv", quality=3, refine_steps=steps)
+    assert not (tmp_path / "s.lmv").exists()

@@ -37,6 +37,7 @@ parameters are float64 (see ``lmvic.qpem`` and ``lmvic.models.single_view``).
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Sequence
 
 import torch
@@ -50,6 +51,7 @@ from lmvic.layers import conv, ste_round
 from lmvic.exact import EXACT_THREADS, fixed_threads
 from lmvic.models.single_view import DEFAULT_LAMBDAS, SingleViewCodec, build_single_view
 from lmvic.qpem import QuadtreeEntropyModel
+from lmvic.refine import refine_latent
 
 #: Fused scales (downsampling factors) of the encoder, decoder and entropy context.
 ENCODER_SCALES = (2, 4, 8)
@@ -154,15 +156,22 @@ class ConditionalCodec(CompressionModel):
         return feats
 
     # ---- training / estimation --------------------------------------------------------------
+    def latent(self, x: Tensor, quality: float | Tensor, side: Side | None = None) -> Tensor:
+        """x (B, C, H, W) → the gained latent y (B, M, H/16, W/16) that is quantised."""
+        return self.backbone.gain(self.analyse(x, side), self.backbone.levels(quality, x.shape[0]))
+
     def forward(self, x: Tensor, quality: float | Tensor, side: Side | None = None) -> dict[str, object]:
         """→ {"x_hat", "features" (decoder features 1/8, 1/4, 1/2), "likelihoods": {"y", "z"}}.
 
         Same quantisation as the single-view training path (noise for likelihoods in training
         mode, straight-through rounding into the synthesis).
         """
+        return self.forward_latent(self.latent(x, quality, side), quality, side)
+
+    def forward_latent(self, y: Tensor, quality: float | Tensor, side: Side | None = None) -> dict[str, object]:
+        """``forward`` from the gained latent y (B, M, h, w) on (what ``latent`` gives, or a refinement of it)."""
         bb = self.backbone
-        level = bb.levels(quality, x.shape[0])
-        y = bb.gain(self.analyse(x, side), level)
+        level = bb.levels(quality, y.shape[0])
         z = bb.hyper_analysis(y)
         _, z_likelihoods = bb.entropy_bottleneck(z)
         medians = bb.entropy_bottleneck._get_medians().detach().reshape(1, -1, 1, 1)
@@ -175,15 +184,28 @@ class ConditionalCodec(CompressionModel):
                 "likelihoods": {"y": y_likelihoods, "z": z_likelihoods}}
 
     # ---- coding -----------------------------------------------------------------------------
-    def encode(self, x: Tensor, quality: float, side: Side | None = None
-               ) -> tuple[list[list[bytes]], tuple[int, int], Tensor]:
-        """x (B, C, H, W), H and W multiples of 64 → (strings [y step 0..3, z], z shape, ŷ float64)."""
+    def encode(self, x: Tensor, quality: float, side: Side | None = None, refine_steps: int = 0,
+               valid: tuple[int, int] | None = None) -> tuple[list[list[bytes]], tuple[int, int], Tensor]:
+        """x (B, C, H, W), H and W multiples of 64 → (strings [y step 0..3, z], z shape, ŷ float64).
+
+        ``refine_steps`` > 0 spends encode time on a cheaper latent for the same decoder
+        (``lmvic.refine``); ``valid``: (height, width) of the image within the padded x.
+        """
         if x.shape[-2] % 64 or x.shape[-1] % 64:
             raise ValueError("coding needs H and W multiples of 64 (pad first)")
-        bb = self.backbone
-        level = bb.levels(quality, x.shape[0])
         with torch.no_grad():
-            y = bb.gain(self.analyse(x, side), level)
+            y = self.latent(x, quality, side)
+        y = refine_latent(self, partial(self.forward_latent, quality=quality, side=side), x, y,
+                          self.backbone.lambda_of(quality, x.shape[0]), refine_steps, valid)
+        with torch.no_grad():
+            return self.code_latent(y, quality, side)
+
+    def code_latent(self, y: Tensor, quality: float, side: Side | None = None
+                    ) -> tuple[list[list[bytes]], tuple[int, int], Tensor]:
+        """Code the gained latent y (B, M, h, w), h and w multiples of 4 → as ``encode``."""
+        bb = self.backbone
+        level = bb.levels(quality, y.shape[0])
+        with torch.no_grad():
             z = bb.hyper_analysis(y)
             context = self.qpem_context(side, level)
         z_strings = bb.entropy_bottleneck.compress(z)

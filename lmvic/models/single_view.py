@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import Tensor, nn
@@ -34,6 +35,7 @@ from lmvic.layers import (
     ste_round,
 )
 from lmvic.qpem import STEPS, QuadtreeEntropyModel
+from lmvic.refine import refine_latent
 
 #: λ per quality level (loss λ·255²·MSE + bpp), from ≈0.05 to ≈0.6 bpp on Kodak.
 DEFAULT_LAMBDAS: tuple[float, ...] = (0.0006, 0.0012, 0.0025, 0.005, 0.01, 0.02)
@@ -176,6 +178,10 @@ class SingleViewCodec(CompressionModel):
             return call_in_float64(self.entropy_parameters, hyper, context)
 
     # ---- CompressAI interface ---------------------------------------------------------------
+    def latent(self, x: Tensor, quality: float | Tensor) -> Tensor:
+        """x (B,3,H,W), H and W multiples of 16 → the gained latent y (B,M,H/16,W/16) that is quantised."""
+        return self.gain(self.analyse(x)[-1], self.levels(quality, x.shape[0]))
+
     def forward(
         self, x: Tensor, quality: float | Tensor, context: Tensor | None = None
     ) -> dict[str, object]:
@@ -184,8 +190,13 @@ class SingleViewCodec(CompressionModel):
         Training uses additive noise for the likelihoods and straight-through rounding of the
         latent fed to the synthesis (mixed quantisation).
         """
-        level = self.levels(quality, x.shape[0])
-        y = self.gain(self.analyse(x)[-1], level)
+        return self.forward_latent(self.latent(x, quality), quality, context)
+
+    def forward_latent(
+        self, y: Tensor, quality: float | Tensor, context: Tensor | None = None
+    ) -> dict[str, object]:
+        """``forward`` from the gained latent y (B,M,h,w) on (what ``latent`` gives, or a refinement of it)."""
+        level = self.levels(quality, y.shape[0])
         z = self.hyper_analysis(y)
         _, z_likelihoods = self.entropy_bottleneck(z)
         medians = self.entropy_bottleneck._get_medians().detach().reshape(1, -1, 1, 1)
@@ -200,20 +211,36 @@ class SingleViewCodec(CompressionModel):
         return {"x_hat": x_hat, "likelihoods": {"y": y_likelihoods, "z": z_likelihoods}}
 
     def compress(
-        self, x: Tensor, quality: float, context: Tensor | None = None
+        self, x: Tensor, quality: float, context: Tensor | None = None, refine_steps: int = 0,
+        valid: tuple[int, int] | None = None,
     ) -> dict[str, object]:
-        """x (B,3,H,W), H, W multiples of 64 → {"strings": [y parts..., z], "shape": (H/64, W/64)}."""
-        strings, shape, _ = self.encode_latent(x, quality, context)
+        """x (B,3,H,W), H, W multiples of 64 → {"strings": [y parts..., z], "shape": (H/64, W/64)}.
+
+        ``refine_steps`` > 0 spends encode time on a cheaper latent for the same decoder
+        (``lmvic.refine``); ``valid``: (height, width) of the image within the padded x.
+        """
+        strings, shape, _ = self.encode_latent(x, quality, context, refine_steps, valid)
         return {"strings": strings, "shape": shape}
 
     def encode_latent(
-        self, x: Tensor, quality: float, context: Tensor | None = None
+        self, x: Tensor, quality: float, context: Tensor | None = None, refine_steps: int = 0,
+        valid: tuple[int, int] | None = None,
     ) -> tuple[list[list[bytes]], tuple[int, int], Tensor]:
-        """Code x → (strings, shape, ŷ) with ŷ (B,M,H/16,W/16) float64 exactly as ``decode_latent`` gives it."""
+        """Code x → (strings, shape, ŷ) with ŷ (B,M,H/16,W/16) float64 exactly as ``decode_latent`` gives it
+        (``refine_steps``, ``valid``: see ``compress``)."""
         if x.shape[-2] % 64 or x.shape[-1] % 64:
             raise ValueError("compress needs H and W multiples of 64 (pad first)")
-        level = self.levels(quality, x.shape[0])
-        y = self.gain(self.analyse(x)[-1], level)
+        with torch.no_grad():
+            y = self.latent(x, quality)
+        y = refine_latent(self, partial(self.forward_latent, quality=quality, context=context), x, y,
+                          self.lambda_of(quality, x.shape[0]), refine_steps, valid)
+        with torch.no_grad():
+            return self.code_latent(y, quality, context)
+
+    def code_latent(
+        self, y: Tensor, quality: float, context: Tensor | None = None
+    ) -> tuple[list[list[bytes]], tuple[int, int], Tensor]:
+        """Code the gained latent y (B,M,h,w), h and w multiples of 4 → as ``encode_latent``."""
         z = self.hyper_analysis(y)
         z_strings = self.entropy_bottleneck.compress(z)
         z_hat = self.entropy_bottleneck.decompress(z_strings, z.shape[-2:])

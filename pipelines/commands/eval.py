@@ -40,13 +40,15 @@ class EvalInputs:
     cameras: CameraTable
     names: list[str]  # coding order
     views: list[np.ndarray]  # uint8 [H, W, 3], cropped, in coding order
+    refine_steps: int = 0  # encoder-side latent refinement of the learned single and joint codecs
 
 
 def _separate(inputs: EvalInputs) -> Codec:
     from lmvic.separate_codec import SeparateCodec
 
     index = [inputs.cameras.names.index(n) for n in inputs.names]
-    return SeparateCodec(inputs.names, inputs.cameras.K[index], inputs.cameras.T[index])
+    return SeparateCodec(inputs.names, inputs.cameras.K[index], inputs.cameras.T[index],
+                         refine_steps=inputs.refine_steps)
 
 
 def _distributed(model_id: str) -> Callable[[EvalInputs], Codec]:
@@ -69,7 +71,8 @@ def _joint(model_id: str, name: str) -> Callable[[EvalInputs], Codec]:
         h, w = inputs.views[0].shape[:2]
         depths = [load_depth(inputs.work_dir / "depth", "median", n)[:h, :w] for n in inputs.names]
         index = [inputs.cameras.names.index(n) for n in inputs.names]
-        return JointEvalCodec(inputs.names, inputs.cameras.K[index], inputs.cameras.T[index], depths, model_id, name)
+        return JointEvalCodec(inputs.names, inputs.cameras.K[index], inputs.cameras.T[index], depths, model_id, name,
+                              refine_steps=inputs.refine_steps)
 
     return make
 
@@ -101,6 +104,9 @@ def register(subparsers) -> None:
                         "else file order)")
     p.add_argument("--max-views", type=int, default=0,
                    help="code only the first N views of the coding order (0: all); a quick evaluation of a big scene")
+    p.add_argument("--refine", type=int, default=0, metavar="STEPS",
+                   help="encoder-side latent refinement steps per image for lmvic-single, -joint and -concat "
+                        "(0: off; their results are then measured again)")
     p.add_argument("--rerun", action="store_true",
                    help="re-measure every codec even if WORK/eval/<codec>.json holds the same views and settings")
     p.set_defaults(handler=handle)
@@ -173,7 +179,9 @@ def handle(args: argparse.Namespace) -> int:
         order, source = order[: args.max_views], f"{source}, first {min(args.max_views, len(order))} views"
     views = prepare_views(cameras, order)
     print(f"{len(views)} views of {views[0].shape[1]}x{views[0].shape[0]}, coding order: {source}")
-    inputs = EvalInputs(work_dir, args.device or default_device(), cameras, order, views)
+    if args.refine < 0:
+        raise LmvicError(f"--refine {args.refine}: give a number of steps ≥ 0")
+    inputs = EvalInputs(work_dir, args.device or default_device(), cameras, order, views, args.refine)
     codecs = [CODECS[n](inputs) for n in names]
     out = work_dir / "eval"
     run_evaluation(codecs, views, order, out, f"{scene.root.name} ({len(views)} views)", REFERENCE,

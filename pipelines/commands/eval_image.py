@@ -35,6 +35,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--qualities", default="", help="comma-separated quality levels (default: all)")
     p.add_argument("--anchors", type=Path, default=None, help="folder of CompressAI result JSONs")
     p.add_argument("--name", default="lmvic-single-view", help="codec name in the JSON and plot")
+    p.add_argument("--refine", type=int, default=0, metavar="STEPS",
+                   help="encoder-side latent refinement steps per image (lmvic.refine; 0: off)")
     p.add_argument("--threads", type=int, default=1)
     p.set_defaults(handler=run)
 
@@ -74,15 +76,13 @@ def landscape_batch(paths: list[Path]) -> "torch.Tensor":
     return torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float().div(255)
 
 
-def encode_image(model, rgb: np.ndarray, quality: int) -> bytes:
-    """(H, W, 3) uint8 → single-view stream bytes (padded to multiples of 64 by edge replication)."""
-    import torch
-
+def encode_image(model, rgb: np.ndarray, quality: int, refine_steps: int = 0) -> bytes:
+    """(H, W, 3) uint8 → single-view stream bytes (padded to multiples of 64 by edge replication;
+    ``refine_steps``: encoder-side latent refinement, ``lmvic.refine``)."""
     from lmvic.models.bitstream import ImageStream
     from lmvic.scene_codec import padded_image
 
-    with torch.no_grad():
-        c = model.compress(padded_image(rgb), quality)
+    c = model.compress(padded_image(rgb), quality, refine_steps=refine_steps, valid=rgb.shape[:2])
     return ImageStream(quality, *rgb.shape[:2], tuple(s[0] for s in c["strings"])).to_bytes()
 
 
@@ -104,7 +104,8 @@ def decode_image(model, data: bytes) -> np.ndarray:
     return to_uint8(x_hat, s.height, s.width)
 
 
-def evaluate(model, paths: list[Path], qualities: list[int], log=print) -> dict[str, list[float]]:
+def evaluate(model, paths: list[Path], qualities: list[int], log=print, refine_steps: int = 0
+             ) -> dict[str, list[float]]:
     """Mean bpp, PSNR, MS-SSIM and times per quality over ``paths`` (CompressAI's result keys)."""
     from pipelines.metrics import bpp, ms_ssim, psnr
 
@@ -115,7 +116,7 @@ def evaluate(model, paths: list[Path], qualities: list[int], log=print) -> dict[
         acc = {k: 0.0 for k in res}
         for img in images:
             t0 = time.perf_counter()
-            data = encode_image(model, img, q)
+            data = encode_image(model, img, q, refine_steps)
             t1 = time.perf_counter()
             rec = decode_image(model, data)
             t2 = time.perf_counter()
@@ -193,14 +194,15 @@ def run(args: argparse.Namespace) -> None:
     for q in qualities:
         if not 1 <= q <= model.num_qualities:
             raise LmvicError(f"quality {q} not in 1..{model.num_qualities}")
-    results = evaluate(model, paths, qualities)
+    results = evaluate(model, paths, qualities, refine_steps=args.refine)
     anchors = args.anchors or args.folder / "compressai-results"
     anchors = anchors if anchors.is_dir() else None
     bd = bd_rates(results, anchors) if anchors else {}
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"{args.name}_{args.folder.name}"
     (args.out / f"{stem}.json").write_text(json.dumps(
-        {"name": args.name, "description": f"real bytes, {len(paths)} images, qualities {qualities}",
+        {"name": args.name, "description": f"real bytes, {len(paths)} images, qualities {qualities}"
+                        + (f", {args.refine} latent refinement steps" if args.refine else ""),
          "results": results, "bd_rate_percent": bd}, indent=1) + "\n")
     plot_rd({args.name: results}, anchors, args.out / f"{stem}.png", f"{args.folder.name}: {args.name}")
     for label, v in bd.items():
