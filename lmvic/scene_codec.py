@@ -44,7 +44,7 @@ Model ids are ``joint-<size>``; weights are ``lmvic/weights/<model id>.pt`` with
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Collection, Sequence
 
@@ -274,7 +274,7 @@ class JointCodec(CompressionModel):
             d_side = _exact(self.depth_side, ref, K, T, coarse, depth_range)
             y_hat = self.depth.decode_latent(*_strings(streams, "depth", coarse), DEPTH_QUALITY, d_side)
             depth_hat = self._decoded_depth(y_hat, d_side, size, depth_range)
-        modes = [mode for mode, name in IMAGE_STREAMS.items() if name in streams]
+        modes = _image_modes(streams)
         if len(modes) != 1:
             raise BitstreamError("a view record must hold exactly one of the streams "
                                  + ", ".join(map(repr, IMAGE_STREAMS.values())))
@@ -414,8 +414,9 @@ def encode_scene(codec: JointCodec, scene: SceneInput, order: Sequence[int], qua
     If that drops depths or changes modes, a second pass codes the kept depths again (CVDP from the
     reference only where its depth is kept) and the images in the chosen modes (the cheaper
     reference mode again where the reference is used), reusing the first pass's image streams that
-    depend on no depth. ``refine_steps``: encoder-side latent refinement of every image coding
-    (``lmvic.refine``; the decoder is the same).
+    depend on no depth. ``refine_steps`` > 0: the modes are chosen as above, then a last pass codes
+    every view in its chosen mode with encoder-side latent refinement (``lmvic.refine``; the decoder
+    is the same), so a view is refined once, not once per candidate mode.
     """
     if not 1 <= quality <= codec.num_qualities:
         raise LmvicError(f"quality {quality} not available: the model has levels 1..{codec.num_qualities}")
@@ -438,16 +439,25 @@ def encode_scene(codec: JointCodec, scene: SceneInput, order: Sequence[int], qua
     except ValueError as exc:
         raise LmvicError(f"cannot code the scene's depth: {exc}") from exc
     codec.eval()
-    coder = _SceneCoder(codec, scene, views, order, quality, depth_range, refine_steps)
+    coder = _SceneCoder(codec, scene, views, order, quality, depth_range)
     records, chain, costs, reusable = coder.run([_CANDIDATES[p] for p in plan], depth_views=range(count))
     inter = choose_modes(order, costs, {i: 8 * r["depth"].nbytes for i, r in enumerate(records)})
     needed = {j for rank, i in enumerate(order) if rank and inter[i] for j in (i, order[rank - 1])}
-    if len(needed) < count or any(inter[i] == (INTRA_STREAM in records[i]) for i in range(count)):
-        again = [tuple(m for m in _CANDIDATES[plan[i]] if (m != "intra") == inter[i]) for i in range(count)]
+    again = [tuple(m for m in _CANDIDATES[plan[i]] if (m != "intra") == inter[i]) for i in range(count)]
+    if refine_steps:  # modes chosen on the plain codings; the final pass refines each view's chosen one
+        first = [_image_modes(r)[0] for r in records]
+        final = [(first[i],) if (first[i] != "intra") == inter[i] else again[i] for i in range(count)]
+        records, chain, _, _ = replace(coder, refine_steps=refine_steps).run(final, needed)
+    elif len(needed) < count or any(inter[i] == (INTRA_STREAM in records[i]) for i in range(count)):
         records, chain, _, _ = coder.run(again, needed, reusable)
     range_bytes = _RANGE.pack(depth_range.near, depth_range.far, DEPTH_FACTOR)
     records[order[0]][RANGE_STREAM] = LatentStream((range_bytes,), (3,))
     return header, records, chain.output(header)
+
+
+def _image_modes(record: ViewRecord) -> list[str]:
+    """The image modes whose stream (``IMAGE_STREAMS``) a view record holds (one in a valid record)."""
+    return [mode for mode, name in IMAGE_STREAMS.items() if name in record]
 
 
 def choose_modes(order: Sequence[int], costs: dict[int, dict[bool, float]], depth_bits: dict[int, float]
