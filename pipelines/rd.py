@@ -324,9 +324,11 @@ def write_table(curves: Sequence[RDCurve], path: Path) -> Path:
 
 
 def format_table(curves: Sequence[RDCurve]) -> str:
-    lines = [f"{'codec':<12} {'q':>6} {'bpp':>8} {'PSNR':>7} {'MS-SSIM':>8} {'enc s/v':>8} {'dec s/v':>8}"]
-    for name, q, b, p, m, e, d in table_rows(curves):
-        lines.append(f"{name:<12} {q!s:>6} {b:8.4f} {p:7.2f} {m:8.4f} {e:8.3f} {d:8.3f}")
+    rows = table_rows(curves)
+    w = max([12] + [len(row[0]) for row in rows])  # the codec column fits the longest name
+    lines = [f"{'codec':<{w}} {'q':>6} {'bpp':>8} {'PSNR':>7} {'MS-SSIM':>8} {'enc s/v':>8} {'dec s/v':>8}"]
+    for name, q, b, p, m, e, d in rows:
+        lines.append(f"{name:<{w}} {q!s:>6} {b:8.4f} {p:7.2f} {m:8.4f} {e:8.3f} {d:8.3f}")
     return "\n".join(lines)
 
 
@@ -355,9 +357,10 @@ def plot_rd(curves: Sequence[RDCurve], path: Path, title: str) -> Path:
 
 def format_bd_rates(bd_rates: dict[str, dict[str, float | str]], reference: str) -> str:
     lines = [f"BD-rate vs {reference} (negative = fewer bits at equal quality):"]
+    w = max([12] + [len(name) for name in bd_rates])
     for name, values in bd_rates.items():
         cells = [f"{m} {v:+.1f} %" if isinstance(v, float) else f"{m} n/a ({v})" for m, v in values.items()]
-        lines.append(f"  {name:<12} " + "   ".join(cells))
+        lines.append(f"  {name:<{w}} " + "   ".join(cells))
     return "\n".join(lines)
 
 
