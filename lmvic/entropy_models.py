@@ -35,12 +35,12 @@ class _StraightThrough:
 
 
 class EntropyBottleneck(_StraightThrough, _EntropyBottleneck):
-    """``compressai.entropy_models.EntropyBottleneck`` whose training forward stays in float32 (``_StraightThrough``)."""
+    """``compressai.entropy_models.EntropyBottleneck`` whose training forward stays in float32; ``_StraightThrough`` rounding on request."""
 
     forward = float32(_EntropyBottleneck.forward)
 
 
 class GaussianConditional(_StraightThrough, _GaussianConditional):
-    """``compressai.entropy_models.GaussianConditional`` whose training forward stays in float32 (``_StraightThrough``)."""
+    """``compressai.entropy_models.GaussianConditional`` whose training forward stays in float32; ``_StraightThrough`` rounding on request."""
 
     forward = float32(_GaussianConditional.forward)

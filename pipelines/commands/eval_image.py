@@ -185,6 +185,8 @@ def run(args: argparse.Namespace) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
+    if args.refine < 0:
+        raise LmvicError(f"--refine {args.refine}: give a number of steps ≥ 0")
     paths = sorted(p for p in args.folder.glob("*.png"))
     if not paths:
         raise LmvicError(f"no PNG images in {args.folder}")
