@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lmvic.models.distributed import DistributedCodec, load_distributed, save_distributed
-from lmvic.models.single_view import bits_per_pixel
+from lmvic.entropy_models import bits_per_pixel
 from lmvic.opam import (correspondence_error, known_shift_sharpness_loss, photometric_alignment_loss,
                         shift_attention_loss)
 from lmvic.precision import mixed_precision

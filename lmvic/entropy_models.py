@@ -10,8 +10,13 @@ their state dicts are the same.
 ``round(x − μ) + μ`` then passes the gradient to x unchanged and none to μ, so the estimated rate
 of the *rounded* latent can be minimised by gradient descent. The values are the same bit for bit
 (``r + (x − x)`` is exactly ``r``).
+
+``bits_per_pixel`` turns the models' likelihoods into the rate every training loss and the encoder's
+refinement count.
 """
 from __future__ import annotations
+
+import math
 
 import lmvic  # noqa: F401  (torchvision shim before compressai)
 from compressai.entropy_models import EntropyBottleneck as _EntropyBottleneck
@@ -44,3 +49,9 @@ class GaussianConditional(_StraightThrough, _GaussianConditional):
     """``compressai.entropy_models.GaussianConditional`` whose training forward stays in float32; ``_StraightThrough`` rounding on request."""
 
     forward = float32(_GaussianConditional.forward)
+
+
+def bits_per_pixel(likelihoods: dict[str, Tensor], num_pixels: int) -> Tensor:
+    """Σ −log2 likelihood per sample / pixels → (B,)."""
+    total = sum(l.log().flatten(1).sum(1) for l in likelihoods.values())
+    return -total / (math.log(2) * num_pixels)

@@ -41,7 +41,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from lmvic.clips import Clip, ClipSampler, load_sequence
 from lmvic.models.depth_codec import DepthRange
-from lmvic.models.single_view import bits_per_pixel
+from lmvic.entropy_models import bits_per_pixel
 from lmvic.precision import mixed_precision
 from lmvic.scene_codec import DEPTH_QUALITY, JointCodec, JointPart, build_joint, load_joint_file
 from lmvic.training.loop import (_save_atomic, budget_progress, check_replicas_equal, dist_info, distortion, log_row,

@@ -21,7 +21,7 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor, nn
 
-from lmvic.entropy_models import EntropyBottleneck, GaussianConditional
+from lmvic.entropy_models import EntropyBottleneck, GaussianConditional, bits_per_pixel
 
 #: Default Adam step on the gained latent (whose quantisation step is 1).
 REFINE_LR = 0.02
@@ -54,8 +54,7 @@ def rd_cost(out: dict[str, object], x: Tensor, lam: Tensor, valid: tuple[int, in
     (height, width) pixels plus λ (B,) · 255² · MSE over that top-left region (the rest is padding)."""
     h, w = valid
     mse = (out["x_hat"][..., :h, :w] - x[..., :h, :w]).pow(2).flatten(1).mean(1)  # type: ignore[index]
-    bits = sum(-torch.log2(l).flatten(1).sum(1) for l in out["likelihoods"].values())  # type: ignore[union-attr]
-    return bits / (h * w) + lam * 255**2 * mse
+    return bits_per_pixel(out["likelihoods"], h * w) + lam * 255**2 * mse  # type: ignore[arg-type]
 
 
 def refine_latent(model: nn.Module, forward_latent: Callable[[Tensor], dict[str, object]], x: Tensor,
@@ -74,10 +73,10 @@ def refine_latent(model: nn.Module, forward_latent: Callable[[Tensor], dict[str,
     """
     if steps < 0:
         raise ValueError(f"refinement steps must be ≥ 0, got {steps}")
+    if steps == 0:
+        return y.detach()
     valid = valid or (x.shape[-2], x.shape[-1])
     best = y.detach().clone()
-    if steps == 0:
-        return best
     with straight_through(model), torch.enable_grad():
         current = best.clone().requires_grad_(True)
         opt = torch.optim.Adam([current], lr=lr)

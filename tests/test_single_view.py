@@ -14,7 +14,8 @@ import lmvic  # noqa: F401
 from lmvic.layers import EntropyParameters, GainUnit
 from lmvic.models.bitstream import BitstreamError, ImageStream
 from lmvic.exact import fixed_threads
-from lmvic.models.single_view import SingleViewCodec, bits_per_pixel
+from lmvic.entropy_models import bits_per_pixel
+from lmvic.models.single_view import SingleViewCodec
 from lmvic.zoo import WEIGHTS_DIR, WeightsError, export_single_view, load_single_view
 from pipelines.metrics import bpp, ms_ssim, psnr
 

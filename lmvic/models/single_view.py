@@ -13,7 +13,6 @@ by the same function on both sides; the synthesis runs on a fixed thread count (
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from functools import partial
 
@@ -302,9 +301,3 @@ def build_recorded(record: dict) -> SingleViewCodec:
     """A fresh codec of the architecture a weight file or training config records: ``size``, ``lambdas``
     and ``entropy`` (absent before the QPEM option existed: the hyperprior)."""
     return build_single_view(record["size"], tuple(record["lambdas"]), entropy=record.get("entropy", "hyperprior"))
-
-
-def bits_per_pixel(likelihoods: dict[str, Tensor], num_pixels: int) -> Tensor:
-    """Σ −log2 likelihood per sample / pixels → (B,)."""
-    total = sum(l.log().flatten(1).sum(1) for l in likelihoods.values())
-    return -total / (math.log(2) * num_pixels)

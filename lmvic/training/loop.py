@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
-from lmvic.models.single_view import DEFAULT_LAMBDAS, SingleViewCodec, bits_per_pixel, build_single_view
+from lmvic.entropy_models import bits_per_pixel
+from lmvic.models.single_view import DEFAULT_LAMBDAS, SingleViewCodec, build_single_view
 from lmvic.precision import float32, mixed_precision
 from lmvic.training.data import CropSampler, ImageCache
 from lmvic.training.schedule import Schedule
