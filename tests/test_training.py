@@ -106,7 +106,7 @@ def test_ddp_two_gloo_processes(scenes, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
            "-m", "pipelines.commands.train", str(tmp_path / "run"), "--scenes", str(scenes),
            "--cache", str(tmp_path / "cache"), "--steps", "2", "--crop", "64", "--batch", "2",
-           "--warmup", "1", "--val-count", "0"]
+           "--warmup", "1", "--val-count", "0", "-q"]
     # train() ends with check_replicas_equal: it raises if the two ranks' weights differ
     subprocess.run(cmd, check=True, cwd=REPO, env=env, capture_output=True, timeout=240)
     ck = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from pipelines.errors import LmvicError
@@ -153,15 +154,11 @@ def utc_deadline(hhmm: str) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry (``python -m pipelines.commands.train RUN_DIR …``), same as ``lmvic train``."""
-    parser = argparse.ArgumentParser(prog="lmvic")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["train", *(argv if argv is not None else __import__("sys").argv[1:])])
-    try:
-        return args.handler(args) or 0
-    except LmvicError as exc:
-        print(f"lmvic: error: {exc}")
-        return 2
+    """Stand-alone entry (``python -m pipelines.commands.train RUN_DIR …``, e.g. under ``torchrun``):
+    ``lmvic train`` with the same options, ``-q``/``-v`` included."""
+    from pipelines.cli import main as cli_main
+
+    return cli_main(["train", *(argv if argv is not None else sys.argv[1:])])
 
 
 if __name__ == "__main__":
