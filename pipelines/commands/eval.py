@@ -23,6 +23,7 @@ import numpy as np
 
 from pipelines.anchors import ANCHORS
 from pipelines.cache import read_meta
+from pipelines.commands.eval_image import check_refine_steps
 from pipelines.commands.run import add_scene_args, default_device
 from pipelines.errors import LmvicError
 from pipelines.geometry_stage import CameraTable
@@ -162,6 +163,7 @@ def handle(args: argparse.Namespace) -> int:
     from pipelines.scene import load_scene
 
     torch.set_num_threads(1)  # the metrics; the machine is shared and the codecs run single-threaded
+    check_refine_steps(args.refine)  # before any scene is read
     scene = load_scene(args.scene, args.allow_mixed_sizes)
     work_dir = (args.work_dir or scene.default_work_dir()).resolve()
     chosen = MODE_CODECS[args.mode] if args.mode else args.codecs
@@ -179,8 +181,6 @@ def handle(args: argparse.Namespace) -> int:
         order, source = order[: args.max_views], f"{source}, first {min(args.max_views, len(order))} views"
     views = prepare_views(cameras, order)
     print(f"{len(views)} views of {views[0].shape[1]}x{views[0].shape[0]}, coding order: {source}")
-    if args.refine < 0:
-        raise LmvicError(f"--refine {args.refine}: give a number of steps ≥ 0")
     inputs = EvalInputs(work_dir, args.device or default_device(), cameras, order, views, args.refine)
     codecs = [CODECS[n](inputs) for n in names]
     out = work_dir / "eval"

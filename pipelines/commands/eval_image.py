@@ -181,12 +181,17 @@ def plot_rd(curves: dict[str, dict[str, list[float]]], anchors_dir: Path | None,
     return out
 
 
+def check_refine_steps(steps: int) -> None:
+    """``--refine STEPS`` of the evaluation commands: a count from 0, else a one-line ``LmvicError``."""
+    if steps < 0:
+        raise LmvicError(f"--refine {steps}: give a number of steps ≥ 0")
+
+
 def run(args: argparse.Namespace) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    if args.refine < 0:
-        raise LmvicError(f"--refine {args.refine}: give a number of steps ≥ 0")
+    check_refine_steps(args.refine)
     paths = sorted(p for p in args.folder.glob("*.png"))
     if not paths:
         raise LmvicError(f"no PNG images in {args.folder}")
