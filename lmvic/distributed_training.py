@@ -57,7 +57,8 @@ from lmvic.opam import (correspondence_error, known_shift_sharpness_loss, photom
                         shift_attention_loss)
 from lmvic.precision import mixed_precision
 from lmvic.training.data import HELD_OUT_SCENES, IMAGE_SUFFIXES, ImageCache, build_cache
-from lmvic.training.loop import _append_csv, _save_atomic, budget_progress, log_row, optimisation_step, psnr_from_mse
+from lmvic.training.loop import (_append_csv, _save_atomic, budget_fraction, budget_progress, log_row, optimisation_step,
+                                psnr_from_mse)
 from lmvic.training.schedule import Schedule
 from lmvic.zoo import load_single_view
 
@@ -164,8 +165,8 @@ class DistributedTrainConfig:
     batch: int = 2
     views: tuple[int, int] = (2, 4)
     max_stride: int = 2
-    steps: int = 2000
-    budget_cpu_minutes: float = 100.0  # all models together; stops at whichever comes first
+    steps: int = 2000  # 0: no step limit
+    budget_cpu_minutes: float = 100.0  # all models together (0: none); stops at whichever comes first
     deadline: float = 0.0  # Unix time; >0: stop then at the latest (the schedule follows it)
     started: float = 0.0
     schedule: Schedule = dataclasses.field(default_factory=lambda: Schedule(peak_lr=1e-4, final_lr=1e-5,
@@ -371,7 +372,8 @@ def train_distributed(cfg: DistributedTrainConfig, resume: bool = False, log=pri
     budget = cfg.budget_cpu_minutes * 60
 
     def progress() -> float:
-        return budget_progress(max(step / cfg.steps, cpu_spent / budget), cfg.started, cfg.deadline, 1)
+        return budget_progress(budget_fraction([(step, cfg.steps), (cpu_spent, budget)], cfg.deadline),
+                               cfg.started, cfg.deadline, 1)
 
     def save() -> None:
         _save_atomic({"models": {n: c.state_dict() for n, c in models.items()},

@@ -101,6 +101,31 @@ def test_train_writes_curves_and_resumes(scenes, tmp_path):
     assert {int(r["quality"]) for r in val_rows} == set(range(1, model.num_qualities + 1))
 
 
+def test_budgets_left_unset_give_way_to_the_end_time(scenes, tmp_path):
+    """With no CPU or step budget the deadline alone ends the run (its schedule reaching the final
+    learning rate); with neither, nothing runs. The CLI leaves budgets unset when --until is given."""
+    import time
+
+    from lmvic.training.loop import budget_fraction
+    from pipelines.commands.train import budget_default
+
+    assert budget_fraction([(30, 60), (5, 0)], deadline=0.0) == 0.5  # an unset limit (0) does not count
+    assert budget_fraction([(30, 60), (9, 10)], deadline=0.0) == 0.9  # the first limit reached ends it
+    assert budget_fraction([(5, 0)], deadline=time.time() + 60) == 0.0
+    assert budget_fraction([(5, 0)], deadline=0.0) == 1.0
+    assert budget_default(None, 60.0, "") == 60.0 and budget_default(None, 60.0, "10:00") == 0
+    assert budget_default(90.0, 60.0, "10:00") == 90.0
+    cache = build_cache(scene_images(scenes), tmp_path / "cache", max_side=256, scales=(1.0,))
+    cfg = TrainConfig(out_dir=str(tmp_path / "run"), cache_dir=str(cache), crop=64, batch=2, budget_cpu_minutes=0,
+                      schedule=Schedule("cosine", 1e-3, 1e-5, 0), log_every=1, deadline=time.time() + 8)
+    train(cfg, log=lambda s: None)
+    rows = list(csv.DictReader(open(tmp_path / "run" / "train.csv")))
+    assert len(rows) > 1 and float(rows[-1]["lr"]) < 1e-4  # ran, and decayed towards 1e-5 by the end time
+    nothing = TrainConfig(out_dir=str(tmp_path / "run2"), cache_dir=str(cache), crop=64, batch=2, budget_cpu_minutes=0)
+    train(nothing, log=lambda s: None)
+    assert torch.load(tmp_path / "run2" / "checkpoint.pt", weights_only=False)["step"] == 0
+
+
 def test_ddp_two_gloo_processes(scenes, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",

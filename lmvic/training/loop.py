@@ -2,8 +2,8 @@
 
 One process trains on ``threads`` threads; under ``torchrun`` (``WORLD_SIZE`` > 1) each rank
 samples its own crops and DistributedDataParallel averages gradients (gloo on the CPU, NCCL on
-GPUs). The budget is CPU seconds of this process (``time.process_time``) or a step count;
-schedules see the fraction spent. Rank 0 writes ``train.csv`` (every ``log_every`` steps),
+GPUs). The budget is CPU seconds of this process (``time.process_time``) or a step count, and/or
+a wall-clock deadline; schedules see the fraction spent. Rank 0 writes ``train.csv`` (every ``log_every`` steps),
 ``val.csv`` (fixed validation crops, every quality) with a weights-only snapshot per validation
 (``snapshots/stepNNNNNN.pt``, EMA weights when kept), ``checkpoint.pt`` (atomically) and a log.
 """
@@ -46,7 +46,7 @@ class TrainConfig:
     crop: int = 128
     batch: int = 8
     schedule: Schedule = field(default_factory=Schedule)
-    budget_cpu_minutes: float = 60.0
+    budget_cpu_minutes: float = 60.0  # 0: none (the deadline ends the run)
     max_steps: int = 0  # 0: no step limit (progress by CPU time); >0: progress by steps
     deadline: float = 0.0  # Unix time; >0: progress is also at least the wall-clock fraction to it
     started: float = 0.0  # Unix time the run started (set by ``train``; kept on resume)
@@ -291,8 +291,8 @@ def train(cfg: TrainConfig, resume: bool = False, val_crops: Tensor | None = Non
         cfg.started = time.time()
 
     def progress() -> float:
-        return budget_progress(step / cfg.max_steps if cfg.max_steps > 0 else cpu_spent / budget,
-                               cfg.started, cfg.deadline, world)
+        limit = (step, cfg.max_steps) if cfg.max_steps > 0 else (cpu_spent, budget)
+        return budget_progress(budget_fraction([limit], cfg.deadline), cfg.started, cfg.deadline, world)
 
     model.train()
     while progress() < 1.0:
@@ -384,6 +384,16 @@ def initial_state(source: str, cfg: TrainConfig) -> dict[str, Tensor]:
     if model.lambdas.shape != (len(cfg.lambdas),) or not torch.allclose(model.lambdas, torch.tensor(cfg.lambdas), rtol=1e-3):
         raise ValueError(f"{source} was trained for other λs than the run's {cfg.lambdas}")
     return {k: v.float() for k, v in model.state_dict().items()}
+
+
+def budget_fraction(limits: list[tuple[float, float]], deadline: float) -> float:
+    """Share of a run's budgets spent: the largest ``spent / limit`` over the ``(spent, limit)`` pairs
+    whose limit is set (> 0). With none set, 0 when a ``deadline`` (> 0) ends the run, else 1 (nothing
+    to run)."""
+    shares = [spent / limit for spent, limit in limits if limit > 0]
+    if shares:
+        return max(shares)
+    return 0.0 if deadline > 0 else 1.0
 
 
 def budget_progress(fraction: float, started: float, deadline: float, world: int) -> float:

@@ -24,7 +24,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     p.add_argument("--final-lr", type=float, default=1e-5)
     p.add_argument("--warmup", type=int, default=300, help="warm-up steps")
-    p.add_argument("--minutes", type=float, default=None, help="budget in CPU-minutes of this process (default 60)")
+    p.add_argument("--minutes", type=float, default=None,
+                   help="budget in CPU-minutes of this process (default 60; with --until, none: the end time ends the run)")
     p.add_argument("--steps", type=int, default=0, help="budget in steps instead (0: use --minutes)")
     p.add_argument("--until", default="", help="UTC wall-clock end HH:MM (schedule finishes by then)")
     p.add_argument("--ema", type=float, default=0.0, help="EMA decay of the weights (0: off)")
@@ -109,7 +110,7 @@ def run(args: argparse.Namespace) -> None:
             dead_leaves_dir=str(leaves) if args.dead_leaves else "", dead_leaves_share=args.dead_leaves,
             quality=args.quality, crop=args.crop, batch=args.batch,
             schedule=Schedule(args.schedule, args.lr, args.final_lr, args.warmup),
-            budget_cpu_minutes=60.0 if args.minutes is None else args.minutes, max_steps=args.steps, deadline=utc_deadline(args.until),
+            budget_cpu_minutes=budget_default(args.minutes, 60.0, args.until), max_steps=args.steps, deadline=utc_deadline(args.until),
             ema_decay=args.ema,
             threads=args.threads, precision=args.precision or "fp32", seed=args.seed,
             metric=args.metric, val_every_cpu_minutes=args.val_every,
@@ -134,6 +135,14 @@ def initial_entropy(init: str) -> str:
         return single_view_from(init).entropy
     except WeightsError as exc:
         raise LmvicError(f"--init: {exc}") from exc
+
+
+def budget_default(given: float | None, default: float, until: str) -> float:
+    """A budget option's value (CPU-minutes, steps): as given; else none (0) when ``--until`` sets the end,
+    so that the run lasts until then; else ``default``."""
+    if given is not None:
+        return given
+    return 0 if until else default
 
 
 def utc_deadline(hhmm: str) -> float:

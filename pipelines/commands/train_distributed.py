@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pipelines.commands.train import utc_deadline
+from pipelines.commands.train import budget_default, utc_deadline
 from pipelines.errors import LmvicError
 
 
@@ -27,9 +27,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--fusions", default="pmifm,average", help="comma-separated: pmifm, average")
     p.add_argument("--init", default="", help="start the fusions from the shipped distributed weights in this "
                    "folder (e.g. lmvic/weights); default: fresh fusions (the identity)")
-    p.add_argument("--steps", type=int, default=None, help="step limit (default 2000; --resume: the run's)")
+    p.add_argument("--steps", type=int, default=None, help="step limit (default 2000, none with --until; --resume: the run's)")
     p.add_argument("--budget-cpu-minutes", type=float, default=None,
-                   help="CPU minutes for all models together (default 100; --resume: the run's)")
+                   help="CPU minutes for all models together (default 100, none with --until; --resume: the run's)")
     p.add_argument("--until", default="", help="UTC wall-clock end HH:MM: the schedule finishes by then")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--crop", type=int, default=256)
@@ -99,8 +99,8 @@ def run(args: argparse.Namespace) -> None:
             raise LmvicError(f"--crop {args.crop} must be a multiple of 64")
         config = DistributedTrainConfig(
             str(args.run_dir), tuple(str(s) for s in args.scenes), fusions=fusions, init_weights=args.init,
-            steps=2000 if args.steps is None else args.steps,
-            budget_cpu_minutes=100.0 if args.budget_cpu_minutes is None else args.budget_cpu_minutes,
+            steps=budget_default(args.steps, 2000, args.until),
+            budget_cpu_minutes=budget_default(args.budget_cpu_minutes, 100.0, args.until),
             deadline=utc_deadline(args.until),
             batch=args.batch, crop=args.crop, threads=args.threads, precision=args.precision,
             schedule=Schedule(peak_lr=args.lr, final_lr=args.lr / 10, warmup_steps=50),

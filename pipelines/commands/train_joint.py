@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pipelines.commands.train import utc_deadline
+from pipelines.commands.train import budget_default, utc_deadline
 from pipelines.errors import LmvicError
 
 
@@ -19,7 +19,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("run_dir", type=Path, help="output folder: checkpoint.pt, config.json, train.csv")
     p.add_argument("scenes", nargs="+", type=Path, help="synthetic scene folders (with gt/) or work folders of "
                    "real scenes whose geometry and relations stages have run")
-    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--steps", type=int, default=None,
+                   help="step budget (default 1000; with --until, none: the end time ends the run)")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--crop", type=int, default=128, help="square crop side; 0: whole views cut to multiples of "
                    "64 (what the depth codec codes: its coarse map of a crop is a few pixels)")
@@ -55,7 +56,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "(entropy models and geometry stay fp32)")
     p.add_argument("--until", default="", help="UTC wall-clock end HH:MM: the schedule finishes by then")
     p.add_argument("--export", default="", help="write the trained codec as shippable weights (e.g. "
-                   "lmvic/weights/joint-cpu.pt); with --steps 0 this ships the untrained initialisation")
+                   "lmvic/weights/joint-cpu.pt); with --steps 0 and no --until this ships the "
+                   "untrained initialisation")
     p.set_defaults(handler=run)
 
 
@@ -83,7 +85,8 @@ def run(args: argparse.Namespace) -> None:
         raise LmvicError(f"--range-jitter: {exc}") from exc
     if args.resume and not (args.run_dir / "checkpoint.pt").exists():
         raise LmvicError(f"--resume: no checkpoint at {args.run_dir / 'checkpoint.pt'}")
-    config = JointTrainConfig(str(args.run_dir), tuple(str(s) for s in args.scenes), steps=args.steps,
+    config = JointTrainConfig(str(args.run_dir), tuple(str(s) for s in args.scenes),
+                              steps=budget_default(args.steps, 1000, args.until),
                               batch=args.batch, crop=args.crop, range_jitter=args.range_jitter,
                               init_single_view=args.init_single_view,
                               init_joint=args.init_joint, init_parts=tuple(args.init_parts.split(",")),
