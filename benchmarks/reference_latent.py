@@ -10,9 +10,11 @@ eval`` crops them), at every quality:
   ``rms y-L`` minus the aligned reference latent L (the backbone's analysis of the warped decoded
   reference, what the entropy model's reference prior and context receive);
 - ``ref/noref``: the joint image codec's estimated bits of the view (likelihoods of y and z) with
-  its reference over without it.
+  its reference over without it;
+- ``self/noref``: the same with the view's own decoded image as its reference (same camera, no
+  parallax, every pixel trusted): what the reference path saves when the reference is perfect.
 
-The RMS pair says how much the reference could save; the last column how much the codec saves.
+The RMS pair says how much the reference could save; the last two columns how much the codec saves.
 
     python benchmarks/reference_latent.py /work/runs/fox [--views 6] [--weights joint-cpu|FILE.pt] [--depth coarse]
 """
@@ -73,7 +75,7 @@ def main() -> None:
         for q in range(1, codec.num_qualities + 1):
             level = backbone.levels(q, 1)
             alone = [image(v, q, None) for v in x]  # each view without reference: the next view's reference
-            psnr, err_mu, err_ref, count, with_ref, without = [], 0.0, 0.0, 0, 0.0, 0.0
+            psnr, err_mu, err_ref, count, with_ref, with_self, without = [], 0.0, 0.0, 0, 0.0, 0.0, 0.0
             for t, rel, good, mask in zip(pairs, rels, pixels, masks):
                 r = t - 1
                 ref = DecodedView(alone[r]["x_hat"].clamp(0, 1), alone[r]["features"], d[r], K[r:r + 1], T[r:r + 1])
@@ -87,10 +89,12 @@ def main() -> None:
                 err_ref += float(((y - aligned) ** 2)[mask].sum())
                 count += int(mask.sum())
                 with_ref += bits(image(x[t], q, codec.image_side(ref, d[t], K[t:t + 1], T[t:t + 1])))
+                itself = DecodedView(alone[t]["x_hat"].clamp(0, 1), alone[t]["features"], d[t], K[t:t + 1], T[t:t + 1])
+                with_self += bits(image(x[t], q, codec.image_side(itself, d[t], K[t:t + 1], T[t:t + 1])))
                 without += bits(alone[t])
             print(f"q{q}: trusted {np.mean(trusted):.2f} (warp PSNR {np.mean(psnr):.2f} dB)  "
                   f"rms y-mu {np.sqrt(err_mu / count):.3f}  rms y-L {np.sqrt(err_ref / count):.3f}  "
-                  f"ref/noref {with_ref / without:.3f}", flush=True)
+                  f"ref/noref {with_ref / without:.3f}  self/noref {with_self / without:.3f}", flush=True)
 
 
 if __name__ == "__main__":
