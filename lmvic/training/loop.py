@@ -3,9 +3,10 @@
 One process trains on ``threads`` threads; under ``torchrun`` (``WORLD_SIZE`` > 1) each rank
 samples its own crops and DistributedDataParallel averages gradients (gloo on the CPU, NCCL on
 GPUs). The budget is CPU seconds of this process (``time.process_time``) or a step count, and/or
-a wall-clock deadline; schedules see the fraction spent. Rank 0 writes ``train.csv`` (every ``log_every`` steps),
-``val.csv`` (fixed validation crops, every quality) with a weights-only snapshot per validation
-(``snapshots/stepNNNNNN.pt``, EMA weights when kept), ``checkpoint.pt`` (atomically) and a log.
+a wall-clock deadline; schedules see the fraction spent. Rank 0 writes ``train.csv`` (every
+``log_every`` steps), ``val.csv`` (fixed validation crops, every quality) with a weights-only
+snapshot per validation (``snapshots/stepNNNNNN.pt``, EMA weights when kept), ``checkpoint.pt``
+(atomically) and a log.
 """
 from __future__ import annotations
 
