@@ -75,10 +75,14 @@ def main() -> None:
         for q in range(1, codec.num_qualities + 1):
             level = backbone.levels(q, 1)
             alone = [image(v, q, None) for v in x]  # each view without reference: the next view's reference
+
+            def decoded(i: int) -> DecodedView:
+                return DecodedView(alone[i]["x_hat"].clamp(0, 1), alone[i]["features"], d[i], K[i:i + 1], T[i:i + 1])
+
             psnr, err_mu, err_ref, count, with_ref, with_self, without = [], 0.0, 0.0, 0, 0.0, 0.0, 0.0
             for t, rel, good, mask in zip(pairs, rels, pixels, masks):
                 r = t - 1
-                ref = DecodedView(alone[r]["x_hat"].clamp(0, 1), alone[r]["features"], d[r], K[r:r + 1], T[r:r + 1])
+                ref = decoded(r)
                 warped = backward_warp(ref.image, rel[1][0])
                 psnr.append(float(-10 * torch.log10(((warped - x[t]) ** 2).mean(1, keepdim=True)[good].mean())))
                 y = backbone.gain(image.analyse(x[t], None), level)
@@ -89,8 +93,7 @@ def main() -> None:
                 err_ref += float(((y - aligned) ** 2)[mask].sum())
                 count += int(mask.sum())
                 with_ref += bits(image(x[t], q, codec.image_side(ref, d[t], K[t:t + 1], T[t:t + 1])))
-                itself = DecodedView(alone[t]["x_hat"].clamp(0, 1), alone[t]["features"], d[t], K[t:t + 1], T[t:t + 1])
-                with_self += bits(image(x[t], q, codec.image_side(itself, d[t], K[t:t + 1], T[t:t + 1])))
+                with_self += bits(image(x[t], q, codec.image_side(decoded(t), d[t], K[t:t + 1], T[t:t + 1])))
                 without += bits(alone[t])
             print(f"q{q}: trusted {np.mean(trusted):.2f} (warp PSNR {np.mean(psnr):.2f} dB)  "
                   f"rms y-mu {np.sqrt(err_mu / count):.3f}  rms y-L {np.sqrt(err_ref / count):.3f}  "

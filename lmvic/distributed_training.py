@@ -57,8 +57,7 @@ from lmvic.opam import (correspondence_error, known_shift_sharpness_loss, photom
                         shift_attention_loss)
 from lmvic.precision import mixed_precision
 from lmvic.training.data import HELD_OUT_SCENES, IMAGE_SUFFIXES, ImageCache, build_cache
-from lmvic.training.loop import (_append_csv, _save_atomic, budget_fraction, budget_progress, log_row, optimisation_step,
-                                psnr_from_mse)
+from lmvic.training.loop import _append_csv, _save_atomic, budget_progress, log_row, optimisation_step, psnr_from_mse
 from lmvic.training.schedule import Schedule
 from lmvic.zoo import load_single_view
 
@@ -372,8 +371,7 @@ def train_distributed(cfg: DistributedTrainConfig, resume: bool = False, log=pri
     budget = cfg.budget_cpu_minutes * 60
 
     def progress() -> float:
-        return budget_progress(budget_fraction([(step, cfg.steps), (cpu_spent, budget)], cfg.deadline),
-                               cfg.started, cfg.deadline, 1)
+        return budget_progress([(step, cfg.steps), (cpu_spent, budget)], cfg.started, cfg.deadline, 1)
 
     def save() -> None:
         _save_atomic({"models": {n: c.state_dict() for n, c in models.items()},

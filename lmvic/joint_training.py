@@ -44,8 +44,8 @@ from lmvic.models.depth_codec import DepthRange
 from lmvic.entropy_models import bits_per_pixel
 from lmvic.precision import mixed_precision
 from lmvic.scene_codec import DEPTH_QUALITY, JointCodec, JointPart, build_joint, load_joint_file
-from lmvic.training.loop import (_save_atomic, budget_fraction, budget_progress, check_replicas_equal, dist_info,
-                                distortion, log_row, optimisation_step, psnr_from_mse)
+from lmvic.training.loop import (_save_atomic, budget_progress, check_replicas_equal, dist_info, distortion, log_row,
+                                optimisation_step, psnr_from_mse)
 from lmvic.training.schedule import Schedule
 from lmvic.zoo import ship_ready, single_view_from
 
@@ -240,7 +240,7 @@ def train_joint(cfg: JointTrainConfig, resume: bool = False, log=print) -> Joint
     acc: dict[str, float] = {}
     t0 = time.perf_counter()
     def progress() -> float:
-        return budget_progress(budget_fraction([(step, cfg.steps)], cfg.deadline), cfg.started, cfg.deadline, world)
+        return budget_progress([(step, cfg.steps)], cfg.started, cfg.deadline, world)
 
     while progress() < 1.0:
         lr = cfg.schedule.lr(step, progress())

@@ -293,7 +293,7 @@ def train(cfg: TrainConfig, resume: bool = False, val_crops: Tensor | None = Non
 
     def progress() -> float:
         limit = (step, cfg.max_steps) if cfg.max_steps > 0 else (cpu_spent, budget)
-        return budget_progress(budget_fraction([limit], cfg.deadline), cfg.started, cfg.deadline, world)
+        return budget_progress([limit], cfg.started, cfg.deadline, world)
 
     model.train()
     while progress() < 1.0:
@@ -397,9 +397,11 @@ def budget_fraction(limits: list[tuple[float, float]], deadline: float) -> float
     return 0.0 if deadline > 0 else 1.0
 
 
-def budget_progress(fraction: float, started: float, deadline: float, world: int) -> float:
-    """Fraction of a run done: the budget's ``fraction`` or, when a wall-clock ``deadline`` (Unix time,
-    0 = none) is set, the share of the time from ``started`` to it if larger; equal on every rank."""
+def budget_progress(limits: list[tuple[float, float]], started: float, deadline: float, world: int) -> float:
+    """Fraction of a run done: the budgets' share spent (:func:`budget_fraction` of ``limits``) or, when
+    a wall-clock ``deadline`` (Unix time, 0 = none) is set, the share of the time from ``started`` to it
+    if larger; equal on every rank."""
+    fraction = budget_fraction(limits, deadline)
     if deadline > started:
         fraction = max(fraction, (time.time() - started) / (deadline - started))
     return _synced(fraction, world)
