@@ -50,6 +50,15 @@ def stage_widths(in_ch: int, hidden: int, out_ch: int, stages: int = 4) -> list[
     return list(zip(widths[:-1], widths[1:]))
 
 
+def level_values(table: Tensor, level: Tensor) -> Tensor:
+    """Rows of ``table`` (L, C), one per quality level, at the float levels ``level`` (B,) in [0, L-1]
+    → (B, C), interpolated linearly between the two nearest levels."""
+    level = level.to(table.dtype).clamp(0, table.shape[0] - 1)
+    low = level.floor().long().clamp(max=table.shape[0] - 2)
+    frac = (level - low.to(level.dtype))[:, None]
+    return (1 - frac) * table[low] + frac * table[low + 1]
+
+
 class GainUnit(nn.Module):
     """Per-channel gain vectors, one per quality level, interpolated between levels.
 
@@ -71,11 +80,7 @@ class GainUnit(nn.Module):
 
     def gains(self, level: Tensor) -> Tensor:
         """level (B,) float in [0, L-1] → gains (B, C, 1, 1)."""
-        level = level.to(self.log_gain.dtype).clamp(0, self.num_levels - 1)
-        low = level.floor().long().clamp(max=self.num_levels - 2)
-        frac = (level - low.to(level.dtype))[:, None]
-        log_g = (1 - frac) * self.log_gain[low] + frac * self.log_gain[low + 1]
-        return log_g.exp()[:, :, None, None]
+        return level_values(self.log_gain, level).exp()[:, :, None, None]
 
     def forward(self, x: Tensor, level: Tensor) -> Tensor:
         """x (B, C, H, W) times the gains of ``level`` (B,)."""

@@ -13,7 +13,9 @@ Gaussian parameters of step s::
 with ``(scales_hp, means_hp)`` the hyperprior's parameters, ``context`` optional side channels at
 the latent resolution (the aligned reference) and ``ŷ_<s`` the latent decoded in the earlier
 steps (zero elsewhere). The last layer of every Δ_s starts at zero, so an untrained QPEM is
-exactly the plain hyperprior and training can only improve on it.
+exactly the plain hyperprior and training can only improve on it. An optional *anchor*
+``(weight, target)`` then moves every step's means toward a prediction of the latent:
+``means_s ← (1 − weight)·means_s + target`` (:func:`toward`; ``target`` = weight × prediction).
 
 Bit-exactness: coding evaluates every Δ_s in float64 on ``EXACT_THREADS`` threads
 (``call_in_float64``) from tensors that encoder and decoder hold identically.
@@ -41,6 +43,12 @@ def step_masks(channels: int, height: int, width: int, device: torch.device | No
     position = 2 * rows[:, None] + cols[None, :]  # (H, W) in 0..3
     step = (position[None] - group[:, None, None]) % STEPS  # (C, H, W)
     return torch.stack([step == s for s in range(STEPS)])
+
+
+def toward(means: Tensor, weight: Tensor, target: Tensor) -> Tensor:
+    """``(1 − weight)·means + target`` in the means' dtype: means (B, M, h, w) moved toward a prediction,
+    ``target`` being ``weight`` × the prediction (both broadcastable to the means)."""
+    return (1 - weight.to(means.dtype)) * means + target.to(means.dtype)
 
 
 class StepParameters(nn.Module):
@@ -97,54 +105,61 @@ class QuadtreeEntropyModel(nn.Module):
         return step_masks(self.M, y.shape[-2], y.shape[-1], y.device), context
 
     def forward(self, y: Tensor, scales: Tensor, means: Tensor, gaussian: GaussianConditional,
-                context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                context: Tensor | None = None, anchor: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
         """Training/estimation path → (ŷ with straight-through rounding, likelihoods), both (B, M, h, w).
 
         Likelihoods come from ``gaussian`` (additive noise in training mode, rounding in eval mode).
+        ``anchor``: (weight, target) applied to every step's means (module docstring).
         """
         masks, context = self._prepare(y, context)
         y_hat = torch.zeros_like(y)
         likelihoods = torch.ones_like(y)
         for s, step in enumerate(self.steps):
-            sc, mu = step(scales, means, y_hat, context)
+            sc, mu = self._anchored(step(scales, means, y_hat, context), anchor)
             _, lik = gaussian(y, sc, means=mu)
             likelihoods = torch.where(masks[s], lik, likelihoods)
             y_hat = torch.where(masks[s], ste_round(y - mu) + mu, y_hat)
         return y_hat, likelihoods
 
-    def _exact_step(self, s: int, scales: Tensor, means: Tensor, decoded: Tensor,
-                    context: Tensor | None) -> tuple[Tensor, Tensor]:
+    @staticmethod
+    def _anchored(params: tuple[Tensor, Tensor], anchor: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor]:
+        scales, means = params
+        return scales, (means if anchor is None else toward(means, *anchor))
+
+    def _exact_step(self, s: int, scales: Tensor, means: Tensor, decoded: Tensor, context: Tensor | None,
+                    anchor: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor]:
         with fixed_threads(EXACT_THREADS), torch.no_grad():
-            return call_in_float64(self.steps[s], scales, means, decoded, context)
+            return self._anchored(call_in_float64(self.steps[s], scales, means, decoded, context), anchor)
 
     def compress(self, y: Tensor, scales: Tensor, means: Tensor, gaussian: GaussianConditional,
-                 context: Tensor | None = None) -> tuple[list[list[bytes]], Tensor]:
+                 context: Tensor | None = None, anchor: tuple[Tensor, Tensor] | None = None
+                 ) -> tuple[list[list[bytes]], Tensor]:
         """Code y in four steps → (per step a list of B strings, ŷ (B, M, h, w) float64).
 
         ``scales``/``means`` must be the hyperprior's float64 parameters computed exactly as the
-        decoder will (e.g. ``SingleViewCodec.exact_gaussian_params``).
+        decoder will (e.g. ``SingleViewCodec.exact_gaussian_params``); so must ``anchor``'s tensors.
         """
         masks, context = self._prepare(y, context)
         y = y.double()
         y_hat = torch.zeros_like(y)
         strings = []
         for s in range(STEPS):
-            sc, mu = self._exact_step(s, scales, means, y_hat, context)
+            sc, mu = self._exact_step(s, scales, means, y_hat, context, anchor)
             m = masks[s]
             indexes = gaussian.build_indexes(sc[:, m])
             strings.append(gaussian.compress(y[:, m], indexes, means=mu[:, m]))
             y_hat[:, m] = gaussian.quantize(y[:, m], "dequantize", mu[:, m])
         return strings, y_hat
 
-    def decompress(self, strings: list[list[bytes]], scales: Tensor, means: Tensor,
-                   gaussian: GaussianConditional, context: Tensor | None = None) -> Tensor:
+    def decompress(self, strings: list[list[bytes]], scales: Tensor, means: Tensor, gaussian: GaussianConditional,
+                   context: Tensor | None = None, anchor: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """Inverse of ``compress`` → ŷ (B, M, h, w) float64, identical to the encoder's."""
         if len(strings) != STEPS:
             raise ValueError(f"QPEM needs {STEPS} step strings, got {len(strings)}")
         masks, context = self._prepare(scales, context)
         y_hat = torch.zeros_like(scales, dtype=torch.float64)
         for s in range(STEPS):
-            sc, mu = self._exact_step(s, scales, means, y_hat, context)
+            sc, mu = self._exact_step(s, scales, means, y_hat, context, anchor)
             m = masks[s]
             indexes = gaussian.build_indexes(sc[:, m])
             y_hat[:, m] = gaussian.decompress(strings[s], indexes, torch.float64, mu[:, m])

@@ -69,7 +69,7 @@ from lmvic.zoo import (WEIGHTS_DIR, WeightsError, base_reference, load_base, loa
 from pipelines.errors import LmvicError
 
 PAD = 64
-WEIGHT_FORMAT = 3  # 2: depth coded at 1/64, aligned-latent QPEM context; 3: depth at 1/16
+WEIGHT_FORMAT = 4  # 2: depth coded at 1/64, aligned-latent QPEM context; 3: depth at 1/16; 4: QPEM reference anchor
 # 8 until session 5: on full fox frames 1/16 cut the depth stream 4.6x, image bytes -0.6 %; 16 until session 9:
 # on the first 6 views of fox and sceaux_castle at q1, 1/64 cut it 3.9x and 2.5x, image bytes +0.3 % and -0.1 %,
 # same PSNR (the depth codec of then could not code its maps at any resolution); 64 until session 14: the 4-stage

@@ -1,4 +1,4 @@
-"""QPEM (lmvic.qpem): exact partition of the latent, zero-init = hyperprior, exact coding round trip."""
+"""QPEM (lmvic.qpem): exact partition of the latent, zero-init = hyperprior, the anchor, exact coding round trip."""
 from __future__ import annotations
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 
 import lmvic  # noqa: F401
 from compressai.entropy_models import GaussianConditional
-from lmvic.qpem import STEPS, QuadtreeEntropyModel, step_masks
+from lmvic.qpem import STEPS, QuadtreeEntropyModel, step_masks, toward
 
 
 @pytest.fixture(autouse=True)
@@ -87,22 +87,56 @@ def test_trained_steps_use_earlier_steps_and_context() -> None:
     assert not torch.equal(lik[:, masks[3]], lik2[:, masks[3]])
 
 
-@pytest.mark.parametrize("with_context", [True, False])
-def test_compress_decompress_reproduces_y_hat(with_context: bool) -> None:
+def _anchor(y: torch.Tensor, share: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight, weight × prediction) with a prediction of y within 0.3; weights random in [0, 1] or ``share``."""
+    gen = torch.Generator().manual_seed(9)
+    weight = torch.rand(y.shape, generator=gen) if share is None else torch.full_like(y, share)
+    return weight, weight * (y + 0.3 * (2 * torch.rand(y.shape, generator=gen) - 1))
+
+
+def test_toward_mixes_means_and_prediction() -> None:
+    means, prediction = torch.tensor([2.0, -1.0, 4.0]), torch.tensor([0.0, 3.0, 4.0])
+    weight = torch.tensor([0.25, 1.0, 0.5])
+    assert torch.equal(toward(means, weight, weight * prediction), torch.tensor([1.5, 3.0, 4.0]))
+    assert toward(means.double(), weight, weight * prediction).dtype == torch.float64
+
+
+def test_a_full_anchor_puts_every_steps_means_on_the_prediction() -> None:
+    """Weight 1 everywhere: whatever the trained steps say, every element is rounded around the
+    prediction, so ŷ = round(y − prediction) + prediction; weight 0 is no anchor at all."""
+    y, scales, means, context = _inputs()
+    qpem = QuadtreeEntropyModel(8, context_ch=4).requires_grad_(False)
+    _perturb(qpem)
+    gc = _gaussian()
+    weight, prediction = _anchor(y, 1.0)
+    y_hat, _ = qpem(y, scales, means, gc, context, (weight, prediction))
+    assert torch.equal(y_hat, torch.round(y - prediction) + prediction)
+    assert float((y_hat - prediction).abs().max()) == 0.0  # the prediction is within 0.3 of y
+    free = qpem(y, scales, means, gc, context)
+    for got, expected in zip(qpem(y, scales, means, gc, context, _anchor(y, 0.0)), free):
+        assert torch.equal(got, expected)
+    assert not torch.equal(qpem(y, scales, means, gc, context, _anchor(y))[1], free[1])
+
+
+@pytest.mark.parametrize("with_context,anchored", [(True, False), (False, False), (True, True)])
+def test_compress_decompress_reproduces_y_hat(with_context: bool, anchored: bool) -> None:
     y, scales, means, context = _inputs()
     qpem = QuadtreeEntropyModel(8, context_ch=4)
     _perturb(qpem)
     gc = _gaussian()
     ctx = context if with_context else None
-    strings, y_hat = qpem.compress(y, scales.double(), means.double(), gc, ctx)
+    anchor = tuple(t.double() for t in _anchor(y)) if anchored else None
+    strings, y_hat = qpem.compress(y, scales.double(), means.double(), gc, ctx, anchor)
     assert len(strings) == STEPS and all(len(s) == 2 for s in strings)
-    decoded = qpem.decompress(strings, scales.double(), means.double(), gc, ctx)
+    decoded = qpem.decompress(strings, scales.double(), means.double(), gc, ctx, anchor)
     assert decoded.dtype == torch.float64
     assert torch.equal(decoded, y_hat)
     # ŷ is y rounded around the step means: within half a step of y everywhere
     assert float((y_hat - y.double()).abs().max()) <= 0.5 + 1e-9
+    if anchored:  # the decoder needs the encoder's anchor
+        assert not torch.equal(qpem.decompress(strings, scales.double(), means.double(), gc, ctx), y_hat)
     with pytest.raises(ValueError, match="4 step strings"):
-        qpem.decompress(strings[:3], scales.double(), means.double(), gc, ctx)
+        qpem.decompress(strings[:3], scales.double(), means.double(), gc, ctx, anchor)
 
 
 def test_likelihood_bits_match_the_coded_bytes() -> None:
