@@ -123,6 +123,7 @@ class QuadtreeEntropyModel(nn.Module):
 
     @staticmethod
     def _anchored(params: tuple[Tensor, Tensor], anchor: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor]:
+        """A step's (scales, means) with the means moved by ``anchor`` (unchanged without one)."""
         scales, means = params
         return scales, (means if anchor is None else toward(means, *anchor))
 

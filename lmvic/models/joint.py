@@ -108,6 +108,7 @@ class ReferenceAnchor(nn.Module):
         self.alpha = nn.Parameter(torch.full((levels, channels), init))
 
     def forward(self, level: Tensor) -> Tensor:
+        """level (B,) float in [0, L-1] → α (B, M, 1, 1)."""
         return level_values(self.alpha, level).clamp(0, 1)[:, :, None, None]
 
 
