@@ -164,6 +164,13 @@ class ConditionalCodec(CompressionModel):
         alpha = self.anchor(level).to(dtype)
         return alpha * side.trust.to(dtype), alpha * self.backbone.gain(side.latent, level).to(dtype)
 
+    def qpem_inputs(self, means: Tensor, side: Side | None, level: Tensor
+                    ) -> tuple[Tensor, Tensor | None, tuple[Tensor, Tensor] | None]:
+        """Hyperprior means (B, M, h, w) → what QPEM takes besides them: (means after ``reference_prior``,
+        ``qpem_context``, ``reference_anchor`` in the means' dtype), the same for training and coding."""
+        return (self.reference_prior(means, side, level), self.qpem_context(side, level),
+                self.reference_anchor(side, level, means.dtype))
+
     # ---- transforms -------------------------------------------------------------------------
     def analyse(self, x: Tensor, side: Side | None) -> Tensor:
         """x (B, C, H, W) → y (B, M, H/16, W/16), before the gain."""
@@ -204,10 +211,8 @@ class ConditionalCodec(CompressionModel):
         _, z_likelihoods = bb.entropy_bottleneck(z)
         medians = bb.entropy_bottleneck._get_medians().detach().reshape(1, -1, 1, 1)
         scales, means = bb.gaussian_params(ste_round(z - medians) + medians)
-        means = self.reference_prior(means, side, level)
-        context = self.qpem_context(side, level)
-        y_hat, y_likelihoods = self.qpem(y, scales, means, bb.gaussian_conditional, context,
-                                         self.reference_anchor(side, level, means.dtype))
+        means, context, anchor = self.qpem_inputs(means, side, level)
+        y_hat, y_likelihoods = self.qpem(y, scales, means, bb.gaussian_conditional, context, anchor)
         feats = self.synthesise(bb.inverse_gain(y_hat, level), side)
         return {"x_hat": feats[-1], "features": feats[:-1],
                 "likelihoods": {"y": y_likelihoods, "z": z_likelihoods}}
@@ -236,13 +241,11 @@ class ConditionalCodec(CompressionModel):
         level = bb.levels(quality, y.shape[0])
         with torch.no_grad():
             z = bb.hyper_analysis(y)
-            context = self.qpem_context(side, level)
         z_strings = bb.entropy_bottleneck.compress(z)
         z_hat = bb.entropy_bottleneck.decompress(z_strings, z.shape[-2:])
         scales, means = bb.exact_gaussian_params(z_hat)
         with torch.no_grad():
-            means = self.reference_prior(means, side, level)
-            anchor = self.reference_anchor(side, level, means.dtype)
+            means, context, anchor = self.qpem_inputs(means, side, level)
         y_strings, y_hat = self.qpem.compress(y, scales, means, bb.gaussian_conditional, context, anchor)
         return [*y_strings, z_strings], tuple(z.shape[-2:]), y_hat
 
@@ -256,9 +259,7 @@ class ConditionalCodec(CompressionModel):
         scales, means = bb.exact_gaussian_params(z_hat)
         level = bb.levels(quality, z_hat.shape[0])
         with torch.no_grad():
-            context = self.qpem_context(side, level)
-            means = self.reference_prior(means, side, level)
-            anchor = self.reference_anchor(side, level, means.dtype)
+            means, context, anchor = self.qpem_inputs(means, side, level)
         return self.qpem.decompress(strings[:4], scales, means, bb.gaussian_conditional, context, anchor)
 
     def reconstruct(self, y_hat: Tensor, quality: float, side: Side | None = None) -> list[Tensor]:
