@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -52,7 +53,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--val-every", type=float, default=5.0, help="validation period, CPU-minutes")
     p.add_argument("--ckpt-every", type=float, default=3.0, help="checkpoint period, CPU-minutes")
     p.add_argument("--val-count", type=int, default=8, help="validation crops (from held-out scenes)")
-    p.add_argument("--resume", action="store_true", help="continue RUN_DIR/checkpoint.pt with its config (--threads, --until, --minutes may change)")
+    p.add_argument("--resume", action="store_true", help="continue RUN_DIR/checkpoint.pt with its config (--threads, --precision, --until, --minutes may change; a new --until without --minutes lifts the stored budget)")
     p.set_defaults(handler=run)
 
 
@@ -77,15 +78,8 @@ def run(args: argparse.Namespace) -> None:
     if args.resume:
         if not ckpt.exists():
             raise LmvicError(f"--resume: no checkpoint at {ckpt}")
-        saved = torch.load(ckpt, map_location="cpu", weights_only=False)["config"]
-        cfg = TrainConfig.from_dict(saved)
-        cfg.threads = args.threads
-        if args.precision:
-            cfg.precision = args.precision
-        if args.until:  # move the schedule's end (e.g. the machine got busier than planned)
-            cfg.deadline = utc_deadline(args.until)
-        if args.minutes is not None:
-            cfg.budget_cpu_minutes = args.minutes
+        cfg = resumed_config(TrainConfig.from_dict(torch.load(ckpt, map_location="cpu", weights_only=False)["config"]),
+                             args)
     else:
         if ckpt.exists():
             raise LmvicError(f"{ckpt} exists: pass --resume or choose another run folder")
@@ -126,6 +120,17 @@ def run(args: argparse.Namespace) -> None:
         print(json.dumps({"run_dir": cfg.out_dir, "checkpoint": str(ckpt)}))
 
 
+def resumed_config(saved: "TrainConfig", args: argparse.Namespace) -> "TrainConfig":
+    """The config a ``--resume`` continues with: the run's own, with the options that may change
+    (--threads, --precision, --until, --minutes) applied. A new --until moves the schedule's end
+    (e.g. the machine got busier than planned) and, without --minutes, lifts the stored CPU budget
+    as on a fresh run (the end time ends the run)."""
+    return dataclasses.replace(
+        saved, threads=args.threads, precision=args.precision or saved.precision,
+        deadline=utc_deadline(args.until) if args.until else saved.deadline,
+        budget_cpu_minutes=budget_default(args.minutes, saved.budget_cpu_minutes, args.until))
+
+
 def initial_entropy(init: str) -> str:
     """The entropy model of the weights ``init`` names ("hyperprior" for a fresh run)."""
     from lmvic.zoo import WeightsError, single_view_from
@@ -140,7 +145,7 @@ def initial_entropy(init: str) -> str:
 
 def budget_default(given: float | None, default: float, until: str) -> float:
     """A budget option's value (CPU-minutes, steps): as given; else none (0) when ``--until`` sets the end,
-    so that the run lasts until then; else ``default``."""
+    so that the run lasts until then; else ``default`` (a fresh run's default, or the resumed run's own)."""
     if given is not None:
         return given
     return 0 if until else default

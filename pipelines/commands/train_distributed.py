@@ -27,9 +27,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--fusions", default="pmifm,average", help="comma-separated: pmifm, average")
     p.add_argument("--init", default="", help="start the fusions from the shipped distributed weights in this "
                    "folder (e.g. lmvic/weights); default: fresh fusions (the identity)")
-    p.add_argument("--steps", type=int, default=None, help="step limit (default 2000, none with --until; --resume: the run's)")
+    p.add_argument("--steps", type=int, default=None, help="step limit (default 2000; --resume: the run's; none with --until)")
     p.add_argument("--budget-cpu-minutes", type=float, default=None,
-                   help="CPU minutes for all models together (default 100, none with --until; --resume: the run's)")
+                   help="CPU minutes for all models together (default 100; --resume: the run's; none with --until)")
     p.add_argument("--until", default="", help="UTC wall-clock end HH:MM: the schedule finishes by then")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--crop", type=int, default=256)
@@ -74,8 +74,8 @@ def run(args: argparse.Namespace) -> None:
             raise LmvicError(f"--resume: no checkpoint at {checkpoint}")
         stored = DistributedTrainConfig.from_dict(torch.load(checkpoint, map_location="cpu", weights_only=False)["config"])
         config = dataclasses.replace(
-            stored, steps=stored.steps if args.steps is None else args.steps,
-            budget_cpu_minutes=stored.budget_cpu_minutes if args.budget_cpu_minutes is None else args.budget_cpu_minutes,
+            stored, steps=budget_default(args.steps, stored.steps, args.until),
+            budget_cpu_minutes=budget_default(args.budget_cpu_minutes, stored.budget_cpu_minutes, args.until),
             deadline=utc_deadline(args.until) if args.until else stored.deadline)
     else:
         if not args.scenes:
