@@ -4,8 +4,9 @@ Nothing is stored: a seed determines everything. The world has y up; a back wall
 and a floor (plane y = -1) surround two spheres and a box at different depths. Every surface is
 coloured by a solid (3-D) multi-octave value-noise texture, so it looks the same from every view
 and has the corners SIFT needs; shading is Lambertian with a fixed light, hence view-independent.
-The ray caster is exact (closed-form ray/plane, ray/sphere and ray/box intersections) and
-vectorised in torch. Images are rendered with 2x2 supersampling; ground-truth depth is the camera
+A :class:`PhotoTexture` lays photographs on the surfaces instead (photographic content with exact
+depth and poses, for training). The ray caster is exact (closed-form ray/plane, ray/sphere and
+ray/box intersections) and vectorised in torch. Images are rendered with 2x2 supersampling; ground-truth depth is the camera
 z of the surface hit by each pixel-centre ray.
 
 Output of :func:`generate`::
@@ -201,28 +202,108 @@ class SolidNoise:
             amp *= 0.55
         return total / norm
 
+    def albedo(self, points: torch.Tensor, ids: torch.Tensor, spec: SceneSpec) -> torch.Tensor:
+        """Procedural albedo in [0, 1] [..., 3] of surface points [..., 3] of objects ``ids`` [...]: each
+        object's colour modulated by fractal detail, blotches, spots and a colour tint."""
+        base = torch.tensor([o.colour for o in spec.objects], dtype=torch.float32)[ids.clamp_min(0)]
+        detail = self.fractal(points, 0, 2.0, 5)
+        blotch = self(points, 1, 0.7)
+        spots = (self(points, 2, 9.0) > 0.62).to(torch.float32)
+        tint = torch.stack([self(points, 3, 1.3 + 0.4 * c) for c in range(3)], -1)
+        albedo = base * (0.35 + 0.9 * detail.unsqueeze(-1)) * (0.7 + 0.6 * blotch.unsqueeze(-1))
+        return (albedo * (1 - 0.55 * spots.unsqueeze(-1)) + 0.25 * (tint - 0.5)).clamp(0, 1)
 
-def shade(points: torch.Tensor, ids: torch.Tensor, normals: torch.Tensor, spec: SceneSpec, noise: SolidNoise) -> torch.Tensor:
-    """RGB in [0, 1] [..., 3] of surface points: textured albedo times Lambertian shading."""
-    base = torch.tensor([o.colour for o in spec.objects], dtype=torch.float32)[ids.clamp_min(0)]
-    detail = noise.fractal(points, 0, 2.0, 5)
-    blotch = noise(points, 1, 0.7)
-    spots = (noise(points, 2, 9.0) > 0.62).to(torch.float32)
-    tint = torch.stack([noise(points, 3, 1.3 + 0.4 * c) for c in range(3)], -1)
-    albedo = base * (0.35 + 0.9 * detail.unsqueeze(-1)) * (0.7 + 0.6 * blotch.unsqueeze(-1))
-    albedo = (albedo * (1 - 0.55 * spots.unsqueeze(-1)) + 0.25 * (tint - 0.5)).clamp(0, 1)
+
+def surface_coordinates(points: torch.Tensor, obj) -> torch.Tensor:
+    """World-unit 2-D coordinates [..., 2] on the surface of ``obj`` of points [..., 3] lying on it.
+
+    A plane: the point in an orthonormal basis of the plane. A sphere: longitude and latitude times
+    the radius (arc lengths; the seam faces away from +z, where the arc cameras are). A box: each
+    face's two in-plane coordinates from the centre (the face is the axis the point is furthest out on).
+    """
+    if isinstance(obj, Plane):
+        n = torch.tensor(obj.normal, dtype=points.dtype)
+        helper = torch.tensor([0.0, 1.0, 0.0] if abs(obj.normal[1]) < 0.9 else [1.0, 0.0, 0.0], dtype=points.dtype)
+        t1 = torch.linalg.cross(helper, n)
+        t1 = t1 / t1.norm()
+        t2 = torch.linalg.cross(t1, n)  # on a wall: right and down, so photos stand upright
+        return torch.stack([points @ t1, points @ t2], -1)
+    if isinstance(obj, Sphere):
+        d = (points - torch.tensor(obj.centre, dtype=points.dtype)) / obj.radius
+        lon = torch.atan2(d[..., 0], d[..., 2])
+        lat = torch.asin(d[..., 1].clamp(-1, 1))
+        return obj.radius * torch.stack([lon, lat], -1)
+    local = (points - torch.tensor(obj.centre, dtype=points.dtype)) / torch.tensor(obj.half, dtype=points.dtype)
+    face = local.abs().argmax(dim=-1, keepdim=True)
+    others = torch.tensor([[1, 2], [0, 2], [0, 1]])[face.squeeze(-1)]
+    return torch.gather(points - torch.tensor(obj.centre, dtype=points.dtype), -1, others)
+
+
+class PhotoTexture:
+    """Albedo from photographs: object ``k`` wears photo ``k mod n`` (after a seeded shuffle), laid on its
+    :func:`surface_coordinates` at ``texels_per_unit`` photo pixels per world unit from a seeded
+    offset, repeated mirrored and sampled bilinearly, so a scene has photographic content (edges,
+    textures, noise) and still exact depth. ``photos``: uint8 RGB arrays [H, W, 3]."""
+
+    def __init__(self, photos: list[np.ndarray], seed: int = 0, texels_per_unit: float = 80.0):
+        if not photos:
+            raise ValueError("PhotoTexture needs at least one photo")
+        g = torch.Generator().manual_seed(seed)
+        order = torch.randperm(len(photos), generator=g).tolist()
+        self.photos = [torch.from_numpy(np.array(photos[i][..., :3])).to(torch.float32) / 255 for i in order]
+        self.offsets = torch.rand((len(photos), 2), generator=g)
+        self.texels_per_unit = texels_per_unit
+
+    @classmethod
+    def from_files(cls, paths: list[Path], seed: int = 0, texels_per_unit: float = 80.0) -> "PhotoTexture":
+        return cls([np.asarray(Image.open(p).convert("RGB")) for p in paths], seed, texels_per_unit)
+
+    def sample(self, k: int, uv: torch.Tensor) -> torch.Tensor:
+        """Photo ``k`` at texel coordinates uv [..., 2] (x, y), mirrored repeat, bilinear: [..., 3]."""
+        photo = self.photos[k % len(self.photos)]
+        h, w = photo.shape[:2]
+
+        def mirror(x: torch.Tensor, n: int) -> torch.Tensor:
+            x = torch.remainder(x, 2 * (n - 1))
+            return torch.where(x > n - 1, 2 * (n - 1) - x, x)
+
+        x, y = mirror(uv[..., 0], w), mirror(uv[..., 1], h)
+        x0, y0 = x.floor().long().clamp(0, w - 2), y.floor().long().clamp(0, h - 2)
+        fx, fy = (x - x0).unsqueeze(-1), (y - y0).unsqueeze(-1)
+        top = photo[y0, x0] * (1 - fx) + photo[y0, x0 + 1] * fx
+        bottom = photo[y0 + 1, x0] * (1 - fx) + photo[y0 + 1, x0 + 1] * fx
+        return top * (1 - fy) + bottom * fy
+
+    def albedo(self, points: torch.Tensor, ids: torch.Tensor, spec: SceneSpec) -> torch.Tensor:
+        """Albedo in [0, 1] [..., 3] of surface points [..., 3] of objects ``ids`` [...] (-1: black)."""
+        out = torch.zeros(points.shape[:-1] + (3,), dtype=torch.float32)
+        for k, obj in enumerate(spec.objects):
+            on = ids == k
+            if on.any():
+                offset = self.offsets[k % len(self.photos)] * torch.tensor(self.photos[k % len(self.photos)].shape[1::-1])
+                uv = surface_coordinates(points[on], obj).to(torch.float32) * self.texels_per_unit + offset
+                out[on] = self.sample(k, uv)
+        return out
+
+
+Texture = SolidNoise | PhotoTexture
+
+
+def shade(points: torch.Tensor, ids: torch.Tensor, normals: torch.Tensor, spec: SceneSpec, texture: Texture) -> torch.Tensor:
+    """RGB in [0, 1] [..., 3] of surface points: the texture's albedo times Lambertian shading."""
+    albedo = texture.albedo(points, ids, spec)
     light = torch.tensor(spec.light, dtype=torch.float32)
     light = light / light.norm()
     lambert = (normals.to(torch.float32) @ light).clamp_min(0)
     return (albedo * (0.4 + 0.6 * lambert.unsqueeze(-1))).clamp(0, 1)
 
 
-def render_view(K: np.ndarray, T: np.ndarray, width: int, height: int, spec: SceneSpec, noise: SolidNoise,
+def render_view(K: np.ndarray, T: np.ndarray, width: int, height: int, spec: SceneSpec, texture: Texture,
                 supersample: int = 2) -> tuple[np.ndarray, np.ndarray]:
     """One view: uint8 RGB [H, W, 3] (supersampled) and float32 camera-z depth [H, W] (0 = no surface)."""
     origin, dirs, dz = pixel_rays(K, T, width, height, supersample)
     t, ids, normals = cast(origin, dirs, spec)
-    rgb = shade(origin + t.clamp_max(1e6).unsqueeze(-1) * dirs, ids, normals, spec, noise)
+    rgb = shade(origin + t.clamp_max(1e6).unsqueeze(-1) * dirs, ids, normals, spec, texture)
     rgb = torch.where((ids >= 0).unsqueeze(-1), rgb, torch.zeros_like(rgb))
     s = supersample
     rgb = rgb.reshape(height, s, width, s, 3).mean(dim=(1, 3))
@@ -234,19 +315,20 @@ def render_view(K: np.ndarray, T: np.ndarray, width: int, height: int, spec: Sce
 
 
 def generate(out_dir: Path | str, cameras: ArcCameras = ArcCameras(), seed: int = 0, spec: SceneSpec = SceneSpec(),
-             progress=None) -> Path:
-    """Render the scene into ``out_dir`` (images/, depth_gt/, gt/cameras.json); atomic as a whole."""
+             progress=None, texture: Texture | None = None) -> Path:
+    """Render the scene into ``out_dir`` (images/, depth_gt/, gt/cameras.json); atomic as a whole.
+    ``texture``: the surfaces' albedo, by default the procedural ``SolidNoise(seed)``."""
     out_dir = Path(out_dir).resolve()
     tmp = out_dir.parent / f".tmp-{out_dir.name}"
     shutil.rmtree(tmp, ignore_errors=True)
     for sub in ("images", "depth_gt", "gt"):
         (tmp / sub).mkdir(parents=True)
-    noise = SolidNoise(seed)
+    texture = SolidNoise(seed) if texture is None else texture
     K, Ts = cameras.matrices()
     views = []
     indices = range(len(Ts)) if progress is None else progress(range(len(Ts)), desc="rendering synthetic views")
     for i in indices:
-        image, depth = render_view(K, Ts[i], cameras.width, cameras.height, spec, noise)
+        image, depth = render_view(K, Ts[i], cameras.width, cameras.height, spec, texture)
         name = f"{i:04d}.png"
         Image.fromarray(image).save(tmp / "images" / name)
         np.save(tmp / "depth_gt" / f"{i:04d}.npy", depth)
@@ -254,7 +336,7 @@ def generate(out_dir: Path | str, cameras: ArcCameras = ArcCameras(), seed: int 
                       "K": K.tolist(), "T": Ts[i].tolist()})
     atomic_write_json(tmp / "gt" / "cameras.json", {
         "convention": "OpenCV: world-to-camera T, x right, y down, z forward; pixel centres at +0.5; depth = camera z",
-        "seed": seed, "views": views})
+        "seed": seed, "texture": type(texture).__name__, "views": views})
     if out_dir.exists():
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)

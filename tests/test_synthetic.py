@@ -3,9 +3,10 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from geometry.cameras import intrinsics, look_at
-from scenes.synthetic import ArcCameras, Plane, SceneSpec, SolidNoise, Sphere, generate, render_view
+from scenes.synthetic import ArcCameras, PhotoTexture, Plane, SceneSpec, SolidNoise, Sphere, generate, render_view
 
 K = intrinsics(200.0, 200.0, 80.0, 60.0)
 
@@ -16,6 +17,28 @@ def test_plane_depth_is_its_distance_everywhere():
     T = look_at(np.array([0.0, 0.0, 4.0]), np.array([0.0, 0.0, 0.0]), up=np.array([0.0, 1.0, 0.0]))
     _, depth = render_view(K, T, 160, 120, spec, SolidNoise(0), supersample=1)
     np.testing.assert_allclose(depth, 6.5, rtol=1e-6)
+
+
+def test_photo_on_a_fronto_parallel_wall_is_the_photo_at_one_texel_per_pixel():
+    """A wall at depth d seen head-on, with f/d texels per world unit: pixel (u, v) shows the photo at
+    texel (u + 0.5 - cx + ox, v + 0.5 - cy + oy) (bilinear, mirrored beyond the edges, as scipy's
+    map_coordinates computes it), times the constant Lambert factor of the wall."""
+    from scipy.ndimage import map_coordinates
+
+    photo = np.random.default_rng(3).integers(0, 256, (50, 70, 3), dtype=np.uint8)
+    wall = Plane((0.0, 0.0, 1.0), -2.5, (0.5, 0.5, 0.5))
+    spec = SceneSpec(objects=(wall,))
+    texture = PhotoTexture([photo], seed=1, texels_per_unit=200.0 / 6.5)
+    T = look_at(np.array([0.0, 0.0, 4.0]), np.array([0.0, 0.0, 0.0]), up=np.array([0.0, 1.0, 0.0]))
+    image, _ = render_view(K, T, 160, 120, spec, texture, supersample=1)
+    ox, oy = (texture.offsets[0] * torch.tensor([70, 50])).tolist()
+    v, u = np.mgrid[0:120, 0:160]
+    coords = [v + 0.5 - 60 + oy, u + 0.5 - 80 + ox]
+    expected = np.stack([map_coordinates(photo[..., c].astype(np.float64), coords, order=1, mode="mirror")
+                         for c in range(3)], -1)
+    light = np.array(spec.light) / np.linalg.norm(spec.light)
+    expected = expected * (0.4 + 0.6 * light[2])
+    assert np.abs(image - expected).max() <= 1.0  # the render rounds to uint8
 
 
 def test_sphere_depth_matches_the_closed_form():
