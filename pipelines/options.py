@@ -15,7 +15,9 @@ from pipelines.stages import STAGES, default_configs
 
 def _add_field(group: argparse._ArgumentGroup, dest: str, f: dataclasses.Field, hint: Any, default: Any) -> None:
     flag = "--" + dest.replace("_", "-")
-    help_text = f.metadata.get("help", "") + f" (default: {default})"
+    help_text = f.metadata.get("help", "")
+    if "(default:" not in help_text:
+        help_text += f" (default: {default})"
     if hint is bool:
         group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_text)
     elif typing.get_origin(hint) is typing.Literal:
@@ -23,6 +25,16 @@ def _add_field(group: argparse._ArgumentGroup, dest: str, f: dataclasses.Field, 
     else:
         base = next((t for t in typing.get_args(hint) if t is not type(None)), hint) if typing.get_args(hint) else hint
         group.add_argument(flag, dest=dest, type=base, default=None, metavar=base.__name__.upper(), help=help_text)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's ``(default: ...)`` after each option, except where the help already states its default
+    (the stage options, whose argparse default is None so that only what the user passed overrides)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.help and "(default:" in action.help:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def add_stage_options(parser: argparse.ArgumentParser) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from pipelines.commands.run import default_device
-from pipelines.options import add_stage_options, configs_from_args
+from pipelines.options import HelpFormatter, add_stage_options, configs_from_args
 from pipelines.report import print_results
 from pipelines.scene import load_scene
 from pipelines.stages import STAGES, run
@@ -25,7 +25,7 @@ DEMO_ITERATIONS = 600
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("demo", help="generate the synthetic scene and run every stage on it",
-                              description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                              description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--out", type=Path, default=Path("lmvic-demo"), help="folder for the generated scene")
     p.add_argument("--views", type=int, default=24, help="number of views on the arc")
     p.add_argument("--width", type=int, default=320)

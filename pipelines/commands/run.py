@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pipelines.options import add_stage_options, configs_from_args
+from pipelines.options import HelpFormatter, add_stage_options, configs_from_args
 from pipelines.report import print_results
 from pipelines.scene import load_scene
 from pipelines.stages import STAGES, run, select
@@ -26,7 +26,7 @@ def add_scene_args(parser: argparse.ArgumentParser) -> None:
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("run", help="run the pipeline stages on a scene (cached)",
-                              description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                              description=__doc__, formatter_class=HelpFormatter)
     add_scene_args(p)
     p.add_argument("--stages", default=None,
                    help="comma-separated stages or groups to bring up to date; earlier ones run as needed "
