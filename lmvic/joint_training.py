@@ -47,7 +47,7 @@ from lmvic.scene_codec import DEPTH_QUALITY, JointCodec, JointPart, build_joint,
 from lmvic.training.loop import (_save_atomic, budget_progress, check_replicas_equal, dist_info, distortion, log_row,
                                 optimisation_step, psnr_from_mse)
 from lmvic.training.schedule import Schedule
-from lmvic.zoo import ship_ready, single_view_from
+from lmvic.zoo import ship_ready, single_view_from, training_history
 
 VIEW_WEIGHTS = (0.5, 1.2, 0.5, 0.9)
 PARTS = ("all", "depth", "image", "context")
@@ -162,6 +162,22 @@ def shipped_base(cfg: JointTrainConfig) -> str | None:
     untouched = cfg.freeze_backbone or cfg.parts == "depth"
     named = cfg.init_single_view and not cfg.init_single_view.endswith(".pt")
     return cfg.init_single_view if untouched and named else None
+
+
+def export_history(checkpoint: Path) -> str:
+    """The ``training`` history of a run's export: that of the joint weights it started from
+    (``init_joint``, when a weight file with a sidecar), then one line on this run."""
+    ck = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    cfg = ck["config"]
+    hours = (time.time() - cfg["started"]) / 3600 if cfg["started"] else 0.0
+    crops = f"{cfg['crop']}-px crops" if cfg["crop"] else "whole views"
+    run = (f"{time.strftime('%Y-%m-%d', time.gmtime())}: lmvic train-joint {Path(cfg['out_dir']).name}, "
+           f"{ck['step']} steps of batch {cfg['batch']} per rank, {crops}, "
+           f"{len(cfg['view_weights'])}-view clips, parts {cfg['parts']}"
+           f"{' (backbone frozen)' if cfg['freeze_backbone'] else ''}, lr {cfg['schedule']['peak_lr']:g} "
+           f"{cfg['schedule']['kind']}, {cfg['precision']}, {hours:.1f} h wall-clock from its start; scenes "
+           f"{', '.join(Path(x).name for x in cfg['scenes'])}; from {cfg['init_joint'] or 'fresh joint parts'}")
+    return training_history(cfg["init_joint"], run)
 
 
 def checkpoint_codec(path: Path) -> JointCodec:

@@ -661,8 +661,9 @@ class JointPart(CompressionModel):
         self.depth = codec.depth
 
 
-def save_joint(codec: JointCodec, path: Path, base: str | None = None, half: bool = True) -> Path:
-    """Write ``codec`` (CDFs refreshed; float16 parameters if ``half``) and its ``.json`` SHA-256 sidecar.
+def save_joint(codec: JointCodec, path: Path, base: str | None = None, half: bool = True, training: str = "") -> Path:
+    """Write ``codec`` (CDFs refreshed; float16 parameters if ``half``) and its ``.json`` SHA-256 sidecar,
+    with ``training`` (how it was trained) in the sidecar when given.
 
     ``base``: the shipped single-view weights its image backbone is (trained frozen); the file then
     holds only the :class:`JointPart` and the base's name and SHA-256, checked on loading.
@@ -671,8 +672,9 @@ def save_joint(codec: JointCodec, path: Path, base: str | None = None, half: boo
                "aligned": codec.aligned, "entropy": codec.image.backbone.entropy}
     if base is not None:
         payload.update(base_reference(base))
-    return write_weights(codec if base is None else JointPart(codec), path, payload,
-                         {"model_id": codec.model_id, **{k: v for k, v in payload.items() if k.startswith("base")}}, half)
+    meta = {"model_id": codec.model_id, **{k: v for k, v in payload.items() if k.startswith("base")},
+            **({"training": training} if training else {})}
+    return write_weights(codec if base is None else JointPart(codec), path, payload, meta, half)
 
 
 def load_joint_file(path: Path) -> JointCodec:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import time
 from pathlib import Path
 from typing import Callable, Sequence, TypeVar
 
@@ -96,13 +97,34 @@ def read_weights(path: Path, expected_format: int, what: str) -> dict:
 
 def export_single_view(state: dict[str, torch.Tensor], size: str, lambdas: tuple[float, ...],
                        name: str, half: bool = True, directory: Path = WEIGHTS_DIR,
-                       entropy: str = "hyperprior") -> Path:
-    """Build the codec from ``state``, refresh quantiles and CDFs, and write ``name``.pt/.json."""
+                       entropy: str = "hyperprior", training: str = "") -> Path:
+    """Build the codec from ``state``, refresh quantiles and CDFs, and write ``name``.pt/.json
+    (``training``: the history the sidecar records, see :func:`training_history`)."""
     model = build_single_view(size, lambdas, entropy=entropy)
     model.load_state_dict(state, strict=False)
     arch = {"size": size, "lambdas": list(lambdas), "entropy": entropy}
     return write_weights(model, directory / f"{name}.pt", {"format": FORMAT, **arch},
-                         {**arch, "qualities": len(lambdas), "half": half}, half)
+                         {**arch, "qualities": len(lambdas), "half": half, **({"training": training} if training else {})},
+                         half)
+
+
+def recorded_training(source: str) -> str:
+    """The training history in the sidecar of the weights ``source`` names (a shipped name, or a
+    ``.pt`` weight file beside its ``.json``); "" for anything else: a fresh start, a run's checkpoint."""
+    if not source:
+        return ""
+    path = Path(source)
+    meta = path.with_suffix(".json") if path.suffix == ".pt" else WEIGHTS_DIR / f"{source}.json"
+    try:
+        return json.loads(meta.read_text()).get("training", "")
+    except (OSError, json.JSONDecodeError):
+        return ""
+
+
+def training_history(init: str, run: str) -> str:
+    """An exported file's history: that of the weights the run started from (``init``), then ``run``."""
+    previous = recorded_training(init)
+    return f"{previous}; {run}" if previous else run
 
 
 def load_single_view(name: str = "single_view_cpu", directory: Path = WEIGHTS_DIR) -> SingleViewCodec:
@@ -202,21 +224,39 @@ def checkpoint_model(checkpoint: Path) -> tuple[SingleViewCodec, dict]:
 
     The codec is in training mode with no CDFs; call ``update()`` before coding.
     """
+    ck = _load_checkpoint(checkpoint)
+    return _checkpoint_codec(ck), ck["config"]
+
+
+def _load_checkpoint(checkpoint: Path) -> dict:
     if not checkpoint.exists():
         raise WeightsError(f"checkpoint not found: {checkpoint}")
-    ck = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    cfg = ck["config"]
-    model = build_recorded(cfg)
+    return torch.load(checkpoint, map_location="cpu", weights_only=False)
+
+
+def _checkpoint_codec(ck: dict) -> SingleViewCodec:
+    model = build_recorded(ck["config"])
     model.load_state_dict({**ck["model"], **(ck.get("ema") or {})})
-    return model, cfg
+    return model
 
 
 def export_checkpoint(checkpoint: Path, name: str = "single_view_cpu", half: bool = True,
                       directory: Path = WEIGHTS_DIR) -> Path:
-    """Ship a training checkpoint (its EMA weights when it kept them) as ``name``."""
-    model, cfg = checkpoint_model(checkpoint)
+    """Ship a training checkpoint (its EMA weights when it kept them) as ``name``; the sidecar's
+    ``training`` continues the history of the weights the run started from with :func:`run_summary`."""
+    ck = _load_checkpoint(checkpoint)
+    model, cfg = _checkpoint_codec(ck), ck["config"]
     return export_single_view(model.state_dict(), cfg["size"], tuple(cfg["lambdas"]), name, half, directory,
-                              model.entropy)
+                              model.entropy, training_history(cfg["init"], run_summary(ck)))
+
+
+def run_summary(ck: dict) -> str:
+    """One line on the single-view training run of the checkpoint ``ck``: what it trained and how long."""
+    cfg, sched = ck["config"], ck["config"]["schedule"]
+    return (f"{time.strftime('%Y-%m-%d', time.gmtime())}: lmvic train {Path(cfg['out_dir']).name}, {ck['step']} steps "
+            f"of {cfg['batch']} crops of {cfg['crop']} px per rank, {cfg['precision']}, {sched['kind']} lr "
+            f"{sched['peak_lr']:g} -> {sched['final_lr']:g}, EMA {cfg['ema_decay']:g}, trainable {cfg['trainable']}, "
+            f"{ck['cpu_seconds'] / 3600:.2f} CPU-h per rank, from {cfg['init'] or 'fresh weights'}")
 
 
 if __name__ == "__main__":

@@ -680,6 +680,25 @@ def test_a_run_checkpoint_is_the_codec_its_export_ships(tmp_path) -> None:
     assert all(torch.equal(snapshot[k], shipped[k]) for k in shipped)
 
 
+def test_an_export_continues_the_training_history_of_the_weights_it_started_from(tmp_path) -> None:
+    """``lmvic train-joint --init-joint FILE --export OUT``: OUT's sidecar records FILE's history, then this run."""
+    import json
+
+    from pipelines.cli import main
+    from lmvic.zoo import WEIGHTS_DIR
+    from scenes.synthetic import generate
+
+    scene = generate(tmp_path / "arc", ArcCameras(n_views=5, width=64, height=64, arc_degrees=20.0), seed=1)
+    start = WEIGHTS_DIR / "joint-cpu.pt"
+    assert main(["train-joint", str(tmp_path / "run"), str(scene), "--steps", "1", "--batch", "1", "--crop", "64",
+                 "--init-single-view", "single_view_cpu", "--freeze-backbone", "--parts", "image",
+                 "--init-joint", str(start), "--export", str(tmp_path / "out" / "joint-cpu.pt"), "-q"]) == 0
+    history = json.loads((tmp_path / "out" / "joint-cpu.json").read_text())["training"]
+    before = json.loads(start.with_suffix(".json").read_text())["training"]
+    assert history.startswith(before + "; ")
+    assert "lmvic train-joint run, 1 steps of batch 1 per rank, 64-px crops" in history and "scenes arc;" in history
+
+
 def test_training_on_a_qpem_base_leaves_the_base_qpem_alone(tmp_path) -> None:
     """The shipped base has its own QPEM (single-view coding); the joint codec codes with its own, so
     a run that trains the backbone must not list the base's QPEM (DDP fails on parameters that get no

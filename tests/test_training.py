@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -197,7 +198,7 @@ def test_bf16_rd_loss_is_close_to_float32_and_trains(scenes, tmp_path):
 
 def test_a_fresh_run_starts_from_given_weights(scenes, tmp_path):
     from lmvic.training.loop import initial_state
-    from lmvic.zoo import load_single_view
+    from lmvic.zoo import WEIGHTS_DIR, export_checkpoint, load_single_view
 
     cfg = TrainConfig(out_dir=str(tmp_path / "run"), cache_dir="", init="single_view_cpu")
     state, shipped = initial_state(cfg.init, cfg), load_single_view().state_dict()
@@ -208,6 +209,11 @@ def test_a_fresh_run_starts_from_given_weights(scenes, tmp_path):
                       entropy="qpem", log_every=1)
     trained = train(run, log=lambda s: None).state_dict()  # one step at lr 1e-12: still the shipped weights
     assert max((trained[k] - shipped[k].float()).abs().max().item() for k in shipped if shipped[k].is_floating_point()) < 1e-6
+    # its export continues the shipped file's training history with this run
+    exported = export_checkpoint(tmp_path / "run" / "checkpoint.pt", "exported", directory=tmp_path)
+    history = json.loads(exported.with_suffix(".json").read_text())["training"]
+    shipped_history = json.loads((WEIGHTS_DIR / "single_view_cpu.json").read_text())["training"]
+    assert history.startswith(shipped_history + "; ") and "lmvic train run, 1 steps of 2 crops of 64 px" in history
     with pytest.raises(ValueError, match="λs"):
         initial_state("single_view_cpu", TrainConfig(out_dir="", cache_dir="", lambdas=(0.001, 0.01)))
     with pytest.raises(ValueError, match="do not fit"):  # QPEM weights into a hyperprior-only codec

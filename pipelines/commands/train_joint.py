@@ -63,7 +63,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> None:
     from lmvic.clips import check_range_jitter
-    from lmvic.joint_training import VIEW_WEIGHTS, JointTrainConfig, shipped_base, train_joint
+    from lmvic.joint_training import VIEW_WEIGHTS, JointTrainConfig, export_history, shipped_base, train_joint
     from lmvic.scene_codec import save_joint
     from lmvic.training.loop import check_metric, dist_info
     from lmvic.training.schedule import Schedule
@@ -99,4 +99,5 @@ def run(args: argparse.Namespace) -> None:
     model = train_joint(config, resume=args.resume)
     if args.export and dist_info()[0] == 0:
         # a frozen shipped backbone is referenced by name and SHA-256, not stored again
-        print(save_joint(model.eval(), Path(args.export), base=shipped_base(config)))
+        print(save_joint(model.eval(), Path(args.export), base=shipped_base(config),
+                         training=export_history(args.run_dir / "checkpoint.pt")))
