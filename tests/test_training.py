@@ -262,12 +262,12 @@ def test_ms_ssim_distortion_matches_pytorch_msssim_and_trains():
 
 def test_resume_takes_the_new_end_time_and_lifts_the_stored_budget() -> None:
     """``lmvic train RUN --resume``: the run's config with the options that may change applied; a new
-    --until without --minutes lifts the stored CPU budget (as on a fresh run), --minutes sets it."""
+    --until without --minutes or --steps lifts the stored budgets (as on a fresh run), they set them."""
     from pipelines.cli import build_parser
     from pipelines.commands.train import resumed_config, utc_deadline
 
     saved = TrainConfig(out_dir="run", cache_dir="cache", budget_cpu_minutes=60.0, deadline=0.0, threads=1,
-                        precision="bf16", crop=256)
+                        precision="bf16", crop=256, max_steps=500)
 
     def resumed(*options: str) -> TrainConfig:
         return resumed_config(saved, build_parser().parse_args(["train", "run", "--resume", *options]))
@@ -275,6 +275,7 @@ def test_resume_takes_the_new_end_time_and_lifts_the_stored_budget() -> None:
     assert resumed() == saved
     later = resumed("--until", "23:59", "--threads", "2")
     assert later.deadline == utc_deadline("23:59") > 0 and later.budget_cpu_minutes == 0 and later.threads == 2
+    assert later.max_steps == 0 and resumed("--steps", "900").max_steps == 900
     assert (later.crop, later.precision) == (256, "bf16")
     capped = resumed("--until", "23:59", "--minutes", "30", "--precision", "fp32")
     assert capped.budget_cpu_minutes == 30 and capped.precision == "fp32"

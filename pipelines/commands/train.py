@@ -27,7 +27,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup", type=int, default=300, help="warm-up steps")
     p.add_argument("--minutes", type=float, default=None,
                    help="budget in CPU-minutes of this process (default 60; with --until, none: the end time ends the run)")
-    p.add_argument("--steps", type=int, default=0, help="budget in steps instead (0: use --minutes)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="budget in steps instead (default: none, --minutes counts; with --resume, replaces the run's)")
     p.add_argument("--until", default="", help="UTC wall-clock end HH:MM (schedule finishes by then)")
     p.add_argument("--ema", type=float, default=0.0, help="EMA decay of the weights (0: off)")
     p.add_argument("--threads", type=int, default=1)
@@ -104,7 +105,7 @@ def run(args: argparse.Namespace) -> None:
             dead_leaves_dir=str(leaves) if args.dead_leaves else "", dead_leaves_share=args.dead_leaves,
             quality=args.quality, crop=args.crop, batch=args.batch,
             schedule=Schedule(args.schedule, args.lr, args.final_lr, args.warmup),
-            budget_cpu_minutes=budget_default(args.minutes, 60.0, args.until), max_steps=args.steps,
+            budget_cpu_minutes=budget_default(args.minutes, 60.0, args.until), max_steps=args.steps or 0,
             deadline=utc_deadline(args.until),
             ema_decay=args.ema,
             threads=args.threads, precision=args.precision or "fp32", seed=args.seed,
@@ -122,13 +123,14 @@ def run(args: argparse.Namespace) -> None:
 
 def resumed_config(saved: "TrainConfig", args: argparse.Namespace) -> "TrainConfig":
     """The config a ``--resume`` continues with: the run's own, with the options that may change
-    (--threads, --precision, --until, --minutes) applied. A new --until moves the schedule's end
-    (e.g. the machine got busier than planned) and, without --minutes, lifts the stored CPU budget
-    as on a fresh run (the end time ends the run)."""
+    (--threads, --precision, --until, --minutes, --steps) applied. A new --until moves the schedule's end
+    (e.g. the machine got busier than planned) and, without --minutes or --steps, lifts the stored
+    budget as on a fresh run (the end time ends the run)."""
     return dataclasses.replace(
         saved, threads=args.threads, precision=args.precision or saved.precision,
         deadline=utc_deadline(args.until) if args.until else saved.deadline,
-        budget_cpu_minutes=budget_default(args.minutes, saved.budget_cpu_minutes, args.until))
+        budget_cpu_minutes=budget_default(args.minutes, saved.budget_cpu_minutes, args.until),
+        max_steps=int(budget_default(args.steps, saved.max_steps, args.until)))
 
 
 def initial_entropy(init: str) -> str:
