@@ -341,3 +341,46 @@ def generate(out_dir: Path | str, cameras: ArcCameras = ArcCameras(), seed: int 
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)
     return out_dir
+
+
+def photo_files(sources: list[Path]) -> list[Path]:
+    """Image files named by ``sources``: files as given, folders searched recursively (sorted)."""
+    files = []
+    for source in map(Path, sources):
+        if source.is_dir():
+            files += sorted(p for p in source.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+        else:
+            files.append(source)
+    return files
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m scenes.synthetic", description="Render a synthetic scene (images, "
+                                "exact depth, cameras) for tests or joint-codec training (lmvic train-joint).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("out", type=Path, help="scene folder to write (replaced if it exists)")
+    p.add_argument("--views", type=int, default=24, help="number of cameras on the arc")
+    p.add_argument("--width", type=int, default=320, help="image width in pixels")
+    p.add_argument("--height", type=int, default=240, help="image height in pixels")
+    p.add_argument("--arc", type=float, default=80.0, help="degrees the cameras span")
+    p.add_argument("--seed", type=int, default=0, help="seed of the texture (and of the photos' placement)")
+    p.add_argument("--photos", nargs="*", type=Path, default=[],
+                   help="photos (files or folders) laid on the surfaces (PhotoTexture); none: procedural texture")
+    args = p.parse_args(argv)
+    texture = None
+    if args.photos:
+        files = photo_files(args.photos)
+        if not files:
+            p.error(f"no .png/.jpg photos in {' '.join(map(str, args.photos))}")
+        try:
+            texture = PhotoTexture.from_files(files, seed=args.seed)
+        except (OSError, ValueError) as exc:  # PIL's UnidentifiedImageError is an OSError
+            p.error(f"cannot read the photos: {exc}")
+    print(generate(args.out, ArcCameras(n_views=args.views, width=args.width, height=args.height,
+                                        arc_degrees=args.arc), seed=args.seed, texture=texture))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,4 +1,5 @@
 """The synthetic renderer against closed-form depth, and its determinism."""
+import json
 import math
 
 import numpy as np
@@ -86,3 +87,23 @@ def test_depth_is_consistent_with_cameras_across_views():
     p1 = Kc @ x1[:3] / x1[2]
     u1, v1 = int(math.floor(p1[0])), int(math.floor(p1[1]))
     assert d1[v1, u1] == pytest.approx(x1[2], rel=2e-2)
+
+
+def test_command_line_renders_a_photo_textured_scene_and_refuses_missing_photos(tmp_path, capsys):
+    from PIL import Image
+
+    from scenes.synthetic import main
+
+    (tmp_path / "photos").mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8)).save(tmp_path / "photos" / "a.png")
+    main([str(tmp_path / "scene"), "--views", "2", "--width", "64", "--height", "48", "--photos", str(tmp_path / "photos")])
+    recorded = json.loads((tmp_path / "scene" / "gt" / "cameras.json").read_text())
+    assert recorded["texture"] == "PhotoTexture" and len(recorded["views"]) == 2
+    assert np.asarray(Image.open(tmp_path / "scene" / "images" / "0001.png")).std() > 10  # a picture, not a blank
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    for photos in ("empty", "bad.png"):
+        with pytest.raises(SystemExit) as exit_:
+            main([str(tmp_path / "other"), "--views", "2", "--photos", str(tmp_path / photos)])
+        assert exit_.value.code == 2 and not (tmp_path / "other").exists()
+    assert "no .png/.jpg photos" in capsys.readouterr().err
