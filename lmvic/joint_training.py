@@ -47,7 +47,7 @@ from lmvic.scene_codec import DEPTH_QUALITY, JointCodec, JointPart, build_joint,
 from lmvic.training.loop import (_save_atomic, budget_progress, check_replicas_equal, dist_info, distortion, log_row,
                                 optimisation_step, psnr_from_mse)
 from lmvic.training.schedule import Schedule
-from lmvic.zoo import ship_ready, single_view_from, training_history
+from lmvic.zoo import recorded_training, ship_ready, single_view_from, training_history
 
 VIEW_WEIGHTS = (0.5, 1.2, 0.5, 0.9)
 PARTS = ("all", "depth", "image", "context")
@@ -137,6 +137,7 @@ class JointTrainConfig:
     ckpt_every: int = 50
     deadline: float = 0.0  # Unix time the schedule must finish by (0 = none): the run ends at steps or deadline
     started: float = 0.0
+    init_history: str = ""  # training history of the init_joint weight file when the run started (its export continues it)
 
 
 def _build(cfg: JointTrainConfig, log=print) -> JointCodec:
@@ -166,7 +167,7 @@ def shipped_base(cfg: JointTrainConfig) -> str | None:
 
 def export_history(checkpoint: Path) -> str:
     """The ``training`` history of a run's export: that of the joint weights it started from
-    (``init_joint``, when a weight file with a sidecar), then one line on this run."""
+    (``init_joint``'s sidecar as it was when the run started), then one line on this run."""
     ck = torch.load(checkpoint, map_location="cpu", weights_only=False)
     cfg = ck["config"]
     hours = (time.time() - cfg["started"]) / 3600 if cfg["started"] else 0.0
@@ -177,7 +178,7 @@ def export_history(checkpoint: Path) -> str:
            f"{' (backbone frozen)' if cfg['freeze_backbone'] else ''}, lr {cfg['schedule']['peak_lr']:g} "
            f"{cfg['schedule']['kind']}, {cfg['precision']}, {hours:.1f} h wall-clock from its start; scenes "
            f"{', '.join(Path(x).name for x in cfg['scenes'])}; from {cfg['init_joint'] or 'fresh joint parts'}")
-    return training_history(cfg["init_joint"], run)
+    return training_history(cfg.get("init_history", ""), run)
 
 
 def checkpoint_codec(path: Path) -> JointCodec:
@@ -216,7 +217,8 @@ def train_joint(cfg: JointTrainConfig, resume: bool = False, log=print) -> Joint
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / "checkpoint.pt"
-    cfg = dataclasses.replace(cfg, started=cfg.started or time.time())
+    cfg = dataclasses.replace(cfg, started=cfg.started or time.time(),
+                              init_history=cfg.init_history or recorded_training(cfg.init_joint))
     if cfg.parts not in PARTS:
         raise ValueError(f"parts must be one of {PARTS}, not {cfg.parts!r}")
     codec = _build(cfg, log).train()
@@ -240,6 +242,7 @@ def train_joint(cfg: JointTrainConfig, resume: bool = False, log=print) -> Joint
         aux_opt.load_state_dict(ck["aux_opt"])
         step = ck["step"]
         cfg.started = ck["config"].get("started", 0.0)  # the schedule keeps its clock across restarts
+        cfg.init_history = ck["config"].get("init_history", "")
         log(f"resumed at step {step}")
     elif rank == 0:
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))

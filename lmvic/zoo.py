@@ -121,9 +121,8 @@ def recorded_training(source: str) -> str:
         return ""
 
 
-def training_history(init: str, run: str) -> str:
-    """An exported file's history: that of the weights the run started from (``init``), then ``run``."""
-    previous = recorded_training(init)
+def training_history(previous: str, run: str) -> str:
+    """An exported file's history: ``previous`` (that of the weights the run started from), then ``run``."""
     return f"{previous}; {run}" if previous else run
 
 
@@ -243,11 +242,11 @@ def _checkpoint_codec(ck: dict) -> SingleViewCodec:
 def export_checkpoint(checkpoint: Path, name: str = "single_view_cpu", half: bool = True,
                       directory: Path = WEIGHTS_DIR) -> Path:
     """Ship a training checkpoint (its EMA weights when it kept them) as ``name``; the sidecar's
-    ``training`` continues the history of the weights the run started from with :func:`run_summary`."""
+    ``training`` continues the history the weights the run started from had then with :func:`run_summary`."""
     ck = _load_checkpoint(checkpoint)
     model, cfg = _checkpoint_codec(ck), ck["config"]
     return export_single_view(model.state_dict(), cfg["size"], tuple(cfg["lambdas"]), name, half, directory,
-                              model.entropy, training_history(cfg["init"], run_summary(ck)))
+                              model.entropy, training_history(cfg.get("init_history", ""), run_summary(ck)))
 
 
 def run_summary(ck: dict) -> str:

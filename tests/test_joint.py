@@ -681,22 +681,31 @@ def test_a_run_checkpoint_is_the_codec_its_export_ships(tmp_path) -> None:
 
 
 def test_an_export_continues_the_training_history_of_the_weights_it_started_from(tmp_path) -> None:
-    """``lmvic train-joint --init-joint FILE --export OUT``: OUT's sidecar records FILE's history, then this run."""
+    """``lmvic train-joint --init-joint FILE --export OUT``: OUT's sidecar records FILE's history as it was
+    when the run started (a later change to FILE's sidecar does not leak in), then this run."""
     import json
+    import shutil
 
+    from lmvic.joint_training import export_history
     from pipelines.cli import main
     from lmvic.zoo import WEIGHTS_DIR
     from scenes.synthetic import generate
 
     scene = generate(tmp_path / "arc", ArcCameras(n_views=5, width=64, height=64, arc_degrees=20.0), seed=1)
-    start = WEIGHTS_DIR / "joint-cpu.pt"
+    for suffix in (".pt", ".json"):  # a joint file loads its base from its own folder
+        shutil.copy(WEIGHTS_DIR / f"joint-cpu{suffix}", tmp_path / f"start{suffix}")
+        shutil.copy(WEIGHTS_DIR / f"single_view_cpu{suffix}", tmp_path / f"single_view_cpu{suffix}")
+    before = json.loads((tmp_path / "start.json").read_text())["training"]
     assert main(["train-joint", str(tmp_path / "run"), str(scene), "--steps", "1", "--batch", "1", "--crop", "64",
                  "--init-single-view", "single_view_cpu", "--freeze-backbone", "--parts", "image",
-                 "--init-joint", str(start), "--export", str(tmp_path / "out" / "joint-cpu.pt"), "-q"]) == 0
+                 "--init-joint", str(tmp_path / "start.pt"), "--export", str(tmp_path / "out" / "joint-cpu.pt"),
+                 "-q"]) == 0
     history = json.loads((tmp_path / "out" / "joint-cpu.json").read_text())["training"]
-    before = json.loads(start.with_suffix(".json").read_text())["training"]
     assert history.startswith(before + "; ")
     assert "lmvic train-joint run, 1 steps of batch 1 per rank, 64-px crops" in history and "scenes arc;" in history
+    (tmp_path / "start.json").write_text(json.dumps({**json.loads((tmp_path / "start.json").read_text()),
+                                                      "training": "since replaced"}))
+    assert export_history(tmp_path / "run" / "checkpoint.pt") == history
 
 
 def test_training_on_a_qpem_base_leaves_the_base_qpem_alone(tmp_path) -> None:

@@ -66,6 +66,7 @@ class TrainConfig:
     entropy: str = "hyperprior"  # the latent's entropy model (``ENTROPY_MODELS``)
     init_qpem: str = ""  # a shipped joint model whose QPEM, reference context removed, starts this one's
     trainable: str = "all"  # "all", or "qpem": only the QPEM trains, every other weight stays as initialised
+    init_history: str = ""  # training history of the ``init`` weights when the run started (its export continues it)
 
     @staticmethod
     def from_dict(d: dict) -> "TrainConfig":
@@ -288,8 +289,11 @@ def train(cfg: TrainConfig, resume: bool = False, val_crops: Tensor | None = Non
             _append_csv(out / "val.csv", {"step": step, "cpu_min": round(cpu_spent / 60, 3), **row})
         log(f"val step {step}: " + " ".join(f"q{r['quality']} {r['bpp']:.3f}/{r['psnr']:.2f}" for r in rows))
 
-    if cfg.started == 0.0:
+    if cfg.started == 0.0:  # a fresh run
+        from lmvic.zoo import recorded_training
+
         cfg.started = time.time()
+        cfg.init_history = recorded_training(cfg.init)
 
     def progress() -> float:
         limit = (step, cfg.max_steps) if cfg.max_steps > 0 else (cpu_spent, budget)
