@@ -170,13 +170,13 @@ def export_history(checkpoint: Path) -> str:
     (``init_joint``'s sidecar as it was when the run started), then one line on this run."""
     ck = torch.load(checkpoint, map_location="cpu", weights_only=False)
     cfg = ck["config"]
-    hours = (time.time() - cfg["started"]) / 3600 if cfg["started"] else 0.0
+    hours = (ck.get("saved", time.time()) - cfg["started"]) / 3600 if cfg["started"] else 0.0
     crops = f"{cfg['crop']}-px crops" if cfg["crop"] else "whole views"
     run = (f"{time.strftime('%Y-%m-%d', time.gmtime())}: lmvic train-joint {Path(cfg['out_dir']).name}, "
            f"{ck['step']} steps of batch {cfg['batch']} per rank, {crops}, "
            f"{len(cfg['view_weights'])}-view clips, parts {cfg['parts']}"
            f"{' (backbone frozen)' if cfg['freeze_backbone'] else ''}, lr {cfg['schedule']['peak_lr']:g} "
-           f"{cfg['schedule']['kind']}, {cfg['precision']}, {hours:.1f} h wall-clock from its start; scenes "
+           f"{cfg['schedule']['kind']}, {cfg['precision']}, {hours:.1f} h wall-clock; scenes "
            f"{', '.join(Path(x).name for x in cfg['scenes'])}; from {cfg['init_joint'] or 'fresh joint parts'}")
     return training_history(cfg.get("init_history", ""), run)
 
@@ -254,7 +254,7 @@ def train_joint(cfg: JointTrainConfig, resume: bool = False, log=print) -> Joint
     def save() -> None:
         if rank == 0:
             _save_atomic({"model": codec.state_dict(), "opt": opt.state_dict(), "aux_opt": aux_opt.state_dict(),
-                          "step": step, "config": dataclasses.asdict(cfg)}, ckpt_path)
+                          "step": step, "saved": time.time(), "config": dataclasses.asdict(cfg)}, ckpt_path)
 
     acc: dict[str, float] = {}
     t0 = time.perf_counter()
