@@ -233,10 +233,10 @@ def surface_coordinates(points: torch.Tensor, obj) -> torch.Tensor:
         lon = torch.atan2(d[..., 0], d[..., 2])
         lat = torch.asin(d[..., 1].clamp(-1, 1))
         return obj.radius * torch.stack([lon, lat], -1)
-    local = (points - torch.tensor(obj.centre, dtype=points.dtype)) / torch.tensor(obj.half, dtype=points.dtype)
-    face = local.abs().argmax(dim=-1, keepdim=True)
-    others = torch.tensor([[1, 2], [0, 2], [0, 1]])[face.squeeze(-1)]
-    return torch.gather(points - torch.tensor(obj.centre, dtype=points.dtype), -1, others)
+    offset = points - torch.tensor(obj.centre, dtype=points.dtype)
+    face = (offset / torch.tensor(obj.half, dtype=points.dtype)).abs().argmax(dim=-1)
+    others = torch.tensor([[1, 2], [0, 2], [0, 1]])[face]
+    return torch.gather(offset, -1, others)
 
 
 class PhotoTexture:
@@ -258,9 +258,8 @@ class PhotoTexture:
     def from_files(cls, paths: list[Path], seed: int = 0, texels_per_unit: float = 80.0) -> "PhotoTexture":
         return cls([np.asarray(Image.open(p).convert("RGB")) for p in paths], seed, texels_per_unit)
 
-    def sample(self, k: int, uv: torch.Tensor) -> torch.Tensor:
-        """Photo ``k`` at texel coordinates uv [..., 2] (x, y), mirrored repeat, bilinear: [..., 3]."""
-        photo = self.photos[k % len(self.photos)]
+    def sample(self, photo: torch.Tensor, uv: torch.Tensor) -> torch.Tensor:
+        """``photo`` [H, W, 3] at texel coordinates uv [..., 2] (x, y), mirrored repeat, bilinear: [..., 3]."""
         h, w = photo.shape[:2]
 
         def mirror(x: torch.Tensor, n: int) -> torch.Tensor:
@@ -280,9 +279,10 @@ class PhotoTexture:
         for k, obj in enumerate(spec.objects):
             on = ids == k
             if on.any():
-                offset = self.offsets[k % len(self.photos)] * torch.tensor(self.photos[k % len(self.photos)].shape[1::-1])
+                photo = self.photos[k % len(self.photos)]
+                offset = self.offsets[k % len(self.photos)] * torch.tensor(photo.shape[1::-1])
                 uv = surface_coordinates(points[on], obj).to(torch.float32) * self.texels_per_unit + offset
-                out[on] = self.sample(k, uv)
+                out[on] = self.sample(photo, uv)
         return out
 
 
