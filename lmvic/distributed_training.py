@@ -59,7 +59,7 @@ from lmvic.precision import mixed_precision
 from lmvic.training.data import HELD_OUT_SCENES, IMAGE_SUFFIXES, ImageCache, build_cache
 from lmvic.training.loop import _append_csv, _save_atomic, budget_progress, log_row, optimisation_step, psnr_from_mse
 from lmvic.training.schedule import Schedule
-from lmvic.zoo import load_single_view
+from lmvic.zoo import load_single_view, recorded_training, training_history
 
 #: Never trained on: the held-out development scenes and the Middlebury pairs (alignment ground truth).
 NOT_FOR_TRAINING = (*HELD_OUT_SCENES, "middlebury_stereo")
@@ -159,6 +159,7 @@ class DistributedTrainConfig:
     feature_fusions: int = 1
     base: str = "single_view_cpu"  # shipped single-view weights: the frozen encoder and the initial decoder
     init_weights: str = ""  # a folder of shipped distributed weights (``SHIPPED`` names) to start the fusions from
+    init_history: tuple[str, ...] = ()  # per fusion: the training history of its init_weights file when the run started
     max_side: int = 512
     crop: int = 256
     batch: int = 2
@@ -360,7 +361,9 @@ def train_distributed(cfg: DistributedTrainConfig, resume: bool = False, log=pri
     else:
         for stale in ("train.csv", "val.csv"):
             (out / stale).unlink(missing_ok=True)
-        cfg.started = cfg.started or time.time()
+        cfg = dataclasses.replace(cfg, started=cfg.started or time.time(), init_history=cfg.init_history or tuple(
+            recorded_training(str(Path(cfg.init_weights) / f"{SHIPPED[n]}.pt")) if cfg.init_weights else ""
+            for n in cfg.fusions))
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
     scenes = [SceneClips(Path(s), Path(cfg.cache_dir), cfg.max_side) for s in cfg.scenes]
     val_sampler = ClipSampler(scenes, cfg.crop, 1, seed=12345)
@@ -498,12 +501,18 @@ def export_checkpoint(run_dir: Path, directory: Path, base_synthesis: bool = Fal
     meta = {"scenes": [Path(s).name for s in cfg.scenes], "crop": cfg.crop, "max_side": cfg.max_side,
             "views": list(cfg.views), "steps": ck["step"], "cpu_minutes_all_models": round(ck["cpu_seconds"] / 60, 1),
             "synthesis": "fine-tuned" if fine_tuned else f"{cfg.base} (unchanged)"}
+    run = (f"{time.strftime('%Y-%m-%d', time.gmtime())}: lmvic train-distributed {Path(cfg.out_dir).name} on "
+           f"{cfg.base}, {ck['step']} steps of batch {cfg.batch}, {cfg.crop}-px crops, {cfg.precision}, lr "
+           f"{cfg.schedule.peak_lr:g}, {meta['cpu_minutes_all_models']} CPU-min for all models; scenes "
+           f"{', '.join(meta['scenes'])}; from {cfg.init_weights or 'fresh fusions'}")
     paths = []
     base = load_single_view(cfg.base)
+    previous = dict(zip(cfg.fusions, cfg.init_history))
     for name, codec in build_models(cfg).items():
         codec.load_state_dict(ck["models"][name])
         if not fine_tuned:
             codec.backbone.synthesis.load_state_dict(base.synthesis.state_dict())
-        paths.append(save_distributed(codec, Path(directory) / f"{SHIPPED[name]}.pt", cfg.base, meta))
+        paths.append(save_distributed(codec, Path(directory) / f"{SHIPPED[name]}.pt", cfg.base,
+                                      {**meta, "training": training_history(previous.get(name, ""), run)}))
     return paths
 

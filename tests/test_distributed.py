@@ -1,6 +1,7 @@
 """Distributed codec (lmvic.models.distributed): shapes, round trips, subsets, another process."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -205,6 +206,14 @@ def test_distributed_training_warm_up_rd_resume_and_export(tmp_path: Path) -> No
     shipped = load_distributed(path.stem, tmp_path / "weights")
     for k, v in shipped.fusions.state_dict().items():
         torch.testing.assert_close(v, trained[k], atol=1e-2, rtol=1e-2)  # float16 storage
+    # a run from those weights, exported over them: its history continues theirs (read when it started)
+    first = json.loads(path.with_suffix(".json").read_text())["training"]
+    assert "train-distributed run on" in first and first.endswith("from fresh fusions")
+    train_distributed(replace(cfg, out_dir=str(tmp_path / "run2"), init_weights=str(tmp_path / "weights")),
+                      log=lambda _: None)
+    (again,) = export_checkpoint(tmp_path / "run2", tmp_path / "weights")
+    history = json.loads(again.with_suffix(".json").read_text())["training"]
+    assert history.startswith(first + "; ") and "train-distributed run2 on" in history
 
 
 def test_fixed_opam_temperature_is_set_and_not_trained(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ process; every corrupt-container case is a ``BitstreamError``.
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -22,8 +23,9 @@ from lmvic.models.joint import JointImageCodec, Side
 from lmvic.exact import fixed_threads
 from lmvic.models.single_view import build_single_view
 from lmvic.models.depth_codec import DepthRange
-from lmvic.scene_codec import (INTRA_STREAM, DecodedChain, DecodedView, SceneInput, build_joint, decode_scene_file,
-                               encode_scene, encode_scene_file, load_joint_file, pad, save_joint)
+from lmvic.scene_codec import (DEPTH_FACTOR, DEPTH_QUALITY, INTRA_STREAM, DecodedChain, DecodedView, SceneInput,
+                               build_joint, decode_scene_file, encode_scene, encode_scene_file, load_joint_file, pad,
+                               save_joint)
 from pipelines.errors import LmvicError
 from lmvic.zoo import WeightsError, load_single_view
 from scenes.synthetic import ArcCameras, SceneSpec, SolidNoise, render_view
@@ -526,6 +528,8 @@ def test_weights_on_a_frozen_base_store_only_what_the_joint_codec_adds(tmp_path)
     full = save_joint(codec, tmp_path / "full.pt")
     slim = save_joint(codec, tmp_path / "slim.pt", base="single_view_cpu")
     assert slim.stat().st_size < full.stat().st_size - 4_000_000  # the backbone is not stored again
+    meta = json.loads(slim.with_suffix(".json").read_text())
+    assert (meta["base"], meta["depth_factor"], meta["depth_quality"]) == ("single_view_cpu", DEPTH_FACTOR, DEPTH_QUALITY)
     a, b = load_joint_file(full).state_dict(), load_joint_file(slim).state_dict()
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a if not k.startswith("image.backbone."))
