@@ -5,7 +5,8 @@ layout) of each given work folder, and prints per scene the BD-rate (PSNR and MS
 ``lmvic-joint`` against every other codec there and of x265 all-intra against x265 low-delay P (how
 much the other views give a traditional codec on that scene), the joint codec's encode and decode
 seconds per view, per rate point how many views it coded inter (with the reference) and what its
-depth streams cost, and the shipped model's size. Run the evaluations first, e.g.::
+depth streams cost, what a later view costs against the first (also for Separate, which
+codes every view alone, and x265 low-delay P: its P-frames against its I-frame), and the shipped model's size. Run the evaluations first, e.g.::
 
     lmvic eval ../shared/scenes/fox --work-dir W/fox --mode joint --max-views 8
     python benchmarks/joint.py W/fox W/sceaux
@@ -23,6 +24,7 @@ from lmvic.zoo import WEIGHTS_DIR
 from pipelines.rd import curve_bd_rates, from_compressai_json
 
 TEST = "lmvic-joint"
+SEPARATE = "lmvic-single"
 INTRA, LDP = "x265-intra", "x265-ldp"  # all-intra against low-delay P: the scene's inter-view gain for x265
 
 
@@ -51,6 +53,11 @@ def main() -> None:
                   f"{prior} with the reference in the entropy model only; "
                   f"depth streams in {len(depths)} views, {sum(depths)} B, "
                   f"{100 * sum(depths) / sum(point.num_bytes):.1f} % of the file")
+        for name in (TEST, SEPARATE, LDP):  # what a view costs once its reference is decoded (Separate: none)
+            if name in curves:
+                print(f"  {name}: the later views' mean bytes over the first view's: " + ", ".join(
+                    f"{point.quality:g}: {100 * np.mean(point.num_bytes[1:]) / point.num_bytes[0]:.0f} %"
+                    for point in curves[name].points))
         pairs = [(TEST, name) for name in curves if name != TEST]
         if {INTRA, LDP} <= set(curves):
             pairs.append((INTRA, LDP))  # what the other views give a traditional codec on this scene
