@@ -252,10 +252,11 @@ def export_checkpoint(checkpoint: Path, name: str = "single_view_cpu", half: boo
 def run_summary(ck: dict) -> str:
     """One line on the single-view training run of the checkpoint ``ck``: what it trained and how long."""
     cfg, sched = ck["config"], ck["config"]["schedule"]
+    ranks = f" x {ck['ranks']} ranks" if "ranks" in ck else ""  # checkpoints before session 23 do not say
     return (f"{time.strftime('%Y-%m-%d', time.gmtime())}: lmvic train {Path(cfg['out_dir']).name}, {ck['step']} steps "
             f"of {cfg['batch']} crops of {cfg['crop']} px per rank, {cfg['precision']}, {sched['kind']} lr "
             f"{sched['peak_lr']:g} -> {sched['final_lr']:g}, EMA {cfg['ema_decay']:g}, trainable {cfg['trainable']}, "
-            f"{ck['cpu_seconds'] / 3600:.2f} CPU-h per rank, from {cfg['init'] or 'fresh weights'}")
+            f"{ck['cpu_seconds'] / 3600:.2f} CPU-h per rank{ranks}, from {cfg['init'] or 'fresh weights'}")
 
 
 if __name__ == "__main__":

@@ -214,6 +214,7 @@ def test_a_fresh_run_starts_from_given_weights(scenes, tmp_path):
     history = json.loads(exported.with_suffix(".json").read_text())["training"]
     shipped_history = json.loads((WEIGHTS_DIR / "single_view_cpu.json").read_text())["training"]
     assert history.startswith(shipped_history + "; ") and "lmvic train run, 1 steps of 2 crops of 64 px" in history
+    assert "CPU-h per rank x 1 ranks, from single_view_cpu" in history  # one process: one rank
     with pytest.raises(ValueError, match="λs"):
         initial_state("single_view_cpu", TrainConfig(out_dir="", cache_dir="", lambdas=(0.001, 0.01)))
     with pytest.raises(ValueError, match="do not fit"):  # QPEM weights into a hyperprior-only codec

@@ -270,7 +270,7 @@ def train(cfg: TrainConfig, resume: bool = False, val_crops: Tensor | None = Non
         if rank == 0:
             _save_atomic({"model": model.state_dict(), "opt": opt.state_dict(),
                           "aux_opt": None if aux_opt is None else aux_opt.state_dict(), "ema": None if ema is None else ema.shadow,
-                          "step": step, "cpu_seconds": cpu_spent, "wall_seconds": wall_spent,
+                          "step": step, "cpu_seconds": cpu_spent, "wall_seconds": wall_spent, "ranks": world,
                           "config": dataclasses.asdict(cfg)}, ckpt_path)
 
     def run_validation() -> None:
