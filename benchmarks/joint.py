@@ -5,8 +5,9 @@ layout) of each given work folder, and prints per scene the BD-rate (PSNR and MS
 ``lmvic-joint`` against every other codec there and of x265 all-intra against x265 low-delay P (how
 much the other views give a traditional codec on that scene), the joint codec's encode and decode
 seconds per view, per rate point how many views it coded inter (with the reference) and what its
-depth streams cost, what a later view costs against the first (also for Separate, which
-codes every view alone, and x265 low-delay P: its P-frames against its I-frame), and the shipped model's size. Run the evaluations first, e.g.::
+depth streams cost, what a later view costs against the first (also for Separate, which codes every
+view alone, and for x265 low-delay P: its P-frames against its I-frame), and the shipped model's
+size. Run the evaluations first, e.g.::
 
     lmvic eval ../shared/scenes/fox --work-dir W/fox --mode joint --max-views 8
     python benchmarks/joint.py W/fox W/sceaux
