@@ -501,7 +501,7 @@ def export_checkpoint(run_dir: Path, directory: Path, base_synthesis: bool = Fal
     meta = {"scenes": [Path(s).name for s in cfg.scenes], "crop": cfg.crop, "max_side": cfg.max_side,
             "views": list(cfg.views), "steps": ck["step"], "cpu_minutes_all_models": round(ck["cpu_seconds"] / 60, 1),
             "synthesis": "fine-tuned" if fine_tuned else f"{cfg.base} (unchanged)"}
-    run = (f"{time.strftime('%Y-%m-%d', time.gmtime())}: lmvic train-distributed {Path(cfg.out_dir).name} on "
+    run = (f"lmvic train-distributed {Path(cfg.out_dir).name} on "
            f"{cfg.base}, {ck['step']} steps of batch {cfg.batch}, {cfg.crop}-px crops, {cfg.precision}, lr "
            f"{cfg.schedule.peak_lr:g}, {meta['cpu_minutes_all_models']} CPU-min for all models; scenes "
            f"{', '.join(meta['scenes'])}; from {cfg.init_weights or 'fresh fusions'}")

@@ -172,7 +172,7 @@ def export_history(checkpoint: Path) -> str:
     cfg = ck["config"]
     hours = (ck.get("saved", time.time()) - cfg["started"]) / 3600 if cfg["started"] else 0.0
     crops = f"{cfg['crop']}-px crops" if cfg["crop"] else "whole views"
-    run = (f"{time.strftime('%Y-%m-%d', time.gmtime())}: lmvic train-joint {Path(cfg['out_dir']).name}, "
+    run = (f"lmvic train-joint {Path(cfg['out_dir']).name}, "
            f"{ck['step']} steps of batch {cfg['batch']} per rank, {crops}, "
            f"{len(cfg['view_weights'])}-view clips, parts {cfg['parts']}"
            f"{' (backbone frozen)' if cfg['freeze_backbone'] else ''}, lr {cfg['schedule']['peak_lr']:g} "

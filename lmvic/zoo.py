@@ -122,8 +122,10 @@ def recorded_training(source: str) -> str:
 
 
 def training_history(previous: str, run: str) -> str:
-    """An exported file's history: ``previous`` (that of the weights the run started from), then ``run``."""
-    return f"{previous}; {run}" if previous else run
+    """An exported file's history: ``previous`` (that of the weights the run started from), then today's
+    date and ``run`` (one line on the run)."""
+    dated = f"{time.strftime('%Y-%m-%d', time.gmtime())}: {run}"
+    return f"{previous}; {dated}" if previous else dated
 
 
 def load_single_view(name: str = "single_view_cpu", directory: Path = WEIGHTS_DIR) -> SingleViewCodec:
@@ -253,7 +255,7 @@ def run_summary(ck: dict) -> str:
     """One line on the single-view training run of the checkpoint ``ck``: what it trained and how long."""
     cfg, sched = ck["config"], ck["config"]["schedule"]
     ranks = f" x {ck['ranks']} ranks" if "ranks" in ck else ""  # checkpoints before session 23 do not say
-    return (f"{time.strftime('%Y-%m-%d', time.gmtime())}: lmvic train {Path(cfg['out_dir']).name}, {ck['step']} steps "
+    return (f"lmvic train {Path(cfg['out_dir']).name}, {ck['step']} steps "
             f"of {cfg['batch']} crops of {cfg['crop']} px per rank, {cfg['precision']}, {sched['kind']} lr "
             f"{sched['peak_lr']:g} -> {sched['final_lr']:g}, EMA {cfg['ema_decay']:g}, trainable {cfg['trainable']}, "
             f"{ck['cpu_seconds'] / 3600:.2f} CPU-h per rank{ranks}, from {cfg['init'] or 'fresh weights'}")

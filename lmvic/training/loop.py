@@ -30,6 +30,7 @@ from lmvic.models.single_view import DEFAULT_LAMBDAS, SingleViewCodec, build_sin
 from lmvic.precision import float32, mixed_precision
 from lmvic.training.data import CropSampler, ImageCache
 from lmvic.training.schedule import Schedule
+from lmvic.zoo import recorded_training, single_view_from
 from pipelines.metrics import ms_ssim_weighted
 
 
@@ -290,8 +291,6 @@ def train(cfg: TrainConfig, resume: bool = False, val_crops: Tensor | None = Non
         log(f"val step {step}: " + " ".join(f"q{r['quality']} {r['bpp']:.3f}/{r['psnr']:.2f}" for r in rows))
 
     if cfg.started == 0.0:  # a fresh run
-        from lmvic.zoo import recorded_training
-
         cfg.started = time.time()
         cfg.init_history = recorded_training(cfg.init)
 
@@ -383,8 +382,6 @@ def joint_qpem(name: str) -> dict[str, Tensor]:
 def initial_state(source: str, cfg: TrainConfig) -> dict[str, Tensor]:
     """Weights a fresh run starts from (new optimiser and schedule): a shipped name, an exported weight
     file, or a training checkpoint/snapshot (its EMA weights when kept); its λs and size must be the run's."""
-    from lmvic.zoo import single_view_from
-
     model = single_view_from(source)
     if model.lambdas.shape != (len(cfg.lambdas),) or not torch.allclose(model.lambdas, torch.tensor(cfg.lambdas), rtol=1e-3):
         raise ValueError(f"{source} was trained for other λs than the run's {cfg.lambdas}")
