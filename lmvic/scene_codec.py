@@ -661,10 +661,12 @@ class JointPart(CompressionModel):
         self.depth = codec.depth
 
 
-def save_joint(codec: JointCodec, path: Path, base: str | None = None, half: bool = True, training: str = "") -> Path:
+def save_joint(codec: JointCodec, path: Path, base: str | None = None, half: bool = True, training: str = "",
+               held_out: Sequence[str] = ()) -> Path:
     """Write ``codec`` (CDFs refreshed; float16 parameters if ``half``) and its ``.json`` SHA-256 sidecar,
-    with ``training`` (how it was trained) in the sidecar when given, and the depth map's scale and
-    quality the format codes it at (``DEPTH_FACTOR``, ``DEPTH_QUALITY``).
+    with ``training`` (how it was trained) and ``held_out`` (the scenes kept out of its training) in the
+    sidecar when given, and the depth map's scale and quality the format codes it at (``DEPTH_FACTOR``,
+    ``DEPTH_QUALITY``).
 
     ``base``: the shipped single-view weights its image backbone is (trained frozen); the file then
     holds only the :class:`JointPart` and the base's name and SHA-256, checked on loading.
@@ -674,7 +676,7 @@ def save_joint(codec: JointCodec, path: Path, base: str | None = None, half: boo
     if base is not None:
         payload.update(base_reference(base))
     meta = {"model_id": codec.model_id, **{k: v for k, v in payload.items() if k.startswith("base")},
-            **({"training": training} if training else {}),
+            **({"training": training} if training else {}), **({"held_out": list(held_out)} if held_out else {}),
             "depth_factor": DEPTH_FACTOR, "depth_quality": DEPTH_QUALITY}
     return write_weights(codec if base is None else JointPart(codec), path, payload, meta, half)
 

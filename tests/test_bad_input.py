@@ -92,6 +92,16 @@ def test_unknown_stage(tmp_path, small_scene, capsys):
     assert "unknown stage 'colour'" in fails(capsys, "run", root, "--stages", "colour")
 
 
+@pytest.mark.parametrize("command", ["train-joint", "train-distributed"])
+def test_trainers_refuse_a_held_out_scene(tmp_path, capsys, command):
+    """fox is an evaluation scene: a trainer given its folder (or its images/) stops before it trains."""
+    for folder in (tmp_path / "fox", tmp_path / "fox" / "images"):
+        folder.mkdir(parents=True, exist_ok=True)
+        err = fails(capsys, command, tmp_path / "run", folder)
+        assert "held out for evaluation, not for training" in err and str(folder) in err
+    assert not (tmp_path / "run").exists()
+
+
 def test_console_script_exit_code(tmp_path):
     """The same in a separate process: non-zero exit and one line on stderr."""
     result = run_lmvic("run", tmp_path / "absent")

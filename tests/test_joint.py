@@ -704,7 +704,9 @@ def test_an_export_continues_the_training_history_of_the_weights_it_started_from
                  "--init-single-view", "single_view_cpu", "--freeze-backbone", "--parts", "image",
                  "--init-joint", str(tmp_path / "start.pt"), "--export", str(tmp_path / "out" / "joint-cpu.pt"),
                  "-q"]) == 0
-    history = json.loads((tmp_path / "out" / "joint-cpu.json").read_text())["training"]
+    sidecar = json.loads((tmp_path / "out" / "joint-cpu.json").read_text())
+    assert sidecar["held_out"] == ["fox", "sceaux_castle"]
+    history = sidecar["training"]
     assert history.startswith(before + "; ")
     assert "lmvic train-joint run, 1 steps of batch 1 per rank, 64-px crops" in history and "scenes arc;" in history
     (tmp_path / "start.json").write_text(json.dumps({**json.loads((tmp_path / "start.json").read_text()),

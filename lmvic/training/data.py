@@ -23,6 +23,12 @@ HELD_OUT_SCENES = ("fox", "sceaux_castle")
 CACHE_VERSION = 1
 
 
+def held_out_among(folders: Sequence[Path], names: Sequence[str] = HELD_OUT_SCENES) -> list[Path]:
+    """The ``folders`` of a held-out scene: named like one of ``names``, or directly inside one
+    (a scene's ``images/``)."""
+    return [f for f in map(Path, folders) if {f.name, f.parent.name} & set(names)]
+
+
 def scene_images(scenes_root: Path, include: tuple[str, ...] | None = None,
                  exclude: tuple[str, ...] = HELD_OUT_SCENES) -> list[Path]:
     """Photos under ``scenes_root/<scene>/`` (``images/`` folders and Middlebury views), sorted.

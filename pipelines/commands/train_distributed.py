@@ -66,6 +66,7 @@ def run(args: argparse.Namespace) -> None:
     from lmvic.distributed_training import (NOT_FOR_TRAINING, DistributedTrainConfig, export_checkpoint,
                                             folder_images, train_distributed)
     from lmvic.fusion import FUSIONS
+    from lmvic.training.data import held_out_among
     from lmvic.training.schedule import Schedule
 
     checkpoint = args.run_dir / "checkpoint.pt"
@@ -83,9 +84,9 @@ def run(args: argparse.Namespace) -> None:
         missing = [str(s) for s in args.scenes if not s.is_dir()]
         if missing:
             raise LmvicError(f"not a folder: {', '.join(missing)}")
-        held_out = [str(s) for s in args.scenes if {s.name, s.parent.name} & set(NOT_FOR_TRAINING)]
+        held_out = held_out_among(args.scenes, NOT_FOR_TRAINING)
         if held_out:
-            raise LmvicError(f"held out for evaluation, not for training: {', '.join(held_out)}")
+            raise LmvicError(f"held out for evaluation, not for training: {', '.join(map(str, held_out))}")
         for scene in args.scenes:
             try:
                 folder_images(scene)

@@ -65,12 +65,16 @@ def run(args: argparse.Namespace) -> None:
     from lmvic.clips import check_range_jitter
     from lmvic.joint_training import VIEW_WEIGHTS, JointTrainConfig, export_history, shipped_base, train_joint
     from lmvic.scene_codec import save_joint
+    from lmvic.training.data import HELD_OUT_SCENES, held_out_among
     from lmvic.training.loop import check_metric, dist_info
     from lmvic.training.schedule import Schedule
 
     missing = [str(s) for s in args.scenes if not s.is_dir()]
     if missing:
         raise LmvicError(f"not a folder: {', '.join(missing)}")
+    held_out = held_out_among(args.scenes)
+    if held_out:
+        raise LmvicError(f"held out for evaluation, not for training: {', '.join(map(str, held_out))}")
     try:
         check_metric(args.metric, args.crop)
     except ValueError as exc:
@@ -100,4 +104,4 @@ def run(args: argparse.Namespace) -> None:
     if args.export and dist_info()[0] == 0:
         # a frozen shipped backbone is referenced by name and SHA-256, not stored again
         print(save_joint(model.eval(), Path(args.export), base=shipped_base(config),
-                         training=export_history(args.run_dir / "checkpoint.pt")))
+                         training=export_history(args.run_dir / "checkpoint.pt"), held_out=HELD_OUT_SCENES))
