@@ -12,7 +12,9 @@ eval`` crops them), at every quality:
 - ``ref/noref``: the joint image codec's estimated bits of the view (likelihoods of y and z) with
   its reference over without it;
 - ``self/noref``: the same with the view's own decoded image as its reference (same camera, no
-  parallax, every pixel trusted): what the reference path saves when the reference is perfect.
+  parallax, every pixel trusted): what the reference path saves when the reference is perfect;
+- ``z of ref, self``: the share of the hyperprior's bits (z, coded without the reference) in those
+  two, a floor the reference cannot lower.
 
 The RMS pair says how much the reference could save; the last two columns how much the codec saves.
 
@@ -35,9 +37,9 @@ from lmvic.scene_codec import DecodedView, pad, padded_image
 TRUSTED = 0.99  # a latent pixel is trusted if this share of its 16×16 pixels is
 
 
-def bits(out: dict) -> float:
-    """Estimated bits of a codec output (its likelihoods of y and z)."""
-    return float(sum(-torch.log2(lik).sum() for lik in out["likelihoods"].values()))
+def bits(out: dict, keys: tuple[str, ...] = ("y", "z")) -> float:
+    """Estimated bits of a codec output (its likelihoods of ``keys``, by default y and z)."""
+    return float(sum(-torch.log2(out["likelihoods"][k]).sum() for k in keys))
 
 
 def main() -> None:
@@ -80,6 +82,7 @@ def main() -> None:
                 return DecodedView(alone[i]["x_hat"].clamp(0, 1), alone[i]["features"], d[i], K[i:i + 1], T[i:i + 1])
 
             psnr, err_mu, err_ref, count, with_ref, with_self, without = [], 0.0, 0.0, 0, 0.0, 0.0, 0.0
+            z_ref = z_self = 0.0
             for t, rel, good, mask in zip(pairs, rels, pixels, masks):
                 r = t - 1
                 ref = decoded(r)
@@ -92,12 +95,15 @@ def main() -> None:
                 err_mu += float(((y - means) ** 2)[mask].sum())
                 err_ref += float(((y - aligned) ** 2)[mask].sum())
                 count += int(mask.sum())
-                with_ref += bits(image(x[t], q, codec.image_side(ref, d[t], K[t:t + 1], T[t:t + 1])))
-                with_self += bits(image(x[t], q, codec.image_side(decoded(t), d[t], K[t:t + 1], T[t:t + 1])))
+                out_ref = image(x[t], q, codec.image_side(ref, d[t], K[t:t + 1], T[t:t + 1]))
+                out_self = image(x[t], q, codec.image_side(decoded(t), d[t], K[t:t + 1], T[t:t + 1]))
+                with_ref, z_ref = with_ref + bits(out_ref), z_ref + bits(out_ref, ("z",))
+                with_self, z_self = with_self + bits(out_self), z_self + bits(out_self, ("z",))
                 without += bits(alone[t])
             print(f"q{q}: trusted {np.mean(trusted):.2f} (warp PSNR {np.mean(psnr):.2f} dB)  "
                   f"rms y-mu {np.sqrt(err_mu / count):.3f}  rms y-L {np.sqrt(err_ref / count):.3f}  "
-                  f"ref/noref {with_ref / without:.3f}  self/noref {with_self / without:.3f}", flush=True)
+                  f"ref/noref {with_ref / without:.3f}  self/noref {with_self / without:.3f}  "
+                  f"z of ref, self {z_ref / with_ref:.2f}, {z_self / with_self:.2f}", flush=True)
 
 
 if __name__ == "__main__":
