@@ -14,7 +14,10 @@ eval`` crops them), at every quality:
 - ``self/noref``: the same with the view's own decoded image as its reference (same camera, no
   parallax, every pixel trusted): what the reference path saves when the reference is perfect;
 - ``z of ref, self``: the share of the hyperprior's bits (z, coded without the reference) in those
-  two, a floor the reference cannot lower.
+  two, a floor the reference cannot lower;
+- ``L hits``: over the trusted latent's non-zero symbols round(y - mu) (the ones that cost bits), the
+  share the aligned reference latent gets exactly (round(L - mu) equal): what a mode copying the
+  reference's symbols could leave uncoded.
 
 The RMS pair says how much the reference could save; the last two columns how much the codec saves.
 
@@ -83,6 +86,7 @@ def main() -> None:
 
             psnr, err_mu, err_ref, count, with_ref, with_self, without = [], 0.0, 0.0, 0, 0.0, 0.0, 0.0
             z_ref = z_self = 0.0
+            active = hits = 0
             for t, rel, good, mask in zip(pairs, rels, pixels, masks):
                 r = t - 1
                 ref = decoded(r)
@@ -95,6 +99,10 @@ def main() -> None:
                 err_mu += float(((y - means) ** 2)[mask].sum())
                 err_ref += float(((y - aligned) ** 2)[mask].sum())
                 count += int(mask.sum())
+                symbols = torch.round(y - means)[mask]
+                live = symbols != 0
+                active += int(live.sum())
+                hits += int((torch.round(aligned - means)[mask] == symbols)[live].sum())
                 out_ref = image(x[t], q, codec.image_side(ref, d[t], K[t:t + 1], T[t:t + 1]))
                 out_self = image(x[t], q, codec.image_side(decoded(t), d[t], K[t:t + 1], T[t:t + 1]))
                 with_ref, z_ref = with_ref + bits(out_ref), z_ref + bits(out_ref, ("z",))
@@ -103,7 +111,8 @@ def main() -> None:
             print(f"q{q}: trusted {np.mean(trusted):.2f} (warp PSNR {np.mean(psnr):.2f} dB)  "
                   f"rms y-mu {np.sqrt(err_mu / count):.3f}  rms y-L {np.sqrt(err_ref / count):.3f}  "
                   f"ref/noref {with_ref / without:.3f}  self/noref {with_self / without:.3f}  "
-                  f"z of ref, self {z_ref / with_ref:.2f}, {z_self / with_self:.2f}", flush=True)
+                  f"z of ref, self {z_ref / with_ref:.2f}, {z_self / with_self:.2f}  "
+                  f"L hits {hits / max(active, 1):.2f}", flush=True)
 
 
 if __name__ == "__main__":
