@@ -19,7 +19,8 @@ eval`` crops them), at every quality:
   share the aligned reference latent gets exactly (round(L - mu) equal): what a mode copying the
   reference's symbols could leave uncoded.
 
-The RMS pair says how much the reference could save; the last two columns how much the codec saves.
+The RMS pair and ``L hits`` say how much the reference could save; ``ref/noref`` and ``self/noref``
+how much the codec saves.
 
     python benchmarks/reference_latent.py /work/runs/fox [--views 6] [--weights joint-cpu|FILE.pt] [--depth coarse]
 """
