@@ -26,7 +26,8 @@ CACHE_VERSION = 1
 def held_out_among(folders: Sequence[Path], names: Sequence[str] = HELD_OUT_SCENES) -> list[Path]:
     """The ``folders`` of a held-out scene: named like one of ``names``, or directly inside one
     (a scene's ``images/``)."""
-    return [f for f in map(Path, folders) if {f.name, f.parent.name} & set(names)]
+    names = set(names)
+    return [f for f in map(Path, folders) if {f.name, f.parent.name} & names]
 
 
 def scene_images(scenes_root: Path, include: tuple[str, ...] | None = None,
