@@ -18,6 +18,10 @@ eval`` crops them), at every quality:
 - ``L hits``: over the trusted latent's non-zero symbols round(y - mu) (the ones that cost bits), the
   share the aligned reference latent gets exactly (round(L - mu) equal): what a mode copying the
   reference's symbols could leave uncoded.
+- ``skip s``: over the view coded with the reference in the entropy model only (``prior`` mode, whose
+  latent is the backbone's, the one L is aligned with), the share of its bits (y and z) in s×s latent
+  tiles, trusted and every channel a hit as above: what a per-tile flag letting the decoder take the
+  reference's symbols could save without changing the image (before the flags' own cost).
 
 The RMS pair and ``L hits`` say how much the reference could save; ``ref/noref`` and ``self/noref``
 how much the codec saves.
@@ -39,11 +43,23 @@ from lmvic.models.depth_codec import DepthRange
 from lmvic.scene_codec import DecodedView, pad, padded_image
 
 TRUSTED = 0.99  # a latent pixel is trusted if this share of its 16×16 pixels is
+TILES = (1, 2, 4)  # skip tile sides, in latent pixels (16, 32, 64 image pixels)
 
 
 def bits(out: dict, keys: tuple[str, ...] = ("y", "z")) -> float:
     """Estimated bits of a codec output (its likelihoods of ``keys``, by default y and z)."""
     return float(sum(-torch.log2(out["likelihoods"][k]).sum() for k in keys))
+
+
+def skippable_bits(hit: torch.Tensor, trusted: torch.Tensor, y_bits: torch.Tensor, tile: int) -> float:
+    """Bits ``y_bits`` (1, M, h, w) in ``tile``×``tile`` latent tiles whose every element is a ``hit`` and
+    ``trusted`` (both (1, M, h, w) bool); partial tiles at the right and bottom edges count as tiles."""
+    ok = (hit & trusted).all(dim=1, keepdim=True).float()
+    h, w = ok.shape[-2:]
+    pad_hw = (0, -w % tile, 0, -h % tile)
+    tile_ok = -torch.nn.functional.max_pool2d(-torch.nn.functional.pad(ok, pad_hw, value=1.0), tile)
+    keep = torch.nn.functional.interpolate(tile_ok, scale_factor=tile, mode="nearest")[..., :h, :w] > 0
+    return float(y_bits[keep.expand_as(y_bits)].sum())
 
 
 def main() -> None:
@@ -88,6 +104,7 @@ def main() -> None:
             psnr, err_mu, err_ref, count, with_ref, with_self, without = [], 0.0, 0.0, 0, 0.0, 0.0, 0.0
             z_ref = z_self = 0.0
             active = hits = 0
+            prior_bits, skip = 0.0, dict.fromkeys(TILES, 0.0)
             for t, rel, good, mask in zip(pairs, rels, pixels, masks):
                 r = t - 1
                 ref = decoded(r)
@@ -103,8 +120,15 @@ def main() -> None:
                 symbols = torch.round(y - means)[mask]
                 live = symbols != 0
                 active += int(live.sum())
-                hits += int((torch.round(aligned - means)[mask] == symbols)[live].sum())
-                out_ref = image(x[t], q, codec.image_side(ref, d[t], K[t:t + 1], T[t:t + 1]))
+                hit = torch.round(aligned - means) == torch.round(y - means)
+                hits += int(hit[mask][live].sum())
+                side = codec.image_side(ref, d[t], K[t:t + 1], T[t:t + 1])
+                out_ref = image(x[t], q, side)
+                out_prior = image(x[t], q, side.entropy_only())
+                prior_bits += bits(out_prior)
+                y_bits = -torch.log2(out_prior["likelihoods"]["y"])
+                for tile in TILES:
+                    skip[tile] += skippable_bits(hit, mask, y_bits, tile)
                 out_self = image(x[t], q, codec.image_side(decoded(t), d[t], K[t:t + 1], T[t:t + 1]))
                 with_ref, z_ref = with_ref + bits(out_ref), z_ref + bits(out_ref, ("z",))
                 with_self, z_self = with_self + bits(out_self), z_self + bits(out_self, ("z",))
@@ -113,7 +137,8 @@ def main() -> None:
                   f"rms y-mu {np.sqrt(err_mu / count):.3f}  rms y-L {np.sqrt(err_ref / count):.3f}  "
                   f"ref/noref {with_ref / without:.3f}  self/noref {with_self / without:.3f}  "
                   f"z of ref, self {z_ref / with_ref:.2f}, {z_self / with_self:.2f}  "
-                  f"L hits {hits / max(active, 1):.2f}", flush=True)
+                  f"L hits {hits / max(active, 1):.2f}  "
+                  + "  ".join(f"skip {s} {v / prior_bits:.3f}" for s, v in skip.items()), flush=True)
 
 
 if __name__ == "__main__":
