@@ -5,11 +5,14 @@ clipping, both Adam steps) on crops from the uint8 cache, for crop/batch pairs a
 pixels per step, both codec sizes and 1 vs 2 threads. CPU time (``time.process_time``) is reported
 beside wall time because the machine is shared: CPU time is what the budget buys.
 
+``--compile`` measures instead the step ``lmvic train`` runs in the recipes (256-px crops, batch 4, bf16,
+one thread) eager and through ``torch.compile`` (``--compile``), with the first step's cost (compiling).
+
 ``--joint`` measures instead the joint codec's training step (``lmvic train-joint``'s own loop: a
 4-view clip, frozen backbone, bf16, one thread) at both codec sizes on a synthetic scene: what the
 ``paper`` width would cost per step on this CPU.
 
-    .venv/bin/python benchmarks/train_throughput.py [--steps 4] [--joint]
+    .venv/bin/python benchmarks/train_throughput.py [--steps 4] [--compile | --joint]
 """
 from __future__ import annotations
 
@@ -23,8 +26,10 @@ import torch
 
 import lmvic  # noqa: F401
 from lmvic.models.single_view import build_single_view
+from lmvic.precision import mixed_precision
+from lmvic.training.compile import compiled
 from lmvic.training.data import CropSampler, ImageCache
-from lmvic.training.loop import rd_loss
+from lmvic.training.loop import optimisation_step, rd_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = [  # (size, crop, batch, threads)
@@ -33,33 +38,40 @@ CONFIGS = [  # (size, crop, batch, threads)
 ]
 
 
-def measure(size: str, crop: int, batch: int, threads: int, steps: int, cache: ImageCache) -> dict:
+def measure(size: str, crop: int, batch: int, threads: int, steps: int, cache: ImageCache,
+            precision: str = "fp32", compile: bool = False, entropy: str = "hyperprior") -> dict:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    model = build_single_view(size)
+    model = build_single_view(size, entropy=entropy)
+    net = compiled(model, compile)
     main = [p for n, p in model.named_parameters() if not n.endswith(".quantiles")]
     aux = [p for n, p in model.named_parameters() if n.endswith(".quantiles")]
     opt, aux_opt = torch.optim.Adam(main, 1e-4), torch.optim.Adam(aux, 1e-3)
     sampler = CropSampler([cache], crop, seed=0)
-    samples = 0.0
-    for i in range(steps + 1):  # the first step warms up allocators and is not counted
+    samples, start = 0.0, time.process_time()
+    for i in range(steps + 1):  # the first step warms up allocators (and compiles) and is not counted
         if i == 1:
             c0, w0 = time.process_time(), time.perf_counter()
+            first = c0 - start
         s0 = time.process_time()
         x = sampler.batch(batch)
         samples += time.process_time() - s0 if i else 0.0
         q = torch.randint(1, model.num_qualities + 1, (batch,)).float()
-        loss, _, _ = rd_loss(model, model, x, q)
-        opt.zero_grad()
-        aux_opt.zero_grad()
-        (loss + model.aux_loss()).backward()
-        torch.nn.utils.clip_grad_norm_(main, 1.0)
-        opt.step()
-        aux_opt.step()
+        with mixed_precision(precision):
+            loss, _, _ = rd_loss(net, model, x, q)
+        optimisation_step(loss, opt, main, 1.0, model.aux_loss(), aux_opt)
     cpu, wall = (time.process_time() - c0) / steps, (time.perf_counter() - w0) / steps
     return {"size": size, "crop": crop, "batch": batch, "threads": threads, "cpu_s_per_step": cpu,
             "wall_s_per_step": wall, "sampling_cpu_s": samples / steps, "images_per_cpu_s": batch / cpu,
-            "kpixels_per_cpu_s": batch * crop * crop / cpu / 1e3}
+            "kpixels_per_cpu_s": batch * crop * crop / cpu / 1e3, "first_step_cpu_s": first}
+
+
+def compile_table(steps: int, cache: ImageCache) -> None:
+    print(f"{'forward':9s} {'CPU s/step':>10s} {'wall s/step':>11s} {'img/CPU-s':>9s} {'first step CPU s':>16s}")
+    for compile in (False, True):
+        r = measure("cpu", 256, 4, 1, steps, cache, precision="bf16", compile=compile, entropy="qpem")
+        print(f"{'compiled' if compile else 'eager':9s} {r['cpu_s_per_step']:10.3f} {r['wall_s_per_step']:11.3f} "
+              f"{r['images_per_cpu_s']:9.2f} {r['first_step_cpu_s']:16.1f}", flush=True)
 
 
 def measure_joint(size: str, crop: int, steps: int, scene: Path, run_dir: Path) -> dict:
@@ -92,11 +104,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--cache", type=Path, default=ROOT / "runs" / "cache")
-    ap.add_argument("--joint", action="store_true", help="the joint codec's training step at both sizes instead")
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--compile", action="store_true", help="the recipes' step, eager and compiled, instead")
+    mode.add_argument("--joint", action="store_true", help="the joint codec's training step at both sizes instead")
     args = ap.parse_args()
     if args.joint:
         return joint_table(args.steps)
     cache = ImageCache(args.cache)
+    if args.compile:
+        return compile_table(args.steps, cache)
     print(f"{'size':6s} {'crop':>4s} {'batch':>5s} {'thr':>3s} {'CPU s/step':>10s} {'wall s/step':>11s} "
           f"{'sample s':>8s} {'img/CPU-s':>9s} {'kpx/CPU-s':>9s}")
     for cfg in CONFIGS:

@@ -102,6 +102,31 @@ def test_train_writes_curves_and_resumes(scenes, tmp_path):
     assert {int(r["quality"]) for r in val_rows} == set(range(1, model.num_qualities + 1))
 
 
+def test_a_compiled_run_computes_what_an_eager_run_does(scenes, tmp_path, monkeypatch):
+    """``--compile``: the same losses and updates step for step (inductor drawing the quantisation noise from
+    eager's generator, as set here), and a checkpoint of the model itself, loadable by an eager run."""
+    from lmvic.models.single_view import build_single_view
+
+    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
+    torch.manual_seed(0)  # as ``train`` builds a fresh model (seed 0)
+    initial = build_single_view().state_dict()
+    cache = build_cache(scene_images(scenes), tmp_path / "cache", max_side=256, scales=(1.0,))
+    losses, states = {}, {}
+    for compile in (False, True):
+        out = tmp_path / f"run{compile:d}"
+        cfg = TrainConfig(out_dir=str(out), cache_dir=str(cache), crop=64, batch=2, max_steps=2, log_every=1,
+                          schedule=Schedule("constant", 1e-3, 1e-3, 0), compile=compile)
+        train(cfg, log=lambda s: None)
+        losses[compile] = [float(r["loss"]) for r in csv.DictReader(open(out / "train.csv"))]
+        states[compile] = torch.load(out / "checkpoint.pt", weights_only=False)["model"]
+    assert len(losses[True]) == 2
+    assert np.allclose(losses[True], losses[False], rtol=1e-4)
+    assert states[True].keys() == states[False].keys() == initial.keys()
+    moved = max(float((v - initial[k]).abs().max()) for k, v in states[False].items() if v.numel())
+    assert moved > 1e-3  # the steps changed the weights by more than the tolerance below
+    assert all(torch.allclose(states[True][k], v, atol=1e-4) for k, v in states[False].items())
+
+
 def test_budgets_left_unset_give_way_to_the_end_time(scenes, tmp_path):
     """With no CPU or step budget the deadline alone ends the run (its schedule reaching the final
     learning rate); with neither, nothing runs. The CLI leaves budgets unset when --until is given."""
@@ -274,6 +299,7 @@ def test_resume_takes_the_new_end_time_and_lifts_the_stored_budget() -> None:
         return resumed_config(saved, build_parser().parse_args(["train", "run", "--resume", *options]))
 
     assert resumed() == saved
+    assert resumed("--compile").compile and not resumed("--compile", "--no-compile").compile
     later = resumed("--until", "23:59", "--threads", "2")
     assert later.deadline == utc_deadline("23:59") > 0 and later.budget_cpu_minutes == 0 and later.threads == 2
     assert later.max_steps == 0 and resumed("--steps", "900").max_steps == 900

@@ -28,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from lmvic.entropy_models import bits_per_pixel
 from lmvic.models.single_view import DEFAULT_LAMBDAS, SingleViewCodec, build_single_view
 from lmvic.precision import float32, mixed_precision
+from lmvic.training.compile import compiled
 from lmvic.training.data import CropSampler, ImageCache
 from lmvic.training.schedule import Schedule
 from lmvic.zoo import recorded_training, single_view_from
@@ -57,6 +58,7 @@ class TrainConfig:
     ema_decay: float = 0.0  # 0 disables the weight average
     threads: int = 1
     precision: str = "fp32"  # "bf16": transforms under bf16 autocast (entropy models stay fp32)
+    compile: bool = False  # the training forward through torch.compile (``lmvic.training.compile``)
     metric: str = "mse"  # distortion of the RD loss: "mse" or "ms-ssim"
     seed: int = 0
     log_every: int = 50
@@ -254,7 +256,7 @@ def train(cfg: TrainConfig, resume: bool = False, val_crops: Tensor | None = Non
         for stale in ("train.csv", "val.csv"):
             (out / stale).unlink(missing_ok=True)
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
-    net = DistributedDataParallel(model) if world > 1 else model
+    net = compiled(DistributedDataParallel(model) if world > 1 else model, cfg.compile)
     caches, shares = [ImageCache(Path(cfg.cache_dir))], [1.0 - cfg.dead_leaves_share]
     if cfg.dead_leaves_share > 0:
         caches.append(ImageCache(Path(cfg.dead_leaves_dir)))

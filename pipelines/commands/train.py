@@ -37,6 +37,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--precision", choices=["fp32", "bf16"], default=None,
                    help="bf16: transforms under bf16 autocast, ~2x faster on CPUs with AMX/AVX-512-BF16 "
                         "(entropy models stay fp32; default fp32, or the resumed run's)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="run the training forward through torch.compile: fewer CPU-seconds per step after a few "
+                        "CPU-minutes of compiling (benchmarks/train_throughput.py --compile); default off, or the "
+                        "resumed run's")
     p.add_argument("--init", default="", help="start a fresh run (new optimiser and schedule) from these "
                    "weights: a shipped name (single_view_cpu), an exported .pt or a run's checkpoint.pt")
     p.add_argument("--entropy", choices=["hyperprior", "qpem"], default=None,
@@ -54,7 +58,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--val-every", type=float, default=5.0, help="validation period, CPU-minutes")
     p.add_argument("--ckpt-every", type=float, default=3.0, help="checkpoint period, CPU-minutes")
     p.add_argument("--val-count", type=int, default=8, help="validation crops (from held-out scenes)")
-    p.add_argument("--resume", action="store_true", help="continue RUN_DIR/checkpoint.pt with its config (--threads, --precision, --until, --minutes may change; a new --until without --minutes lifts the stored budget)")
+    p.add_argument("--resume", action="store_true", help="continue RUN_DIR/checkpoint.pt with its config (--threads, --precision, --compile, --until, --minutes may change; a new --until without --minutes lifts the stored budget)")
     p.set_defaults(handler=run)
 
 
@@ -108,7 +112,7 @@ def run(args: argparse.Namespace) -> None:
             budget_cpu_minutes=budget_default(args.minutes, 60.0, args.until), max_steps=args.steps or 0,
             deadline=utc_deadline(args.until),
             ema_decay=args.ema,
-            threads=args.threads, precision=args.precision or "fp32", seed=args.seed,
+            threads=args.threads, precision=args.precision or "fp32", compile=bool(args.compile), seed=args.seed,
             metric=args.metric, val_every_cpu_minutes=args.val_every,
             ckpt_every_cpu_minutes=args.ckpt_every, val_images=tuple(str(p) for p in val), init=args.init,
             entropy=args.entropy or initial_entropy(args.init), init_qpem=args.init_qpem, trainable=args.trainable)
@@ -123,11 +127,12 @@ def run(args: argparse.Namespace) -> None:
 
 def resumed_config(saved: "TrainConfig", args: argparse.Namespace) -> "TrainConfig":
     """The config a ``--resume`` continues with: the run's own, with the options that may change
-    (--threads, --precision, --until, --minutes, --steps) applied. A new --until moves the schedule's end
+    (--threads, --precision, --compile, --until, --minutes, --steps) applied. A new --until moves the schedule's end
     (e.g. the machine got busier than planned) and, without --minutes or --steps, lifts the stored
     budget as on a fresh run (the end time ends the run)."""
     return dataclasses.replace(
         saved, threads=args.threads, precision=args.precision or saved.precision,
+        compile=saved.compile if args.compile is None else args.compile,
         deadline=utc_deadline(args.until) if args.until else saved.deadline,
         budget_cpu_minutes=budget_default(args.minutes, saved.budget_cpu_minutes, args.until),
         max_steps=int(budget_default(args.steps, saved.max_steps, args.until)))
