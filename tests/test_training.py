@@ -152,14 +152,15 @@ def test_budgets_left_unset_give_way_to_the_end_time(scenes, tmp_path):
     assert torch.load(tmp_path / "run2" / "checkpoint.pt", weights_only=False)["step"] == 0
 
 
-def test_ddp_two_gloo_processes(scenes, tmp_path):
+@pytest.mark.parametrize("compile", [False, True])
+def test_ddp_two_gloo_processes(scenes, tmp_path, compile):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
            "-m", "pipelines.commands.train", str(tmp_path / "run"), "--scenes", str(scenes),
            "--cache", str(tmp_path / "cache"), "--steps", "2", "--crop", "64", "--batch", "2",
-           "--warmup", "1", "--val-count", "0", "-q"]
+           "--warmup", "1", "--val-count", "0", "-q"] + (["--compile"] if compile else [])
     # train() ends with check_replicas_equal: it raises if the two ranks' weights differ
-    subprocess.run(cmd, check=True, cwd=REPO, env=env, capture_output=True, timeout=240)
+    subprocess.run(cmd, check=True, cwd=REPO, env=env, capture_output=True, timeout=600)  # compiling takes minutes
     ck = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
     assert ck["step"] == 2
 
