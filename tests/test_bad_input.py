@@ -102,6 +102,16 @@ def test_trainers_refuse_a_held_out_scene(tmp_path, capsys, command):
     assert not (tmp_path / "run").exists()
 
 
+def test_joint_training_refuses_a_held_out_scene_from_the_library_too(tmp_path):
+    """``lmvic.joint_training.train_joint`` called without the CLI: the same refusal, nothing created."""
+    from lmvic.joint_training import JointTrainConfig, train_joint
+
+    (tmp_path / "sceaux_castle").mkdir()
+    with pytest.raises(ValueError, match="held out for evaluation, not for training"):
+        train_joint(JointTrainConfig(str(tmp_path / "run"), (str(tmp_path / "sceaux_castle"),)))
+    assert not (tmp_path / "run").exists()
+
+
 def test_console_script_exit_code(tmp_path):
     """The same in a separate process: non-zero exit and one line on stderr."""
     result = run_lmvic("run", tmp_path / "absent")
