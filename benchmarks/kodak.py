@@ -2,7 +2,8 @@
 
 Also, with ``--snapshots``, the curve of BD-rate (vs CompressAI's bmshj2018-hyperprior) against
 training CPU-hours, from the weight snapshots a run keeps; those points are estimated with a
-hard-quantised forward (likelihood bpp), which real coding matches within about 1 %.
+hard-quantised forward (likelihood bpp), which real coding matches within about 1 %. The curve vs
+bmshj2018-hyperprior is fitted with a + b·h^−p (``--fit-from``): where more of the same training levels off.
 
     .venv/bin/python benchmarks/kodak.py [--snapshots runs/main/snapshots]
     .venv/bin/python benchmarks/kodak.py --compare single_view_cpu runA/snapshots/step001000.pt runB/...
@@ -14,7 +15,9 @@ import csv
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
+from scipy.optimize import curve_fit
 
 import lmvic  # noqa: F401
 from lmvic.training.loop import validate
@@ -23,6 +26,7 @@ from pipelines.commands.eval_image import bd_rates, evaluate, landscape_batch, p
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results"
+FIT_KEY = "bd_bmshj2018-hyperprior"  # the curve whose saturation ``--snapshots`` fits
 
 
 def snapshot_curve(snap_dir: Path, kodak: Path, every: int, done: list[dict], table: Path, ranks: int = 1,
@@ -51,6 +55,14 @@ def snapshot_curve(snap_dir: Path, kodak: Path, every: int, done: list[dict], ta
         print(rows[-1], flush=True)
         write_table(table, rows)
     return rows
+
+
+def saturation_fit(hours: np.ndarray, bd: np.ndarray) -> tuple[float, float, float]:
+    """Least-squares fit of ``bd ≈ a + b·hours^−p`` (BD-rate levelling off at ``a`` as training goes on) →
+    (a, b, p)."""
+    (a, b, p), _ = curve_fit(lambda h, a, b, p: a + b * h ** -p, hours, bd, p0=(bd.min(), bd.max() * hours.min(), 1.0),
+                             maxfev=20000)
+    return float(a), float(b), float(p)
 
 
 def compare(sources: list[str], kodak: Path, every: int) -> None:
@@ -94,6 +106,8 @@ def main() -> None:
     ap.add_argument("--base-cpu-hours", type=float, default=0.0,
                     help="snapshots: CPU-hours already spent on the run's --init weights")
     ap.add_argument("--table", default="kodak_bd_vs_cpu_hours", help="snapshots: output name (csv and png)")
+    ap.add_argument("--fit-from", type=float, default=5.0, metavar="HOURS",
+                    help="snapshots: fit a + b·h^-p to the BD-rates vs bmshj2018-hyperprior from this many CPU-hours on")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -118,6 +132,14 @@ def main() -> None:
         fig, ax = plt.subplots(figsize=(6, 4))
         for key in [k for k in rows[0] if k.startswith("bd_")]:
             ax.plot([r["cpu_hours"] for r in rows], [r[key] for r in rows], "o-", label=key[3:])
+        fitted = [(r["cpu_hours"], r[FIT_KEY]) for r in rows if r["cpu_hours"] >= args.fit_from and np.isfinite(r[FIT_KEY])]
+        if len(fitted) >= 4:
+            hours, bd = map(np.array, zip(*fitted))
+            a, b, p = saturation_fit(hours, bd)
+            print(f"{FIT_KEY[3:]}: BD-rate ≈ {a:+.1f} + {b:.0f}·h^-{p:.2f} over the {len(fitted)} snapshots from "
+                  f"{args.fit_from:g} CPU-hours: levels off at {a:+.1f} %")
+            grid = np.linspace(hours.min(), 4 * hours.max(), 100)
+            ax.plot(grid, a + b * grid ** -p, "k--", lw=0.8, label=f"fit: {FIT_KEY[3:]} → {a:+.0f} %")
         ax.axhline(0, color="k", lw=0.5)
         ax.set(xlabel="training CPU-hours", ylabel="Kodak BD-rate (%) (estimated)", title="BD-rate vs CPU time")
         ax.grid(alpha=0.3)
