@@ -117,10 +117,11 @@ def main() -> None:
                 err_mu += float(((y - means) ** 2)[mask].sum())
                 err_ref += float(((y - aligned) ** 2)[mask].sum())
                 count += int(mask.sum())
-                symbols = torch.round(y - means)[mask]
+                coded = torch.round(y - means)
+                symbols = coded[mask]
                 live = symbols != 0
                 active += int(live.sum())
-                hit = torch.round(aligned - means) == torch.round(y - means)
+                hit = torch.round(aligned - means) == coded
                 hits += int(hit[mask][live].sum())
                 side = codec.image_side(ref, d[t], K[t:t + 1], T[t:t + 1])
                 out_ref = image(x[t], q, side)

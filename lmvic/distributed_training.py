@@ -56,7 +56,7 @@ from lmvic.entropy_models import bits_per_pixel
 from lmvic.opam import (correspondence_error, known_shift_sharpness_loss, photometric_alignment_loss,
                         shift_attention_loss)
 from lmvic.precision import mixed_precision
-from lmvic.training.data import HELD_OUT_SCENES, IMAGE_SUFFIXES, ImageCache, build_cache, held_out_among
+from lmvic.training.data import HELD_OUT_SCENES, IMAGE_SUFFIXES, ImageCache, build_cache, refuse_held_out
 from lmvic.training.loop import _append_csv, _save_atomic, budget_progress, log_row, optimisation_step, psnr_from_mse
 from lmvic.training.schedule import Schedule
 from lmvic.zoo import load_single_view, recorded_training, training_history
@@ -78,8 +78,7 @@ class SceneClips:
     """One scene's views decoded once into a uint8 cache (``lmvic.training.data``), in file order."""
 
     def __init__(self, folder: Path, cache_root: Path, max_side: int):
-        if held_out_among([folder], NOT_FOR_TRAINING):
-            raise ValueError(f"{folder.name} is held out for evaluation; do not train on it")
+        refuse_held_out([folder], NOT_FOR_TRAINING)
         tag = f"{folder.parent.name}_{folder.name}_{max_side}"
         self.cache = ImageCache(build_cache(folder_images(folder), cache_root / tag, max_side, scales=(1.0,)))
         sizes = {tuple(int(v) for v in row[1:]) for row in self.cache.index}

@@ -44,7 +44,7 @@ from lmvic.models.depth_codec import DepthRange
 from lmvic.entropy_models import bits_per_pixel
 from lmvic.precision import mixed_precision
 from lmvic.scene_codec import DEPTH_QUALITY, JointCodec, JointPart, build_joint, load_joint_file
-from lmvic.training.data import held_out_among
+from lmvic.training.data import refuse_held_out
 from lmvic.training.loop import (_save_atomic, budget_progress, check_replicas_equal, dist_info, distortion, log_row,
                                 optimisation_step, psnr_from_mse)
 from lmvic.training.schedule import Schedule
@@ -212,9 +212,7 @@ def _without_backbone(state: dict[str, Tensor]) -> dict[str, Tensor]:
 
 def train_joint(cfg: JointTrainConfig, resume: bool = False, log=print) -> JointCodec:
     """Run (or resume from ``out_dir/checkpoint.pt``) the training; returns the model."""
-    held_out = held_out_among(cfg.scenes)
-    if held_out:
-        raise ValueError(f"held out for evaluation, not for training: {', '.join(map(str, held_out))}")
+    refuse_held_out(cfg.scenes)
     rank, world = dist_info()
     torch.set_num_threads(cfg.threads)
     out = Path(cfg.out_dir)

@@ -23,11 +23,13 @@ HELD_OUT_SCENES = ("fox", "sceaux_castle")
 CACHE_VERSION = 1
 
 
-def held_out_among(folders: Sequence[Path], names: Sequence[str] = HELD_OUT_SCENES) -> list[Path]:
-    """The ``folders`` of a held-out scene: named like one of ``names``, or directly inside one
-    (a scene's ``images/``)."""
+def refuse_held_out(folders: Sequence[Path | str], names: Sequence[str] = HELD_OUT_SCENES) -> None:
+    """``ValueError`` naming the ``folders`` of a held-out scene (named like one of ``names``, or directly
+    inside one: a scene's ``images/``), if any: the one check every trainer runs before it trains."""
     names = set(names)
-    return [f for f in map(Path, folders) if {f.name, f.parent.name} & names]
+    held_out = [f for f in map(Path, folders) if {f.name, f.parent.name} & names]
+    if held_out:
+        raise ValueError(f"held out for evaluation, not for training: {', '.join(map(str, held_out))}")
 
 
 def scene_images(scenes_root: Path, include: tuple[str, ...] | None = None,

@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> None:
     from lmvic.distributed_training import (NOT_FOR_TRAINING, DistributedTrainConfig, export_checkpoint,
                                             folder_images, train_distributed)
     from lmvic.fusion import FUSIONS
-    from lmvic.training.data import held_out_among
+    from lmvic.training.data import refuse_held_out
     from lmvic.training.schedule import Schedule
 
     checkpoint = args.run_dir / "checkpoint.pt"
@@ -84,9 +84,10 @@ def run(args: argparse.Namespace) -> None:
         missing = [str(s) for s in args.scenes if not s.is_dir()]
         if missing:
             raise LmvicError(f"not a folder: {', '.join(missing)}")
-        held_out = held_out_among(args.scenes, NOT_FOR_TRAINING)
-        if held_out:
-            raise LmvicError(f"held out for evaluation, not for training: {', '.join(map(str, held_out))}")
+        try:
+            refuse_held_out(args.scenes, NOT_FOR_TRAINING)
+        except ValueError as exc:
+            raise LmvicError(str(exc)) from exc
         for scene in args.scenes:
             try:
                 folder_images(scene)

@@ -65,16 +65,17 @@ def run(args: argparse.Namespace) -> None:
     from lmvic.clips import check_range_jitter
     from lmvic.joint_training import VIEW_WEIGHTS, JointTrainConfig, export_history, shipped_base, train_joint
     from lmvic.scene_codec import save_joint
-    from lmvic.training.data import HELD_OUT_SCENES, held_out_among
+    from lmvic.training.data import HELD_OUT_SCENES, refuse_held_out
     from lmvic.training.loop import check_metric, dist_info
     from lmvic.training.schedule import Schedule
 
     missing = [str(s) for s in args.scenes if not s.is_dir()]
     if missing:
         raise LmvicError(f"not a folder: {', '.join(missing)}")
-    held_out = held_out_among(args.scenes)
-    if held_out:
-        raise LmvicError(f"held out for evaluation, not for training: {', '.join(map(str, held_out))}")
+    try:
+        refuse_held_out(args.scenes)
+    except ValueError as exc:
+        raise LmvicError(str(exc)) from exc
     try:
         check_metric(args.metric, args.crop)
     except ValueError as exc:
