@@ -258,7 +258,22 @@ def run_summary(ck: dict) -> str:
     return (f"lmvic train {Path(cfg['out_dir']).name}, {ck['step']} steps "
             f"of {cfg['batch']} crops of {cfg['crop']} px per rank, {cfg['precision']}, {sched['kind']} lr "
             f"{sched['peak_lr']:g} -> {sched['final_lr']:g}, EMA {cfg['ema_decay']:g}, trainable {cfg['trainable']}, "
-            f"{ck['cpu_seconds'] / 3600:.2f} CPU-h per rank{ranks}, from {cfg['init'] or 'fresh weights'}")
+            f"{ck['cpu_seconds'] / 3600:.2f} CPU-h per rank{ranks}, from {cfg['init'] or 'fresh weights'}"
+            f"{data_summary(cfg)}")
+
+
+def data_summary(cfg: dict) -> str:
+    """``; data: ...`` on a single-view run's crops (its cache's scales, augmentations), or "" if nothing is known."""
+    meta = Path(cfg["cache_dir"]) / "meta.json"
+    settings = json.loads(meta.read_text()).get("settings", {}) if meta.exists() else {}
+    parts = []
+    if "scales" in settings:
+        parts.append(f"photos at {', '.join(f'{s:g}' for s in settings['scales'])} x {settings['max_side']} px")
+    if cfg.get("permute_channels"):
+        parts.append("RGB channels permuted")
+    if cfg.get("dead_leaves_share"):
+        parts.append(f"{cfg['dead_leaves_share']:g} of the crops dead leaves")
+    return f"; data: {', '.join(parts)}" if parts else ""
 
 
 if __name__ == "__main__":

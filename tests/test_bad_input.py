@@ -112,6 +112,14 @@ def test_joint_training_refuses_a_held_out_scene_from_the_library_too(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("scales, message", [("1,x", "comma-separated numbers"), ("1,0", "must be in (0, 1]"),
+                                            ("1.5", "must be in (0, 1]")])
+def test_train_refuses_bad_cache_scales(tmp_path, capsys, scales, message):
+    (tmp_path / "scenes").mkdir()
+    assert message in fails(capsys, "train", tmp_path / "run", "--scenes", tmp_path / "scenes", "--scales", scales)
+    assert not (tmp_path / "run").exists()
+
+
 def test_console_script_exit_code(tmp_path):
     """The same in a separate process: non-zero exit and one line on stderr."""
     result = run_lmvic("run", tmp_path / "absent")

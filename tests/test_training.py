@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import os
 import subprocess
@@ -14,7 +15,7 @@ import pytest
 import torch
 
 import lmvic  # noqa: F401
-from lmvic.training.data import CropSampler, ImageCache, build_cache, gradient_energy, scene_images
+from lmvic.training.data import CropSampler, ImageCache, build_cache, gradient_energy, scene_images, write_cache
 from lmvic.training.loop import TrainConfig, train
 from lmvic.training.schedule import Schedule
 
@@ -81,6 +82,20 @@ def test_crop_sampler_prefers_texture(scenes, tmp_path):
     assert flat_energy == 0 and e_many > 1.3 * e_one
     x = many.batch(3)
     assert x.shape == (3, 3, 64, 64) and x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
+
+
+def test_crop_sampler_permutes_channels_uniformly(tmp_path):
+    colour = np.array([10, 100, 200], np.uint8)
+    cache = ImageCache(write_cache(tmp_path / "c", {"flat": 1}, [np.tile(colour, (80, 96, 1))]))
+    def orders(sampler, n):
+        crops = (sampler.batch(n) * 255).round().to(torch.uint8)
+        assert (crops == crops[:, :, :1, :1]).all()  # still flat: whole pixels moved, no mixing
+        return [tuple(c[:, 0, 0].tolist()) for c in crops]
+    assert set(orders(CropSampler([cache], 64, seed=3), 50)) == {(10, 100, 200)}
+    seen = orders(CropSampler([cache], 64, seed=3, permute_channels=True), 1200)
+    counts = {o: seen.count(o) / len(seen) for o in set(seen)}
+    assert sorted(counts) == sorted(set(itertools.permutations((10, 100, 200))))
+    assert all(abs(f - 1 / 6) < 0.04 for f in counts.values())
 
 
 def test_train_writes_curves_and_resumes(scenes, tmp_path):

@@ -127,11 +127,14 @@ def gradient_energy(crop: np.ndarray) -> float:
 
 @dataclass
 class CropSampler:
-    """Random square crops (source by share, area-weighted image choice, horizontal flips, texture preference).
+    """Random square crops (source by share, area-weighted image choice, horizontal flips, texture
+    preference, optionally permuted colour channels).
 
     ``caches`` are the sources and ``shares`` the fraction of crops each gives (default: all from
     the first). Each crop is the most textured (``gradient_energy``) of ``candidates`` random draws,
     which biases training towards detailed regions: flat walls and black backgrounds teach little.
+    With ``permute_channels`` each crop's RGB channels come in one of the six orders, uniformly: a
+    few scenes of beige, grey and brown objects then show the codec every hue.
     """
 
     caches: Sequence[ImageCache]
@@ -139,6 +142,7 @@ class CropSampler:
     shares: Sequence[float] = (1.0,)
     seed: int = 0
     candidates: int = 2
+    permute_channels: bool = False
 
     def __post_init__(self):
         if len(self.shares) != len(self.caches) or abs(sum(self.shares) - 1) > 1e-6:
@@ -165,7 +169,9 @@ class CropSampler:
             e = gradient_energy(c)
             if e > best_e:
                 best, best_e = c, e
-        return best[:, ::-1] if self.rng.random() < 0.5 else best
+        if self.rng.random() < 0.5:
+            best = best[:, ::-1]
+        return best[:, :, self.rng.permutation(3)] if self.permute_channels else best
 
     def batch(self, size: int) -> torch.Tensor:
         """(size, 3, crop, crop) float32 in [0, 1]."""

@@ -43,6 +43,7 @@ class TrainConfig:
     cache_dir: str
     dead_leaves_dir: str = ""  # a dead-leaves image cache (``dead_leaves.build_dead_leaves_cache``)
     dead_leaves_share: float = 0.0  # fraction of the crops drawn from it
+    permute_channels: bool = False  # each crop's RGB channels in a random order (``CropSampler``)
     size: str = "cpu"
     lambdas: tuple[float, ...] = DEFAULT_LAMBDAS
     quality: int = 0  # 0: variable rate (a random level per sample); k: fixed level k only
@@ -261,7 +262,8 @@ def train(cfg: TrainConfig, resume: bool = False, val_crops: Tensor | None = Non
     if cfg.dead_leaves_share > 0:
         caches.append(ImageCache(Path(cfg.dead_leaves_dir)))
         shares.append(cfg.dead_leaves_share)
-    sampler = CropSampler(caches, cfg.crop, shares, seed=cfg.seed * 1000 + rank + 7919 * step)
+    sampler = CropSampler(caches, cfg.crop, shares, seed=cfg.seed * 1000 + rank + 7919 * step,
+                          permute_channels=cfg.permute_channels)
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank + 7919 * step)
     budget = cfg.budget_cpu_minutes * 60
     next_val = (int(cpu_spent // (cfg.val_every_cpu_minutes * 60)) + 1) * cfg.val_every_cpu_minutes * 60

@@ -54,6 +54,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dead-leaves", type=float, default=0.0, metavar="SHARE",
                    help="fraction of the crops drawn from procedural dead-leaves images (built once beside "
                         "the crop cache, colours from the real photos; default 0)")
+    p.add_argument("--permute-channels", action="store_true",
+                   help="give each crop its RGB channels in a random order (colour variety beyond the scenes')")
+    p.add_argument("--max-side", type=int, default=768, help="photos are area-downscaled to this long side "
+                   "when the crop cache is built")
+    p.add_argument("--scales", default="1,0.5", help="comma-separated scales of --max-side the cache holds each "
+                   "photo at (smaller ones: more detail per pixel); images under the crop size are not sampled")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--val-every", type=float, default=5.0, help="validation period, CPU-minutes")
     p.add_argument("--ckpt-every", type=float, default=3.0, help="checkpoint period, CPU-minutes")
@@ -73,6 +79,7 @@ def run(args: argparse.Namespace) -> None:
 
     if args.crop % 64:
         raise LmvicError(f"--crop {args.crop} must be a multiple of 64")
+    scales = cache_scales(args.scales)
     try:
         check_metric(args.metric, args.crop)
     except ValueError as exc:
@@ -98,15 +105,16 @@ def run(args: argparse.Namespace) -> None:
             raise LmvicError(f"--dead-leaves {args.dead_leaves} must be in [0, 1)")
         leaves = cache.parent / f"{cache.name}_dead_leaves"
         if rank == 0:
-            build_cache(paths, cache)
+            build_cache(paths, cache, args.max_side, scales)
             if args.dead_leaves:
                 build_dead_leaves_cache(leaves, ImageCache(cache), progress=not args.quiet)
         if world > 1:
             torch.distributed.barrier()  # the other ranks reuse rank 0's cache
         val = [p for s in HELD_OUT_SCENES for p in scene_images(args.scenes, include=(s,), exclude=())[: args.val_count // 2]]
         cfg = TrainConfig(
-            out_dir=str(args.run_dir), cache_dir=str(build_cache(paths, cache)), size=args.size,
+            out_dir=str(args.run_dir), cache_dir=str(build_cache(paths, cache, args.max_side, scales)), size=args.size,
             dead_leaves_dir=str(leaves) if args.dead_leaves else "", dead_leaves_share=args.dead_leaves,
+            permute_channels=args.permute_channels,
             quality=args.quality, crop=args.crop, batch=args.batch,
             schedule=Schedule(args.schedule, args.lr, args.final_lr, args.warmup),
             budget_cpu_minutes=budget_default(args.minutes, 60.0, args.until), max_steps=args.steps or 0,
@@ -123,6 +131,17 @@ def run(args: argparse.Namespace) -> None:
     if rank == 0:
         plot_run(Path(cfg.out_dir))
         print(json.dumps({"run_dir": cfg.out_dir, "checkpoint": str(ckpt)}))
+
+
+def cache_scales(text: str) -> tuple[float, ...]:
+    """``--scales`` as a tuple of floats in (0, 1]; a clear error otherwise."""
+    try:
+        scales = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise LmvicError(f"--scales {text!r}: comma-separated numbers expected") from None
+    if not all(0 < v <= 1 for v in scales):
+        raise LmvicError(f"--scales {text!r}: each scale must be in (0, 1]")
+    return scales
 
 
 def resumed_config(saved: "TrainConfig", args: argparse.Namespace) -> "TrainConfig":
