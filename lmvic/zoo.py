@@ -272,7 +272,10 @@ def data_summary(cfg: dict) -> str:
     if cfg.get("permute_channels"):
         parts.append("RGB channels permuted")
     if cfg.get("dead_leaves_share"):
-        parts.append(f"{cfg['dead_leaves_share']:g} of the crops dead leaves")
+        leaves = Path(cfg["dead_leaves_dir"]) / "meta.json"
+        photo = json.loads(leaves.read_text()).get("settings", {}).get("photo", 0) if leaves.exists() else 0
+        parts.append(f"{cfg['dead_leaves_share']:g} of the crops dead leaves"
+                     + (f" ({photo:g} of the leaves photo-textured)" if photo else ""))
     return f"; data: {', '.join(parts)}" if parts else ""
 
 

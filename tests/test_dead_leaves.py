@@ -6,7 +6,8 @@ import pytest
 from scipy import stats
 
 from lmvic.training.data import CropSampler, ImageCache, write_cache
-from lmvic.training.dead_leaves import build_dead_leaves_cache, dead_leaves, leaf_radii
+from lmvic.training.dead_leaves import (MINIFY, TILE, build_dead_leaves_cache, dead_leaves, leaf_radii, mirrored,
+                                       texture_bank)
 
 
 def test_leaf_radii_follow_the_inverse_cube_law():
@@ -84,3 +85,51 @@ def test_dead_leaves_cache_is_reused_with_the_same_settings(tmp_path):
     build_dead_leaves_cache(out, palette_source, count=2, size=64, seed=1, progress=False)
     assert (out / "pixels.u8").stat().st_mtime_ns == stamp
     assert json.loads((out / "meta.json").read_text())["settings"]["count"] == 2
+
+
+def test_texture_bank_minifies_photos_within_its_range():
+    """A photo of vertical stripes of period 40 px: in a tile (2× painting resolution) the period is 80/m px,
+    m ∈ MINIFY, and the tile holds the stripes' colours only (no other source)."""
+    x = np.arange(1200)
+    stripes = np.where((x // 20) % 2 == 0, 200, 30).astype(np.uint8)
+    photo = np.repeat(np.tile(stripes, (800, 1))[:, :, None], 3, axis=2)
+    tiles = texture_bank(write_photo_cache(photo), np.random.default_rng(0), count=12)
+    assert tiles.shape == (12, TILE, TILE, 3) and tiles.min() >= 30 - 2 and tiles.max() <= 200 + 2
+    for tile in tiles:
+        profile = tile[:, :, 0].astype(np.float64).mean(axis=0)
+        spectrum = np.abs(np.fft.rfft(profile - profile.mean()))
+        period = TILE / np.argmax(spectrum)
+        assert 80 / MINIFY[1] * 0.9 <= period <= 80 / MINIFY[0] * 1.1, period
+
+
+def test_photo_leaves_wear_the_tiles():
+    """Every leaf wears a tile when ``photo`` is 1 (tiles of one colour: all but the uncovered pixels take it),
+    none when it is 0."""
+    tiles = np.tile(np.array([7, 77, 177], np.uint8), (4, TILE, TILE, 1))
+    palette = np.array([[200, 10, 10], [10, 200, 10]], np.uint8)
+    worn = dead_leaves(np.random.default_rng(5), 128, palette, r_min=4, blur=0.0, tiles=tiles, photo=1.0)
+    assert (worn == [7, 77, 177]).all(axis=2).mean() > 0.98
+    plain = dead_leaves(np.random.default_rng(5), 128, palette, r_min=4, blur=0.0, tiles=tiles, photo=0.0)
+    assert not (plain == [7, 77, 177]).all(axis=2).any()
+
+
+def write_photo_cache(photo: np.ndarray) -> ImageCache:
+    import tempfile
+    from pathlib import Path
+
+    return ImageCache(write_cache(Path(tempfile.mkdtemp()), {"photo": 1}, [photo]))
+
+
+def test_mirrored_indexes_fold_without_a_jump():
+    i = np.arange(-10, 30)
+    folded = mirrored(i, 8)
+    assert folded.min() == 0 and folded.max() == 7
+    assert (np.abs(np.diff(folded)) <= 1).all()  # neighbours stay neighbours (or the same pixel at a fold)
+    assert np.array_equal(folded[10:18], np.arange(8)) and np.array_equal(folded[18:26], np.arange(7, -1, -1))
+
+
+def test_texture_bank_takes_small_photos_whole():
+    """A photo shorter than the region a minification asks for is taken whole (its tile is then less minified)."""
+    photo = np.random.default_rng(1).integers(0, 256, (100, 140, 3), dtype=np.uint8)
+    tiles = texture_bank(write_photo_cache(photo), np.random.default_rng(0), count=3, candidates=2)
+    assert tiles.shape == (3, TILE, TILE, 3)

@@ -54,6 +54,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dead-leaves", type=float, default=0.0, metavar="SHARE",
                    help="fraction of the crops drawn from procedural dead-leaves images (built once beside "
                         "the crop cache, colours from the real photos; default 0)")
+    p.add_argument("--leaf-photos", type=float, default=0.0, metavar="P",
+                   help="with --dead-leaves: the share of the leaves that wear minified photo textures "
+                        "(lmvic/training/dead_leaves.py texture_bank; default 0: flat, shaded, striped, grainy fills)")
     p.add_argument("--permute-channels", action="store_true",
                    help="give each crop its RGB channels in a random order (colour variety beyond the scenes')")
     p.add_argument("--max-side", type=int, default=768, help="photos are area-downscaled to this long side "
@@ -103,11 +106,13 @@ def run(args: argparse.Namespace) -> None:
             raise LmvicError(f"no training images under {args.scenes}")
         if not 0.0 <= args.dead_leaves < 1.0:
             raise LmvicError(f"--dead-leaves {args.dead_leaves} must be in [0, 1)")
-        leaves = cache.parent / f"{cache.name}_dead_leaves"
+        if not 0.0 <= args.leaf_photos <= 1.0:
+            raise LmvicError(f"--leaf-photos {args.leaf_photos} must be in [0, 1]")
+        leaves = cache.parent / (f"{cache.name}_dead_leaves" + (f"_photo{args.leaf_photos:g}" if args.leaf_photos else ""))
         if rank == 0:
             build_cache(paths, cache, args.max_side, scales)
             if args.dead_leaves:
-                build_dead_leaves_cache(leaves, ImageCache(cache), progress=not args.quiet)
+                build_dead_leaves_cache(leaves, ImageCache(cache), progress=not args.quiet, photo=args.leaf_photos)
         if world > 1:
             torch.distributed.barrier()  # the other ranks reuse rank 0's cache
         val = [p for s in HELD_OUT_SCENES for p in scene_images(args.scenes, include=(s,), exclude=())[: args.val_count // 2]]
