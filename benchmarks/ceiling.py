@@ -78,7 +78,7 @@ def main() -> None:
         for name, x in sets.items():
             for q in qualities:
                 bpp, coded, ceiling = levels_and_ceiling(model, x, q)
-                print(f"{Path(source).name} | {name} ({len(x)}) | {q} | {bpp:.4f} | {coded:.2f} | {ceiling:.2f}", flush=True)
+                print(f"{'/'.join(Path(source).parts[-3:])} | {name} ({len(x)}) | {q} | {bpp:.4f} | {coded:.2f} | {ceiling:.2f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -109,12 +109,18 @@ def export_single_view(state: dict[str, torch.Tensor], size: str, lambdas: tuple
 
 
 def recorded_training(source: str) -> str:
-    """The training history in the sidecar of the weights ``source`` names (a shipped name, or a
-    ``.pt`` weight file beside its ``.json``); "" for anything else: a fresh start, a run's checkpoint."""
+    """The training history of the weights ``source`` names: that in the sidecar of a shipped name or
+    of a ``.pt`` weight file beside its ``.json``; for a single-view run's checkpoint, the history its run
+    started from followed by :func:`run_summary`; "" for anything else (a fresh start)."""
     if not source:
         return ""
     path = Path(source)
     meta = path.with_suffix(".json") if path.suffix == ".pt" else WEIGHTS_DIR / f"{source}.json"
+    if path.suffix == ".pt" and not meta.exists() and path.exists():
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+        if isinstance(ck, dict) and "opt" in ck and "cache_dir" in ck.get("config", {}):  # a single-view run's checkpoint
+            return training_history(ck["config"].get("init_history", ""), run_summary(ck))
+        return ""
     try:
         return json.loads(meta.read_text()).get("training", "")
     except (OSError, json.JSONDecodeError):

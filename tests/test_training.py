@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import itertools
 import json
 import os
@@ -256,6 +257,14 @@ def test_a_fresh_run_starts_from_given_weights(scenes, tmp_path):
     shipped_history = json.loads((WEIGHTS_DIR / "single_view_cpu.json").read_text())["training"]
     assert history.startswith(shipped_history + "; ") and "lmvic train run, 1 steps of 2 crops of 64 px" in history
     assert "CPU-h per rank x 1 ranks, from single_view_cpu" in history  # one process: one rank
+    # a run started from that run's checkpoint continues the same history with both runs
+    again = dataclasses.replace(run, out_dir=str(tmp_path / "again"), init=str(tmp_path / "run" / "checkpoint.pt"),
+                                started=0.0, init_history="")
+    train(again, log=lambda s: None)
+    chained = json.loads(export_checkpoint(tmp_path / "again" / "checkpoint.pt", "again", directory=tmp_path)
+                         .with_suffix(".json").read_text())["training"]
+    assert chained.startswith(history + "; ") and "lmvic train again, 1 steps" in chained
+    assert "data: photos at 1 x 256 px" in chained
     with pytest.raises(ValueError, match="λs"):
         initial_state("single_view_cpu", TrainConfig(out_dir="", cache_dir="", lambdas=(0.001, 0.01)))
     with pytest.raises(ValueError, match="do not fit"):  # QPEM weights into a hyperprior-only codec
