@@ -10,17 +10,21 @@ the training run's validation crops) and of the training scenes (beer, plush_dog
 A large gap between the sets' ceilings says the transforms fit the training content, not content
 in general.
 
-    python benchmarks/ceiling.py [WEIGHTS ...] [--every 6] [--qualities 1,4,6]
+``--per-image`` prints instead, for every Kodak image, the ceiling at the top quality beside the image's
+texture (``gradient_energy``: mean absolute difference of neighbouring pixels), and their correlation.
+
+    python benchmarks/ceiling.py [WEIGHTS ...] [--every 6] [--qualities 1,4,6] [--per-image]
 """
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from lmvic.entropy_models import bits_per_pixel
-from lmvic.training.data import HELD_OUT_SCENES, scene_images, validation_crops
+from lmvic.training.data import HELD_OUT_SCENES, gradient_energy, scene_images, validation_crops
 from lmvic.zoo import single_view_from
 from pipelines.commands.eval_image import landscape_batch
 
@@ -59,6 +63,19 @@ def levels_and_ceiling(model, x: torch.Tensor, quality: int, batch: int = 4) -> 
     return tuple(float(torch.cat(v).mean()) for v in (bpp, coded, ceiling))
 
 
+def per_image(model, kodak: Path) -> None:
+    """Each Kodak image's ceiling at the top quality and texture, sorted by ceiling; their correlation."""
+    paths = sorted(kodak.glob("*.png"))
+    x, q = landscape_batch(paths), model.num_qualities
+    rows = []
+    for i, img in enumerate(x):
+        _, _, ceiling = levels_and_ceiling(model, img[None], q)
+        rows.append((paths[i].stem, ceiling, gradient_energy((img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))))
+    for name, ceiling, texture in sorted(rows, key=lambda r: r[1]):
+        print(f"{name} | ceiling q{q} {ceiling:.2f} dB | texture {texture:.1f}")
+    print(f"correlation of ceiling and texture: {np.corrcoef([r[1] for r in rows], [r[2] for r in rows])[0, 1]:+.2f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("weights", nargs="*", default=["single_view_cpu"],
@@ -67,9 +84,15 @@ def main() -> None:
     ap.add_argument("--scenes", type=Path, default=Path("/work/shared/scenes"))
     ap.add_argument("--every", type=int, default=6, help="probe every k-th Kodak image")
     ap.add_argument("--qualities", default="1,4,6")
+    ap.add_argument("--per-image", action="store_true", help="each Kodak image's ceiling and texture")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.per_image:
+        for source in args.weights:
+            print(source)
+            per_image(single_view_from(source).eval(), args.kodak)
+        return
     sets = image_sets(args.kodak, args.scenes, args.every)
     qualities = [int(q) for q in args.qualities.split(",")]
     print("weights | set | q | est. bpp | PSNR dB | ceiling dB (latent not rounded)")
