@@ -120,6 +120,13 @@ def test_train_refuses_bad_cache_scales(tmp_path, capsys, scales, message):
     assert not (tmp_path / "run").exists()
 
 
+def test_train_refuses_leaf_photos_without_dead_leaves(tmp_path, capsys, small_scene):
+    scenes = tmp_path / "scenes"
+    make_scene(scenes, small_scene)
+    assert "needs --dead-leaves" in fails(capsys, "train", tmp_path / "run", "--scenes", scenes, "--leaf-photos", "0.5")
+    assert not (tmp_path / "run").exists()
+
+
 def test_console_script_exit_code(tmp_path):
     """The same in a separate process: non-zero exit and one line on stderr."""
     result = run_lmvic("run", tmp_path / "absent")

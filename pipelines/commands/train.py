@@ -108,6 +108,8 @@ def run(args: argparse.Namespace) -> None:
             raise LmvicError(f"--dead-leaves {args.dead_leaves} must be in [0, 1)")
         if not 0.0 <= args.leaf_photos <= 1.0:
             raise LmvicError(f"--leaf-photos {args.leaf_photos} must be in [0, 1]")
+        if args.leaf_photos and not args.dead_leaves:
+            raise LmvicError("--leaf-photos textures dead leaves: it needs --dead-leaves SHARE")
         leaves = cache.parent / (f"{cache.name}_dead_leaves" + (f"_photo{args.leaf_photos:g}" if args.leaf_photos else ""))
         if rank == 0:
             build_cache(paths, cache, args.max_side, scales)
