@@ -33,7 +33,7 @@ SHAPES = (0.5, 0.2, 0.3)
 FILLS = (0.35, 0.3, 0.2, 0.15)
 #: Range of the smallest leaf radius (px), drawn log-uniformly per image: busy to calm images.
 R_MIN = (1.5, 10.0)
-#: Minification range of the photo tiles leaves wear (output pixels per photo pixel⁻¹), and the tiles' side
+#: Minification range of the photo tiles leaves wear (photo pixels per output pixel), and the tiles' side
 #: at the 2× painting resolution.
 MINIFY = (1.5, 4.0)
 TILE = 256
