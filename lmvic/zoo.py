@@ -117,7 +117,7 @@ def recorded_training(source: str) -> str:
     path = Path(source)
     meta = path.with_suffix(".json") if path.suffix == ".pt" else WEIGHTS_DIR / f"{source}.json"
     if path.suffix == ".pt" and not meta.exists() and path.exists():
-        ck = torch.load(path, map_location="cpu", weights_only=False)
+        ck = _load_checkpoint(path)
         if isinstance(ck, dict) and "opt" in ck and "cache_dir" in ck.get("config", {}):  # a single-view run's checkpoint
             return training_history(ck["config"].get("init_history", ""), run_summary(ck))
         return ""
@@ -270,16 +270,16 @@ def run_summary(ck: dict) -> str:
 
 def data_summary(cfg: dict) -> str:
     """``; data: ...`` on a single-view run's crops (its cache's scales, augmentations), or "" if nothing is known."""
-    meta = Path(cfg["cache_dir"]) / "meta.json"
-    settings = json.loads(meta.read_text()).get("settings", {}) if meta.exists() else {}
+    from lmvic.training.data import cache_settings
+
+    settings = cache_settings(Path(cfg["cache_dir"])) or {}
     parts = []
     if "scales" in settings:
         parts.append(f"photos at {', '.join(f'{s:g}' for s in settings['scales'])} x {settings['max_side']} px")
     if cfg.get("permute_channels"):
         parts.append("RGB channels permuted")
     if cfg.get("dead_leaves_share"):
-        leaves = Path(cfg["dead_leaves_dir"]) / "meta.json"
-        photo = json.loads(leaves.read_text()).get("settings", {}).get("photo", 0) if leaves.exists() else 0
+        photo = (cache_settings(Path(cfg["dead_leaves_dir"])) or {}).get("photo", 0)
         parts.append(f"{cfg['dead_leaves_share']:g} of the crops dead leaves"
                      + (f" ({photo:g} of the leaves photo-textured)" if photo else ""))
     return f"; data: {', '.join(parts)}" if parts else ""

@@ -83,13 +83,19 @@ def build_cache(paths: list[Path], out_dir: Path, max_side: int = 768,
     return write_cache(out_dir, meta, images())
 
 
+def cache_settings(cache_dir: Path) -> dict | None:
+    """The settings a complete cache in ``cache_dir`` was built with (its ``meta.json``), None if there is none."""
+    meta_path = Path(cache_dir) / "meta.json"
+    return json.loads(meta_path.read_text()).get("settings") if meta_path.exists() else None
+
+
 def write_cache(out_dir: Path, settings: dict, images: Iterable[np.ndarray]) -> Path:
     """Write (H, W, 3) uint8 ``images`` as a cache in ``out_dir``, unless one with these (JSON)
     ``settings`` is there already (then ``images`` is not consumed). ``meta.json`` is written last,
     atomically: an interrupted build leaves no cache that looks complete."""
-    meta_path = out_dir / "meta.json"
-    if meta_path.exists() and json.loads(meta_path.read_text()).get("settings") == settings:
+    if cache_settings(out_dir) == settings:
         return out_dir
+    meta_path = out_dir / "meta.json"
     out_dir.mkdir(parents=True, exist_ok=True)
     meta_path.unlink(missing_ok=True)
     index, offset = [], 0

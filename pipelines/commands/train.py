@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> None:
             torch.distributed.barrier()  # the other ranks reuse rank 0's cache
         val = [p for s in HELD_OUT_SCENES for p in scene_images(args.scenes, include=(s,), exclude=())[: args.val_count // 2]]
         cfg = TrainConfig(
-            out_dir=str(args.run_dir), cache_dir=str(build_cache(paths, cache, args.max_side, scales)), size=args.size,
+            out_dir=str(args.run_dir), cache_dir=str(cache), size=args.size,
             dead_leaves_dir=str(leaves) if args.dead_leaves else "", dead_leaves_share=args.dead_leaves,
             permute_channels=args.permute_channels,
             quality=args.quality, crop=args.crop, batch=args.batch,
